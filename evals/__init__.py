@@ -1,0 +1,1 @@
+"""evals: placeholder until its issue lands."""

@@ -1,0 +1,1 @@
+"""sae_train: placeholder until its issue lands."""

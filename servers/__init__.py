@@ -1,0 +1,1 @@
+"""servers: placeholder until its issue lands."""

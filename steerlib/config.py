@@ -1,0 +1,269 @@
+"""The steering config: what users write (YAML / JSON / Python) to say which interventions run where.
+
+Every model here rejects unknown fields, so a typo is an error rather than a silently unsteered run. A config is pure
+data: file references (vectors, SAEs) are resolved relative to the config file by :meth:`SteeringConfig.from_file` and
+loaded only when the config is attached to a model (see ``steerlib.plan``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from steerlib.sites import SITES, parse_site
+
+Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_in"]
+TokenScope = Literal["all", "prompt", "generated"]
+
+FloatList = list[float]
+VectorRef = Annotated[
+    str | FloatList,
+    Field(description="A path to a .safetensors vector file (relative to the config file) or an inline list of floats."),
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_finite(values: FloatList | None, field: str) -> None:
+    if values is None:
+        return
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{field} must be finite: entries {bad[:5]} are NaN or inf")
+
+
+class TokenSelector(_Strict):
+    """Which tokens of each row an intervention touches. Every given criterion must hold (they intersect)."""
+
+    tokens: TokenScope = Field(
+        "all",
+        description="all | prompt | generated. 'generated' tokens are those fed back during generation, so the "
+        "first new token (predicted from the last prompt token) is never steered by a generated-only policy.",
+    )
+    positions: list[int] | None = Field(
+        None,
+        description="Explicit token positions (0 = first non-padding token of the row); negative values count "
+        "back from the end of the prompt (-1 = last prompt token).",
+    )
+    window: tuple[int, int | None] | None = Field(
+        None, description="[start, end) of positions (0-based, end exclusive, null = open ended)."
+    )
+    last: int | None = Field(None, ge=1, description="Only the last n tokens of the prompt.")
+    match: list[str] | None = Field(
+        None,
+        description="Only tokens whose text (decoded, surrounding whitespace stripped) equals one of these strings. "
+        "Needs a tokenizer passed to steer()/attach().",
+    )
+
+    @model_validator(mode="after")
+    def _window_order(self) -> TokenSelector:
+        if self.window is not None:
+            start, end = self.window
+            if start < 0 or (end is not None and end <= start):
+                raise ValueError(f"window must be [start, end) with 0 <= start < end, got {list(self.window)}")
+        if self.match is not None and not self.match:
+            raise ValueError("match must list at least one token string")
+        return self
+
+
+class Condition(_Strict):
+    """Apply only where a feature or probe fires (conditional activation steering, Lee et al., arXiv 2409.05907).
+
+    Give ``feature`` (an SAE latent: of this intervention's SAE, or of ``sae``) or ``vector`` (a probe direction).
+    The activation read is the one entering this intervention's site, before any edit.
+    """
+
+    feature: int | None = Field(None, ge=0, description="SAE latent index whose activation is tested.")
+    sae: str | None = Field(None, description="SAE to read `feature` from, when the op itself has none.")
+    vector: VectorRef | None = Field(None, description="A probe direction: the score is x·v (or cosine, see metric).")
+    metric: Literal["dot", "cosine"] = Field("dot", description="Probe score: dot product or cosine similarity.")
+    above: float | None = Field(None, description="Fires where score > above.")
+    below: float | None = Field(None, description="Fires where score < below.")
+    scope: Literal["token", "prompt"] = Field(
+        "token",
+        description="token: tested on every token. prompt: tested once on the prompt (see aggregate) and the "
+        "verdict holds for the whole row, generated tokens included.",
+    )
+    aggregate: Literal["last", "mean", "max"] = Field(
+        "last", description="With scope=prompt: score of the last prompt token, or mean / max over the prompt."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Condition:
+        if (self.feature is None) == (self.vector is None):
+            raise ValueError("when: give exactly one of 'feature' (an SAE latent) or 'vector' (a probe)")
+        if self.sae is not None and self.feature is None:
+            raise ValueError("when.sae is only meaningful with when.feature")
+        if self.above is None and self.below is None:
+            raise ValueError("when: give a threshold, 'above' and/or 'below'")
+        for name, v in (("above", self.above), ("below", self.below)):
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"when.{name} must be finite, got {v}")
+        if isinstance(self.vector, list):
+            _check_finite(self.vector, "when.vector")
+        return self
+
+
+class ApplyPolicy(TokenSelector):
+    """Token selection plus an optional condition and exclusions (exclusions win over inclusions)."""
+
+    when: Condition | None = Field(None, description="Apply only where this feature or probe fires.")
+    exclude: TokenSelector | None = Field(None, description="Tokens matching this selector are never touched.")
+
+
+class _InterventionBase(_Strict):
+    layer: int | list[int] | Literal["all"] = Field(
+        description="Layer index (0-based), a list of layers, or 'all'."
+    )
+    site: str = Field(
+        "resid_post",
+        description=f"One of {', '.join(SITES)}, or a TransformerLens name such as blocks.15.hook_resid_post "
+        "(then its layer must agree with `layer`).",
+    )
+    apply: ApplyPolicy = Field(default_factory=ApplyPolicy, description="Which tokens to touch.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tl_site(cls, data: Any) -> Any:
+        # A TransformerLens name carries the layer; accept it alone or with a matching `layer`.
+        if isinstance(data, dict) and isinstance(data.get("site"), str):
+            layer, site = parse_site(data["site"])
+            if layer is not None:
+                if "layer" in data and data["layer"] != layer:
+                    raise ValueError(f"site {data['site']!r} names layer {layer} but layer is {data['layer']!r}")
+                data = {**data, "layer": layer, "site": site}
+        return data
+
+    @field_validator("site")
+    @classmethod
+    def _known_site(cls, v: str) -> str:
+        if v not in SITES:
+            raise ValueError(f"unknown site {v!r}; allowed: {', '.join(SITES)}")
+        return v
+
+    @field_validator("layer")
+    @classmethod
+    def _layer_nonneg(cls, v: int | list[int] | str) -> int | list[int] | str:
+        layers = [v] if isinstance(v, int) else v if isinstance(v, list) else []
+        if any(layer < 0 for layer in layers):
+            raise ValueError(f"layer must be >= 0, got {v}")
+        if isinstance(v, list) and not v:
+            raise ValueError("layer list must not be empty")
+        return v
+
+
+class AddOp(_InterventionBase):
+    """Add ``coefficient * vector`` to the activation."""
+
+    op: Literal["add"]
+    vector: VectorRef
+    coefficient: float = Field(1.0, description="Multiplier of the vector.")
+    relative: bool = Field(
+        False,
+        description="If true the vector is unit-normalised and scaled by coefficient * ||x|| per token, so the "
+        "strength is relative to the activation norm (which grows with depth).",
+    )
+    norm_match: bool = Field(
+        False, description="If true the steered activation is rescaled to the norm the activation had before."
+    )
+
+    @field_validator("coefficient")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"coefficient must be finite, got {v}")
+        return v
+
+    @field_validator("vector")
+    @classmethod
+    def _finite_vector(cls, v: str | FloatList) -> str | FloatList:
+        _check_finite(v if isinstance(v, list) else None, "vector")
+        return v
+
+
+class AblateOp(_InterventionBase):
+    """Project a direction (or the span of several) out of the activation."""
+
+    op: Literal["ablate"]
+    vector: VectorRef
+
+    @field_validator("vector")
+    @classmethod
+    def _finite_vector(cls, v: str | FloatList) -> str | FloatList:
+        _check_finite(v if isinstance(v, list) else None, "vector")
+        return v
+
+
+class FeatureEdit(_Strict):
+    """One SAE latent edit."""
+
+    feature: int = Field(ge=0, description="Latent index.")
+    mode: Literal["set", "scale", "add"] = Field(description="set: z=value; scale: z*=value; add: z+=value.")
+    value: float
+
+    @field_validator("value")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"value must be finite, got {v}")
+        return v
+
+
+class SaeOp(_InterventionBase):
+    """Encode with an SAE (or transcoder), edit latents, decode back."""
+
+    op: Literal["sae"]
+    sae: str = Field(description="SAE folder or file (any supported format), relative to the config file.")
+    edits: list[FeatureEdit] = Field(default_factory=list)
+    error_term: Literal["keep", "drop"] = Field(
+        "keep",
+        description="keep: output = x + decode(edited) - decode(original), so the SAE's error is preserved; "
+        "drop: output = decode(edited).",
+    )
+
+
+class ReplaceOp(_InterventionBase):
+    """Replace the activation with the SAE's (or transcoder's) reconstruction, for reconstruction-loss studies."""
+
+    op: Literal["replace"]
+    sae: str = Field(description="SAE folder or file, relative to the config file.")
+
+
+Intervention = Annotated[AddOp | AblateOp | SaeOp | ReplaceOp, Field(discriminator="op")]
+
+
+class SteeringConfig(_Strict):
+    """A list of interventions, applied in order at each site."""
+
+    interventions: list[Intervention] = Field(default_factory=list)
+    base_dir: Path | None = Field(
+        None, exclude=True, description="Folder that relative file references resolve against (set by from_file)."
+    )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> SteeringConfig:
+        """Load a YAML (.yaml/.yml) or JSON file; relative paths inside resolve against its folder."""
+        path = Path(path)
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a steering config must be a mapping with 'interventions', got {type(data)}")
+        return cls.model_validate({**data, "base_dir": path.resolve().parent})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base_dir: str | Path | None = None) -> SteeringConfig:
+        return cls.model_validate({**data, "base_dir": Path(base_dir) if base_dir is not None else None})
+
+    def resolve(self, ref: str) -> Path:
+        """A file reference made absolute against the config's folder."""
+        p = Path(ref).expanduser()
+        if p.is_absolute() or self.base_dir is None:
+            return p
+        return self.base_dir / p

@@ -1,0 +1,156 @@
+"""Application policies resolved for a model: which tokens of a step an intervention touches.
+
+A :class:`Selector` turns a :class:`~steerlib.tokens.TokenBatch` into a boolean mask over the step's tokens. A
+:class:`Gate` adds the data-dependent part (``when``: a feature or probe that must fire), which for ``scope: prompt``
+is decided once per row on its prompt and then held for the rest of the sequence (conditional activation steering,
+Lee et al., arXiv 2409.05907).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from steerlib.tokens import TokenBatch
+
+ScoreFn = Callable[[Tensor, "LatentCache"], Tensor]
+"""Maps the step's activations ``(N, D)`` to a score per token ``(N,)``."""
+
+
+@dataclass
+class LatentCache:
+    """SAE latents computed once per site and step, shared by an op and its condition."""
+
+    x_in_ND: Tensor
+    _latents: dict[int, Tensor] = field(default_factory=dict)
+
+    def latents(self, sae: torch.nn.Module) -> Tensor:
+        key = id(sae)
+        if key not in self._latents:
+            self._latents[key] = sae.encode(self.x_in_ND)  # type: ignore[operator]
+        return self._latents[key]
+
+
+@dataclass(frozen=True)
+class Selector:
+    """A resolved :class:`~steerlib.config.TokenSelector`."""
+
+    tokens: str = "all"
+    positions: tuple[int, ...] | None = None
+    window: tuple[int, int | None] | None = None
+    last: int | None = None
+    match_V: Tensor | None = None
+    """Boolean lookup over the vocabulary: True for token ids whose text matches."""
+
+    def mask(self, tb: TokenBatch) -> Tensor:
+        m = tb.valid_N.clone()
+        if self.tokens == "prompt":
+            m &= tb.is_prompt_N
+        elif self.tokens == "generated":
+            m &= ~tb.is_prompt_N
+        pos = tb.position_N
+        plen = tb.prompt_len_R[tb.row_N]
+        if self.positions is not None:
+            hit = torch.zeros_like(m)
+            for p in self.positions:
+                hit |= pos == (p if p >= 0 else plen + p)
+            m &= hit
+        if self.window is not None:
+            start, end = self.window
+            m &= pos >= start
+            if end is not None:
+                m &= pos < end
+        if self.last is not None:
+            m &= tb.is_prompt_N & (pos >= plen - self.last)
+        if self.match_V is not None:
+            if tb.token_ids_N is None:
+                raise ValueError("apply.match needs token ids, but the model was called with inputs_embeds")
+            ids = tb.token_ids_N.clamp(0, self.match_V.shape[0] - 1)
+            m &= self.match_V.to(ids.device)[ids] & (tb.token_ids_N < self.match_V.shape[0])
+        return m
+
+
+@dataclass
+class Gate:
+    """A resolved ``when`` condition. Holds per-row verdicts when ``scope == 'prompt'``."""
+
+    score: ScoreFn
+    above: float | None
+    below: float | None
+    scope: str = "token"
+    aggregate: str = "last"
+    _verdict_R: Tensor | None = None
+    _acc_R: Tensor | None = None
+    _count_R: Tensor | None = None
+
+    def fires(self, s_N: Tensor) -> Tensor:
+        f = torch.ones_like(s_N, dtype=torch.bool)
+        if self.above is not None:
+            f &= s_N > self.above
+        if self.below is not None:
+            f &= s_N < self.below
+        return f
+
+    def mask(self, x_ND: Tensor, cache: LatentCache, tb: TokenBatch) -> Tensor:
+        s_N = self.score(x_ND, cache).float()
+        if self.scope == "token":
+            return self.fires(s_N)
+        return self._prompt_verdict(s_N, tb)[tb.row_N]
+
+    def _prompt_verdict(self, s_N: Tensor, tb: TokenBatch) -> Tensor:
+        """Accumulate the prompt's score per row; the verdict is fixed at the row's last prompt token."""
+        R, dev = tb.n_rows, s_N.device
+        if self._verdict_R is None or self._verdict_R.shape[0] != R or bool(tb.new_rows_R.any()):
+            fresh = self._verdict_R is None or self._verdict_R.shape[0] != R
+            keep = ~tb.new_rows_R.to(dev) if not fresh else torch.zeros(R, dtype=torch.bool, device=dev)
+            init = -torch.inf if self.aggregate == "max" else 0.0
+            self._verdict_R = torch.zeros(R, dtype=torch.bool, device=dev) if fresh else self._verdict_R & keep
+            self._acc_R = torch.full((R,), init, device=dev) if fresh else self._acc_R.where(keep, init)  # type: ignore[union-attr]
+            self._count_R = torch.zeros(R, device=dev) if fresh else self._count_R * keep  # type: ignore[operator]
+        assert self._acc_R is not None and self._count_R is not None
+        prompt = tb.is_prompt_N
+        rows, s = tb.row_N[prompt], s_N[prompt]
+        if self.aggregate == "max":
+            self._acc_R = self._acc_R.scatter_reduce(0, rows, s, reduce="amax")
+        elif self.aggregate == "mean":
+            self._acc_R = self._acc_R.index_add(0, rows, s)
+            self._count_R = self._count_R.index_add(0, rows, torch.ones_like(s))
+        last = tb.last_prompt_N
+        if bool(last.any()):
+            done_rows = tb.row_N[last]
+            if self.aggregate == "last":
+                value = s_N[last]
+            elif self.aggregate == "max":
+                value = self._acc_R[done_rows]
+            else:
+                value = self._acc_R[done_rows] / self._count_R[done_rows].clamp_min(1)
+            self._verdict_R = self._verdict_R.index_put((done_rows,), self.fires(value))
+        return self._verdict_R
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A resolved :class:`~steerlib.config.ApplyPolicy` plus the rows it is limited to (per-row steering)."""
+
+    select: Selector
+    exclude: Selector | None = None
+    gate: Gate | None = None
+    rows: tuple[bool, ...] | None = None
+    """For per-row steering: one flag per row of the batch saying whether this policy's config applies to it."""
+
+    def static_mask(self, tb: TokenBatch) -> Tensor:
+        """Everything but the gate: cheap, and decides whether the op has anything to do this step."""
+        m = self.select.mask(tb)
+        if self.exclude is not None:
+            m &= ~self.exclude.mask(tb)
+        if self.rows is not None:
+            if len(self.rows) != tb.n_rows:
+                raise ValueError(
+                    f"steering was given {len(self.rows)} per-row configs but the batch has {tb.n_rows} rows; "
+                    "pass exactly one config (or None) per row"
+                )
+            m &= torch.tensor(self.rows, dtype=torch.bool, device=m.device)[tb.row_N]
+        return m
