@@ -23,7 +23,9 @@ TokenScope = Literal["all", "prompt", "generated"]
 FloatList = list[float]
 VectorRef = Annotated[
     str | FloatList,
-    Field(description="A path to a .safetensors vector file (relative to the config file) or an inline list of floats."),
+    Field(
+        description="A path to a .safetensors vector file (relative to the config file) or an inline list of floats."
+    ),
 ]
 
 
@@ -67,7 +69,9 @@ class TokenSelector(_Strict):
         if self.window is not None:
             start, end = self.window
             if start < 0 or (end is not None and end <= start):
-                raise ValueError(f"window must be [start, end) with 0 <= start < end, got {list(self.window)}")
+                raise ValueError(
+                    f"window must be [start, end) with 0 <= start < end, got {list(self.window)}"
+                )
         if self.match is not None and not self.match:
             raise ValueError("match must list at least one token string")
         return self
@@ -82,8 +86,12 @@ class Condition(_Strict):
 
     feature: int | None = Field(None, ge=0, description="SAE latent index whose activation is tested.")
     sae: str | None = Field(None, description="SAE to read `feature` from, when the op itself has none.")
-    vector: VectorRef | None = Field(None, description="A probe direction: the score is x·v (or cosine, see metric).")
-    metric: Literal["dot", "cosine"] = Field("dot", description="Probe score: dot product or cosine similarity.")
+    vector: VectorRef | None = Field(
+        None, description="A probe direction: the score is x·v (or cosine, see metric)."
+    )
+    metric: Literal["dot", "cosine"] = Field(
+        "dot", description="Probe score: dot product or cosine similarity."
+    )
     above: float | None = Field(None, description="Fires where score > above.")
     below: float | None = Field(None, description="Fires where score < below.")
     scope: Literal["token", "prompt"] = Field(
@@ -92,7 +100,8 @@ class Condition(_Strict):
         "verdict holds for the whole row, generated tokens included.",
     )
     aggregate: Literal["last", "mean", "max"] = Field(
-        "last", description="With scope=prompt: score of the last prompt token, or mean / max over the prompt."
+        "last",
+        description="With scope=prompt: score of the last prompt token, or mean / max over the prompt.",
     )
 
     @model_validator(mode="after")
@@ -115,7 +124,9 @@ class ApplyPolicy(TokenSelector):
     """Token selection plus an optional condition and exclusions (exclusions win over inclusions)."""
 
     when: Condition | None = Field(None, description="Apply only where this feature or probe fires.")
-    exclude: TokenSelector | None = Field(None, description="Tokens matching this selector are never touched.")
+    exclude: TokenSelector | None = Field(
+        None, description="Tokens matching this selector are never touched."
+    )
 
 
 class _InterventionBase(_Strict):
@@ -137,7 +148,9 @@ class _InterventionBase(_Strict):
             layer, site = parse_site(data["site"])
             if layer is not None:
                 if "layer" in data and data["layer"] != layer:
-                    raise ValueError(f"site {data['site']!r} names layer {layer} but layer is {data['layer']!r}")
+                    raise ValueError(
+                        f"site {data['site']!r} names layer {layer} but layer is {data['layer']!r}"
+                    )
                 data = {**data, "layer": layer, "site": site}
         return data
 
@@ -244,7 +257,9 @@ class SteeringConfig(_Strict):
 
     interventions: list[Intervention] = Field(default_factory=list)
     base_dir: Path | None = Field(
-        None, exclude=True, description="Folder that relative file references resolve against (set by from_file)."
+        None,
+        exclude=True,
+        description="Folder that relative file references resolve against (set by from_file).",
     )
 
     @classmethod
@@ -254,7 +269,9 @@ class SteeringConfig(_Strict):
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: a steering config must be a mapping with 'interventions', got {type(data)}")
+            raise ValueError(
+                f"{path}: a steering config must be a mapping with 'interventions', got {type(data)}"
+            )
         return cls.model_validate({**data, "base_dir": path.resolve().parent})
 
     @classmethod

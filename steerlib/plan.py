@@ -125,7 +125,7 @@ def build_plan(
     res = Resources(spec)
     grouped: dict[tuple[int, str], list[BoundOp]] = {}
     if isinstance(configs, SteeringConfig):
-        jobs: list[tuple[SteeringConfig, tuple[bool, ...] | None, str]] = [(configs, None, "")]
+        jobs: Sequence[tuple[SteeringConfig, tuple[bool, ...] | None, str]] = [(configs, None, "")]
     else:
         jobs = _per_row_jobs(configs)
     for cfg, rows, prefix in jobs:
@@ -149,10 +149,7 @@ def _per_row_jobs(
         key = f"{cfg.base_dir}|{cfg.model_dump_json()}"
         groups.setdefault(key, (cfg, []))[1].append(r)
     n = len(configs)
-    return [
-        (cfg, tuple(r in rows for r in range(n)), f"configs[{rows[0]}].")
-        for cfg, rows in groups.values()
-    ]
+    return [(cfg, tuple(r in rows for r in range(n)), f"configs[{rows[0]}].") for cfg, rows in groups.values()]
 
 
 def _layers(iv: Intervention, spec: ModelSpec, where: str) -> list[int]:
@@ -213,9 +210,7 @@ def _vector(ref: str | list[float], cfg: SteeringConfig, layer: int, res: Resour
     return v.to(device=res.spec.device, dtype=torch.float32)
 
 
-def _make_op(
-    iv: Intervention, cfg: SteeringConfig, layer: int, sae: Sae | None, res: Resources, where: str
-) -> Op:
+def _make_op(iv: Intervention, cfg: SteeringConfig, layer: int, sae: Sae | None, res: Resources, where: str) -> Op:
     if isinstance(iv, AddOp):
         v = _vector(iv.vector, cfg, layer, res, f"{where}.vector")
         if v.dim() != 1:
@@ -245,7 +240,9 @@ def _make_op(
 
 def _check_feature(feature: int, sae: Sae, where: str) -> None:
     if feature >= sae.d_sae:
-        raise SteeringConfigError(f"{where}: {feature} out of range: the SAE has {sae.d_sae} latents (0..{sae.d_sae - 1})")
+        raise SteeringConfigError(
+            f"{where}: {feature} out of range: the SAE has {sae.d_sae} latents (0..{sae.d_sae - 1})"
+        )
 
 
 def _is_mlp_transcoder(sae: Sae) -> bool:
@@ -341,4 +338,6 @@ def _probe_score(v_D: Tensor, metric: str) -> Callable[[Tensor, LatentCache], Te
 def spec_of(model: Any, n_layers: int, d_model: int) -> ModelSpec:
     """A :class:`ModelSpec` from a torch module's first parameter."""
     p = next(model.parameters())
-    return ModelSpec(n_layers, d_model, p.device, p.dtype, getattr(getattr(model, "config", None), "name_or_path", None))
+    return ModelSpec(
+        n_layers, d_model, p.device, p.dtype, getattr(getattr(model, "config", None), "name_or_path", None)
+    )

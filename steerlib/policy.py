@@ -100,16 +100,22 @@ class Gate:
             return self.fires(s_N)
         return self._prompt_verdict(s_N, tb)[tb.row_N]
 
+    def _reset(self, tb: TokenBatch, dev: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-row accumulators, cleared for rows whose sequence starts in this step."""
+        R = tb.n_rows
+        init = -torch.inf if self.aggregate == "max" else 0.0
+        if self._verdict_R is None or self._acc_R is None or self._count_R is None or self._verdict_R.shape[0] != R:
+            return (
+                torch.zeros(R, dtype=torch.bool, device=dev),
+                torch.full((R,), init, device=dev),
+                torch.zeros(R, device=dev),
+            )
+        new = tb.new_rows_R.to(dev)
+        return self._verdict_R & ~new, self._acc_R.masked_fill(new, init), self._count_R.masked_fill(new, 0.0)
+
     def _prompt_verdict(self, s_N: Tensor, tb: TokenBatch) -> Tensor:
         """Accumulate the prompt's score per row; the verdict is fixed at the row's last prompt token."""
-        R, dev = tb.n_rows, s_N.device
-        if self._verdict_R is None or self._verdict_R.shape[0] != R or bool(tb.new_rows_R.any()):
-            fresh = self._verdict_R is None or self._verdict_R.shape[0] != R
-            keep = ~tb.new_rows_R.to(dev) if not fresh else torch.zeros(R, dtype=torch.bool, device=dev)
-            init = -torch.inf if self.aggregate == "max" else 0.0
-            self._verdict_R = torch.zeros(R, dtype=torch.bool, device=dev) if fresh else self._verdict_R & keep
-            self._acc_R = torch.full((R,), init, device=dev) if fresh else self._acc_R.where(keep, init)  # type: ignore[union-attr]
-            self._count_R = torch.zeros(R, device=dev) if fresh else self._count_R * keep  # type: ignore[operator]
+        self._verdict_R, self._acc_R, self._count_R = self._reset(tb, s_N.device)
         assert self._acc_R is not None and self._count_R is not None
         prompt = tb.is_prompt_N
         rows, s = tb.row_N[prompt], s_N[prompt]

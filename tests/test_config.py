@@ -64,7 +64,11 @@ def test_transformerlens_site_name() -> None:
     assert (cfg.interventions[0].layer, cfg.interventions[0].site) == (15, "resid_post")
     with pytest.raises(ValidationError, match="names layer 15 but layer is 3"):
         SteeringConfig.model_validate(
-            {"interventions": [{"op": "add", "layer": 3, "site": "blocks.15.hook_resid_post", "vector": [1.0]}]}
+            {
+                "interventions": [
+                    {"op": "add", "layer": 3, "site": "blocks.15.hook_resid_post", "vector": [1.0]}
+                ]
+            }
         )
 
 
@@ -75,10 +79,19 @@ def test_transformerlens_site_name() -> None:
         ({"op": "add", "layer": 1, "site": "resid_mid", "vector": [1.0]}, "allowed: resid_pre, resid_post"),
         ({"op": "steer", "layer": 1, "vector": [1.0]}, "'add', 'ablate', 'sae', 'replace'"),
         ({"op": "add", "layer": 1, "vector": [1.0, float("nan")]}, "NaN or inf"),
-        ({"op": "add", "layer": 1, "vector": [1.0], "coefficient": float("inf")}, "coefficient must be finite"),
+        (
+            {"op": "add", "layer": 1, "vector": [1.0], "coefficient": float("inf")},
+            "coefficient must be finite",
+        ),
         ({"op": "add", "layer": -1, "vector": [1.0]}, "layer must be >= 0"),
-        ({"op": "add", "layer": 1, "vector": [1.0], "apply": {"tokens": "response"}}, "'all', 'prompt' or 'generated'"),
-        ({"op": "sae", "layer": 1, "sae": "x", "edits": [{"feature": 1, "mode": "clamp", "value": 1}]}, "'set', 'scale' or 'add'"),
+        (
+            {"op": "add", "layer": 1, "vector": [1.0], "apply": {"tokens": "response"}},
+            "'all', 'prompt' or 'generated'",
+        ),
+        (
+            {"op": "sae", "layer": 1, "sae": "x", "edits": [{"feature": 1, "mode": "clamp", "value": 1}]},
+            "'set', 'scale' or 'add'",
+        ),
         ({"op": "add", "layer": 1, "vector": [1.0], "apply": {"when": {"feature": 3}}}, "give a threshold"),
         ({"op": "add", "layer": 1, "vector": [1.0], "apply": {"window": [5, 2]}}, "window must be"),
     ],

@@ -102,7 +102,7 @@ _CONFIGS: dict[str, ConfigFactory] = {
 
 ARCHS: tuple[str, ...] = tuple(_CONFIGS)
 
-# Gemma 2 soft-caps attention logits, which only the eager kernel implements.
+# Gemma 2 soft-caps attention logits, which only the eager kernel implements; Gemma 3 is kept on eager too.
 _EAGER = frozenset({"gemma2", "gemma3"})
 
 
@@ -110,9 +110,7 @@ def tiny_config(arch: str, n_layers: int = 3) -> PretrainedConfig:
     """The tiny config of ``arch`` (one of ``ARCHS``)."""
     if arch not in _CONFIGS:
         raise ValueError(f"unknown architecture {arch!r}; valid: {', '.join(ARCHS)}")
-    config = _CONFIGS[arch](n_layers)
-    config._attn_implementation = "eager" if arch in _EAGER else "sdpa"
-    return config
+    return _CONFIGS[arch](n_layers)
 
 
 def tiny_model(arch: str, n_layers: int = 3, seed: int = 0) -> PreTrainedModel:
@@ -123,7 +121,9 @@ def tiny_model(arch: str, n_layers: int = 3, seed: int = 0) -> PreTrainedModel:
     config = tiny_config(arch, n_layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model: PreTrainedModel = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model: PreTrainedModel = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, attn_implementation="eager" if arch in _EAGER else "sdpa"
+        )
     model.generation_config.pad_token_id = PAD_ID
     model.generation_config.bos_token_id = BOS_ID
     model.generation_config.eos_token_id = EOS_ID

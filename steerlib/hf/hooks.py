@@ -22,8 +22,6 @@ from torch.utils.hooks import RemovableHandle
 
 from steerlib.config import SteeringConfig
 from steerlib.hf.layout import ModelLayout, get_layout
-from steerlib.plan import BoundOp, Plan, TokenizerLike, build_plan, spec_of
-from steerlib.runner import run_site
 from steerlib.hf.targets import (
     first_input,
     first_output,
@@ -32,6 +30,8 @@ from steerlib.hf.targets import (
     target,
 )
 from steerlib.hf.tracker import StepState, stack_pre_hook
+from steerlib.plan import BoundOp, Plan, TokenizerLike, build_plan, spec_of
+from steerlib.runner import run_site
 
 _MARK = "_steerlib_hook"
 
@@ -101,7 +101,7 @@ def steer(
 def _run(ops: Sequence[BoundOp], x_BTD: Tensor, state: StepState, x_in_BTD: Tensor | None = None) -> Tensor:
     tb = state.batch()
     B, T, D = x_BTD.shape
-    if B * T != tb.row_N.shape[0]:
+    if tb.row_N.shape[0] != B * T:
         raise RuntimeError(f"steering: activation has {B}x{T} tokens but the step has {tb.row_N.shape[0]}")
     x_in = None if x_in_BTD is None else x_in_BTD.reshape(B * T, -1)
     return run_site(ops, x_BTD.reshape(B * T, D), tb, x_in).reshape(B, T, D)

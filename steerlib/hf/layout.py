@@ -7,15 +7,18 @@ a PEFT-wrapped model resolves to the wrapped model's layers.
 
 What hooks see, with transformers 5.23 (decoder layers were tuple-returning in 4.x):
 
-| architecture | base | layers | attention / mlp | decoder layer returns |
-|---|---|---|---|---|
-| Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3, Phi-3 | ``model`` | ``model.layers`` | ``self_attn`` / ``mlp`` | Tensor |
-| GPT-2 | ``transformer`` | ``transformer.h`` | ``attn`` / ``mlp`` | Tensor |
-| GPT-NeoX | ``gpt_neox`` | ``gpt_neox.layers`` | ``attention`` / ``mlp`` | Tensor |
+| architecture                                           | layers            | attention   | mlp   | layer returns |
+|--------------------------------------------------------|-------------------|-------------|-------|---------------|
+| Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2/3, Phi-3   | ``model.layers``  | ``self_attn`` | ``mlp`` | Tensor |
+| GPT-2                                                  | ``transformer.h`` | ``attn``      | ``mlp`` | Tensor |
+| GPT-NeoX                                               | ``gpt_neox.layers`` | ``attention`` | ``mlp`` | Tensor |
 
-Every attention module returns a tuple ``(attn_output_BSD, attn_weights | None)``; every MLP returns a
-Tensor. Gemma 2/3 add post-attention and post-feedforward norms *outside* these modules, so their outputs
-are before those norms. GPT-NeoX (``use_parallel_residual``) feeds attention and MLP the same input.
+``base`` is the parent of ``layers`` (``model.model``, ``model.transformer``, ``model.gpt_neox``).
+
+Every attention module returns a tuple ``(attn_output_BSD, attn_weights)`` (weights are None under sdpa, a
+Tensor under eager attention); every MLP returns a Tensor. Gemma 2/3 apply post-attention and post-feedforward
+norms *outside* these modules, so their outputs are taken before those norms. GPT-NeoX
+(``use_parallel_residual``) feeds attention and MLP the same input.
 Code that must also run on older transformers should accept a tuple from a decoder layer and use item 0.
 """
 

@@ -64,7 +64,7 @@ def load_model(
         model, tokenizer = _from_pretrained(str(embedded_model_folder(cache_dir)), dtype, local_only=True)
     else:
         model, tokenizer = _load_named(name, dtype, cache_dir)
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers wraps `to` with functools.wraps, which mypy misreads
     model.eval()
     _prepare_tokenizer(tokenizer, model)
     return model, tokenizer
@@ -197,7 +197,7 @@ def _load_named(
 
 def _looks_like_path(name: str) -> bool:
     """Hub ids are ``name`` or ``org/name``; anything else that is not a folder was meant as a path."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
 def _from_pretrained(

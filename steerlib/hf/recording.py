@@ -81,7 +81,9 @@ def _site_name(site: SiteRef) -> str:
     else:
         parsed, name = parse_site(site)
         if parsed is None:
-            raise ValueError(f"site {site!r}: give a TransformerLens name like blocks.3.hook_resid_post or (3, 'resid_post')")
+            raise ValueError(
+                f"site {site!r}: give a TransformerLens name like blocks.3.hook_resid_post or (3, 'resid_post')"
+            )
         layer = parsed
     if name not in SITES:
         raise ValueError(f"unknown site {name!r}; allowed: {', '.join(SITES)}")
@@ -128,12 +130,16 @@ def record(
             step_acts.clear()
 
     try:
-        handles.append(layout.base.register_forward_pre_hook(stack_pre_hook(layout.base, state), with_kwargs=True))
+        handles.append(
+            layout.base.register_forward_pre_hook(stack_pre_hook(layout.base, state), with_kwargs=True)
+        )
         for name in names:
             layer, site = parse_site(name)
             assert layer is not None
             if layer >= layout.n_layers:
-                raise ValueError(f"site {name}: layer {layer} out of range: model has {layout.n_layers} layers")
+                raise ValueError(
+                    f"site {name}: layer {layer} out of range: model has {layout.n_layers} layers"
+                )
             t = target(layout, layer, site)
             if t.kind == "input":
                 handles.append(t.module.register_forward_pre_hook(_pre(name, keep_acts), with_kwargs=True))

@@ -47,7 +47,8 @@ def first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
 
 
 def first_output(output: Any) -> Tensor:
-    return output if isinstance(output, Tensor) else output[0]  # type: ignore[no-any-return]
+    first: Tensor = output if isinstance(output, Tensor) else output[0]
+    return first
 
 
 def replace_first_input(args: tuple[Any, ...], kwargs: dict[str, Any], new: Tensor) -> tuple[Any, dict[str, Any]]:

@@ -14,11 +14,15 @@ Shapes are named in suffixes: D = model width, F = number of latents (d_sae), K 
 
 from __future__ import annotations
 
+import abc
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
+
+SaeT = TypeVar("SaeT", bound="Sae")
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class SaeMeta:
     """Where an SAE was trained and what it is; carried beside the weights, never needed to run them."""
 
     architecture: str
+    """Key in :data:`steerlib.sae.ARCHITECTURES`, e.g. ``"topk"``."""
     d_in: int
     d_sae: int
     d_out: int
@@ -34,8 +39,13 @@ class SaeMeta:
     output_site: str | None = None
     """Site the reconstruction is written to; differs from ``input_site`` for transcoders."""
     model: str | None = None
+    """The model the SAE was trained on, as its source named it (None when unknown)."""
     k: int | None = None
+    """Active latents per token for TopK (and the top-k fallback of BatchTopK); None for other architectures."""
     source_format: str = "steerlib"
+    """The on-disk format the weights were first read from: steerlib, saelens, sparsify, gemma_scope, ..."""
+    transcoder: bool = False
+    """True when the source declared the weights a transcoder, even when its sites are unknown."""
 
 
 class SparseLatents(NamedTuple):
@@ -45,10 +55,12 @@ class SparseLatents(NamedTuple):
     indices: Tensor
 
 
-class Sae(nn.Module):
+class Sae(nn.Module, abc.ABC):
     """Base SAE: parameters and shared encode/decode. Subclasses implement :meth:`activate`."""
 
     architecture: str = "base"
+    has_b_enc: bool = True
+    """False for architectures whose encoder has no plain bias (Gated uses ``b_gate`` and ``b_mag`` instead)."""
 
     def __init__(
         self,
@@ -59,16 +71,37 @@ class Sae(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        if meta.architecture != self.architecture:
+            raise ValueError(
+                f"{type(self).__name__} runs architecture {self.architecture!r}, meta says {meta.architecture!r}"
+            )
+        if subtract_b_dec and meta.d_in != meta.d_out:
+            raise ValueError(
+                "subtract_b_dec needs d_in == d_out (b_dec is subtracted from the input), "
+                f"got {meta.d_in} != {meta.d_out}"
+            )
         self.meta = meta
         self.subtract_b_dec = subtract_b_dec
         d_in, d_sae, d_out = meta.d_in, meta.d_sae, meta.d_out
         self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae, dtype=dtype))
-        self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
+        self.b_enc: nn.Parameter | None = nn.Parameter(torch.zeros(d_sae, dtype=dtype)) if self.has_b_enc else None
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_out, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
         self.W_skip: nn.Parameter | None = (
             nn.Parameter(torch.zeros(d_in, d_out, dtype=dtype)) if skip else None
         )
+
+    @classmethod
+    def for_tensors(
+        cls: type[SaeT],
+        meta: SaeMeta,
+        names: Collection[str],
+        *,
+        subtract_b_dec: bool,
+        dtype: torch.dtype,
+    ) -> SaeT:
+        """An empty SAE whose optional parameters are those a loader found (``names``), ready for its weights."""
+        return cls(meta, subtract_b_dec=subtract_b_dec, skip="W_skip" in names, dtype=dtype)
 
     # -- sizes -------------------------------------------------------------------------------------
     @property
@@ -85,7 +118,12 @@ class Sae(nn.Module):
 
     @property
     def is_transcoder(self) -> bool:
-        return self.meta.input_site != self.meta.output_site or self.W_skip is not None
+        return (
+            self.meta.transcoder
+            or self.meta.input_site != self.meta.output_site
+            or self.d_in != self.d_out
+            or self.W_skip is not None
+        )
 
     # -- the maths -------------------------------------------------------------------------------
     def pre_acts(self, x_BD: Tensor) -> Tensor:
@@ -93,11 +131,12 @@ class Sae(nn.Module):
         x = x_BD.to(self.W_enc.dtype)
         if self.subtract_b_dec:
             x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        pre = x @ self.W_enc
+        return pre if self.b_enc is None else pre + self.b_enc
 
+    @abc.abstractmethod
     def activate(self, pre_BF: Tensor) -> Tensor:
         """Latents from pre-activations; the only thing an architecture must define."""
-        raise NotImplementedError(f"{type(self).__name__} must implement activate()")
 
     def encode(self, x_BD: Tensor) -> Tensor:
         """Dense latents ``(..., F)``."""

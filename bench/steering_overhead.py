@@ -1,0 +1,130 @@
+"""Steering overhead on the embedded model: generation time steered / unsteered, measured alternately in one run.
+
+    python bench/steering_overhead.py [--batch 8] [--new-tokens 64] [--repeats 3] [--threads 1]
+
+Targets (issue 2): add at one layer <= 1.03; SAE edit at one layer with 4608 latents <= 1.10; conditional
+(``when``) <= 1.10. The SAE is a random TopK SAE of the reference size (576 -> 4608, k=32): its cost does not depend
+on its weights. Writes ``bench/results/steering_overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import steerlib
+from steerlib.sae import get_architecture, save_sae
+from steerlib.sae.base import SaeMeta
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how vaccines work.",
+    "What are the main causes of inflation?",
+    "Give me a recipe for pancakes.",
+    "Describe the water cycle.",
+    "What is the capital of Australia and why?",
+    "How do I learn to play the guitar?",
+    "Summarise the plot of Hamlet.",
+]
+LAYER = 15
+
+
+def random_sae(folder: Path, d_model: int, d_sae: int = 4608, k: int = 32) -> Path:
+    torch.manual_seed(0)
+    meta = SaeMeta("topk", d_model, d_sae, d_model, f"blocks.{LAYER}.hook_resid_post", f"blocks.{LAYER}.hook_resid_post", k=k)
+    sae = get_architecture("topk")(meta)
+    with torch.no_grad():
+        sae.W_enc.normal_(0, d_model**-0.5)
+        sae.W_dec.copy_(sae.W_enc.T / sae.W_enc.T.norm(dim=1, keepdim=True))
+    save_sae(sae, folder)
+    return folder
+
+
+def configs(sae_dir: Path, d_model: int) -> dict[str, steerlib.SteeringConfig]:
+    v = (torch.randn(d_model, generator=torch.Generator().manual_seed(1)) * 4).tolist()
+    probe = torch.randn(d_model, generator=torch.Generator().manual_seed(2)).tolist()
+    return {
+        "add_1_layer": steerlib.SteeringConfig.model_validate(
+            {"interventions": [{"op": "add", "layer": LAYER, "vector": v, "coefficient": 1.0}]}
+        ),
+        "sae_edit_1_layer_4608": steerlib.SteeringConfig.model_validate(
+            {"interventions": [{"op": "sae", "layer": LAYER, "sae": str(sae_dir),
+                                "edits": [{"feature": 123, "mode": "set", "value": 8.0},
+                                          {"feature": 77, "mode": "scale", "value": 0.0}]}]}
+        ),
+        "conditional_when_probe": steerlib.SteeringConfig.model_validate(
+            {"interventions": [{"op": "add", "layer": LAYER, "vector": v,
+                                "apply": {"when": {"vector": probe, "above": 0.0}}}]}
+        ),
+        "conditional_when_sae_feature": steerlib.SteeringConfig.model_validate(
+            {"interventions": [{"op": "add", "layer": LAYER, "vector": v,
+                                "apply": {"when": {"sae": str(sae_dir), "feature": 5, "above": 0.0}}}]}
+        ),
+    }
+
+
+def timed_generate(model: Any, enc: dict[str, torch.Tensor], new_tokens: int, cfg: steerlib.SteeringConfig | None) -> float:
+    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 2}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if cfg is None:
+            model.generate(**enc, **kwargs)
+        else:
+            with steerlib.steer(model, cfg):
+                model.generate(**enc, **kwargs)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "steering_overhead.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = steerlib.load_model()
+    d_model = model.config.hidden_size
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in (PROMPTS * (args.batch // len(PROMPTS) + 1))[: args.batch]]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfgs = configs(random_sae(Path(tmp) / "sae", d_model), d_model)
+        timed_generate(model, enc, 4, None)  # warm-up
+        results: dict[str, Any] = {}
+        for name, cfg in cfgs.items():
+            base, steered = [], []
+            for _ in range(args.repeats):  # alternate so drift in machine load hits both sides alike
+                base.append(timed_generate(model, enc, args.new_tokens, None))
+                steered.append(timed_generate(model, enc, args.new_tokens, cfg))
+            ratio = statistics.median(s / b for s, b in zip(steered, base, strict=True))
+            results[name] = {"ratio": round(ratio, 4), "unsteered_s": base, "steered_s": steered}
+            print(f"{name:32s} steered/unsteered = {ratio:.3f}  (median of {args.repeats} alternated pairs)")
+    report = {
+        "bench": "steering_overhead",
+        "model": "SmolLM2-135M-Instruct (embedded)",
+        "batch": args.batch,
+        "new_tokens": args.new_tokens,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "targets": {"add_1_layer": 1.03, "sae_edit_1_layer_4608": 1.10, "conditional_when_probe": 1.10,
+                    "conditional_when_sae_feature": 1.10},
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
