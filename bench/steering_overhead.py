@@ -39,7 +39,9 @@ LAYER = 15
 
 def random_sae(folder: Path, d_model: int, d_sae: int = 4608, k: int = 32) -> Path:
     torch.manual_seed(0)
-    meta = SaeMeta("topk", d_model, d_sae, d_model, f"blocks.{LAYER}.hook_resid_post", f"blocks.{LAYER}.hook_resid_post", k=k)
+    meta = SaeMeta(
+        "topk", d_model, d_sae, d_model, f"blocks.{LAYER}.hook_resid_post", f"blocks.{LAYER}.hook_resid_post", k=k
+    )
     sae = get_architecture("topk")(meta)
     with torch.no_grad():
         sae.W_enc.normal_(0, d_model**-0.5)
@@ -56,22 +58,45 @@ def configs(sae_dir: Path, d_model: int) -> dict[str, steerlib.SteeringConfig]:
             {"interventions": [{"op": "add", "layer": LAYER, "vector": v, "coefficient": 1.0}]}
         ),
         "sae_edit_1_layer_4608": steerlib.SteeringConfig.model_validate(
-            {"interventions": [{"op": "sae", "layer": LAYER, "sae": str(sae_dir),
-                                "edits": [{"feature": 123, "mode": "set", "value": 8.0},
-                                          {"feature": 77, "mode": "scale", "value": 0.0}]}]}
+            {
+                "interventions": [
+                    {
+                        "op": "sae",
+                        "layer": LAYER,
+                        "sae": str(sae_dir),
+                        "edits": [
+                            {"feature": 123, "mode": "set", "value": 8.0},
+                            {"feature": 77, "mode": "scale", "value": 0.0},
+                        ],
+                    }
+                ]
+            }
         ),
         "conditional_when_probe": steerlib.SteeringConfig.model_validate(
-            {"interventions": [{"op": "add", "layer": LAYER, "vector": v,
-                                "apply": {"when": {"vector": probe, "above": 0.0}}}]}
+            {
+                "interventions": [
+                    {"op": "add", "layer": LAYER, "vector": v, "apply": {"when": {"vector": probe, "above": 0.0}}}
+                ]
+            }
         ),
         "conditional_when_sae_feature": steerlib.SteeringConfig.model_validate(
-            {"interventions": [{"op": "add", "layer": LAYER, "vector": v,
-                                "apply": {"when": {"sae": str(sae_dir), "feature": 5, "above": 0.0}}}]}
+            {
+                "interventions": [
+                    {
+                        "op": "add",
+                        "layer": LAYER,
+                        "vector": v,
+                        "apply": {"when": {"sae": str(sae_dir), "feature": 5, "above": 0.0}},
+                    }
+                ]
+            }
         ),
     }
 
 
-def timed_generate(model: Any, enc: dict[str, torch.Tensor], new_tokens: int, cfg: steerlib.SteeringConfig | None) -> float:
+def timed_generate(
+    model: Any, enc: dict[str, torch.Tensor], new_tokens: int, cfg: steerlib.SteeringConfig | None
+) -> float:
     kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 2}
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -94,8 +119,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok = steerlib.load_model()
     d_model = model.config.hidden_size
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in (PROMPTS * (args.batch // len(PROMPTS) + 1))[: args.batch]]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in (PROMPTS * (args.batch // len(PROMPTS) + 1))[: args.batch]
+    ]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with tempfile.TemporaryDirectory() as tmp:
         cfgs = configs(random_sae(Path(tmp) / "sae", d_model), d_model)
@@ -117,8 +144,12 @@ def main() -> None:
         "threads": args.threads,
         "torch": torch.__version__,
         "machine": platform.machine(),
-        "targets": {"add_1_layer": 1.03, "sae_edit_1_layer_4608": 1.10, "conditional_when_probe": 1.10,
-                    "conditional_when_sae_feature": 1.10},
+        "targets": {
+            "add_1_layer": 1.03,
+            "sae_edit_1_layer_4608": 1.10,
+            "conditional_when_probe": 1.10,
+            "conditional_when_sae_feature": 1.10,
+        },
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

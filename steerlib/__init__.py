@@ -25,6 +25,7 @@ from steerlib.config import (
     TokenSelector,
 )
 from steerlib.hf.hooks import SteeringHandle, attach, hooks_installed, steer
+from steerlib.hf.recording import Recording, record
 from steerlib.plan import SteeringConfigError
 from steerlib.sae import Sae, load_sae, save_sae
 from steerlib.vectors import SteeringVector, load_vector
@@ -48,6 +49,7 @@ __all__ = [
     "ApplyPolicy",
     "Condition",
     "FeatureEdit",
+    "Recording",
     "ReplaceOp",
     "Sae",
     "SaeOp",
@@ -61,6 +63,7 @@ __all__ = [
     "load_model",
     "load_sae",
     "load_vector",
+    "record",
     "save_sae",
     "steer",
 ]

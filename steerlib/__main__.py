@@ -1,7 +1,7 @@
 """Command line: generate unsteered and steered text side by side.
 
-    python -m steerlib demo                                   # the shipped example config on the embedded model
-    python -m steerlib generate --config steer.yaml --prompt "..." [--model NAME_OR_PATH]
+python -m steerlib demo                                   # the shipped example config on the embedded model
+python -m steerlib generate --config steer.yaml --prompt "..." [--model NAME_OR_PATH]
 """
 
 from __future__ import annotations
@@ -32,8 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("demo", "generate"):
         s = sub.add_parser(name, help="run the shipped example" if name == "demo" else "steer your own config")
-        s.add_argument("--config", type=Path, default=None if name == "generate" else demo_config_path(),
-                       required=name == "generate", help="steering config (YAML or JSON)")
+        s.add_argument(
+            "--config",
+            type=Path,
+            default=None if name == "generate" else demo_config_path(),
+            required=name == "generate",
+            help="steering config (YAML or JSON)",
+        )
         s.add_argument("--model", default=None, help="HF hub id or local folder (default: embedded SmolLM2-135M)")
         s.add_argument("--prompt", action="append", default=None, help="a user prompt (repeatable)")
         s.add_argument("--system", default=None, help="system prompt")
@@ -54,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = args.prompt or DEMO_PROMPTS
     model, tok = load_model(args.model)
     common = {"max_new_tokens": args.max_new_tokens, "system": args.system}
-    plain = generate(model, tok, prompts, None, **common)  # type: ignore[arg-type]
-    steered = generate(model, tok, prompts, config, **common)  # type: ignore[arg-type]
+    plain = generate(model, tok, prompts, None, **common)
+    steered = generate(model, tok, prompts, config, **common)
     if args.json:
         for a, b in zip(plain, steered, strict=True):
             print(json.dumps({"prompt": a.prompt, "unsteered": a.text, "steered": b.text}))

@@ -69,9 +69,7 @@ class TokenSelector(_Strict):
         if self.window is not None:
             start, end = self.window
             if start < 0 or (end is not None and end <= start):
-                raise ValueError(
-                    f"window must be [start, end) with 0 <= start < end, got {list(self.window)}"
-                )
+                raise ValueError(f"window must be [start, end) with 0 <= start < end, got {list(self.window)}")
         if self.match is not None and not self.match:
             raise ValueError("match must list at least one token string")
         return self
@@ -86,12 +84,8 @@ class Condition(_Strict):
 
     feature: int | None = Field(None, ge=0, description="SAE latent index whose activation is tested.")
     sae: str | None = Field(None, description="SAE to read `feature` from, when the op itself has none.")
-    vector: VectorRef | None = Field(
-        None, description="A probe direction: the score is x·v (or cosine, see metric)."
-    )
-    metric: Literal["dot", "cosine"] = Field(
-        "dot", description="Probe score: dot product or cosine similarity."
-    )
+    vector: VectorRef | None = Field(None, description="A probe direction: the score is x·v (or cosine, see metric).")
+    metric: Literal["dot", "cosine"] = Field("dot", description="Probe score: dot product or cosine similarity.")
     above: float | None = Field(None, description="Fires where score > above.")
     below: float | None = Field(None, description="Fires where score < below.")
     scope: Literal["token", "prompt"] = Field(
@@ -124,15 +118,11 @@ class ApplyPolicy(TokenSelector):
     """Token selection plus an optional condition and exclusions (exclusions win over inclusions)."""
 
     when: Condition | None = Field(None, description="Apply only where this feature or probe fires.")
-    exclude: TokenSelector | None = Field(
-        None, description="Tokens matching this selector are never touched."
-    )
+    exclude: TokenSelector | None = Field(None, description="Tokens matching this selector are never touched.")
 
 
 class _InterventionBase(_Strict):
-    layer: int | list[int] | Literal["all"] = Field(
-        description="Layer index (0-based), a list of layers, or 'all'."
-    )
+    layer: int | list[int] | Literal["all"] = Field(description="Layer index (0-based), a list of layers, or 'all'.")
     site: str = Field(
         "resid_post",
         description=f"One of {', '.join(SITES)}, or a TransformerLens name such as blocks.15.hook_resid_post "
@@ -148,9 +138,7 @@ class _InterventionBase(_Strict):
             layer, site = parse_site(data["site"])
             if layer is not None:
                 if "layer" in data and data["layer"] != layer:
-                    raise ValueError(
-                        f"site {data['site']!r} names layer {layer} but layer is {data['layer']!r}"
-                    )
+                    raise ValueError(f"site {data['site']!r} names layer {layer} but layer is {data['layer']!r}")
                 data = {**data, "layer": layer, "site": site}
         return data
 
@@ -269,9 +257,7 @@ class SteeringConfig(_Strict):
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         if not isinstance(data, dict):
-            raise ValueError(
-                f"{path}: a steering config must be a mapping with 'interventions', got {type(data)}"
-            )
+            raise ValueError(f"{path}: a steering config must be a mapping with 'interventions', got {type(data)}")
         return cls.model_validate({**data, "base_dir": path.resolve().parent})
 
     @classmethod

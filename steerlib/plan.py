@@ -42,7 +42,9 @@ class SteeringConfigError(ValueError):
 
 
 class TokenizerLike(Protocol):
-    def decode(self, token_ids: list[int]) -> str: ...
+    """What token matching needs of a tokenizer (any HF tokenizer qualifies)."""
+
+    def decode(self, token_ids: Any, *args: Any, **kwargs: Any) -> Any: ...
 
     def __len__(self) -> int: ...
 
@@ -95,7 +97,7 @@ class Resources:
         key = tuple(sorted(strings))
         if key not in self._match:
             wanted = set(strings)
-            hits = [i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip() in wanted]
+            hits = [i for i in range(len(tokenizer)) if str(tokenizer.decode([i])).strip() in wanted]
             lookup = torch.zeros(len(tokenizer), dtype=torch.bool)
             lookup[hits] = True
             self._match[key] = lookup.to(self.spec.device)

@@ -49,9 +49,7 @@ class SteeringVector:
         """Write atomically: a crash mid-write never leaves a truncated file under ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            ("vector" if k is None else f"layers.{k}"): v.contiguous() for k, v in self.by_layer.items()
-        }
+        tensors = {("vector" if k is None else f"layers.{k}"): v.contiguous() for k, v in self.by_layer.items()}
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
         try:
@@ -92,8 +90,4 @@ def metadata_json(meta: dict[str, object]) -> dict[str, str]:
 
 
 def as_tensor(values: list[float] | Tensor) -> Tensor:
-    return (
-        values.detach().float().cpu()
-        if isinstance(values, Tensor)
-        else torch.tensor(values, dtype=torch.float32)
-    )
+    return values.detach().float().cpu() if isinstance(values, Tensor) else torch.tensor(values, dtype=torch.float32)

@@ -64,11 +64,7 @@ def test_transformerlens_site_name() -> None:
     assert (cfg.interventions[0].layer, cfg.interventions[0].site) == (15, "resid_post")
     with pytest.raises(ValidationError, match="names layer 15 but layer is 3"):
         SteeringConfig.model_validate(
-            {
-                "interventions": [
-                    {"op": "add", "layer": 3, "site": "blocks.15.hook_resid_post", "vector": [1.0]}
-                ]
-            }
+            {"interventions": [{"op": "add", "layer": 3, "site": "blocks.15.hook_resid_post", "vector": [1.0]}]}
         )
 
 

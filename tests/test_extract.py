@@ -49,7 +49,8 @@ def chat_ids(ids: list[int]) -> list[int]:
 def resid_post(model: torch.nn.Module, ids: list[int], layer: int) -> Tensor:
     """``(T, D)`` resid_post of ``layer`` for one unpadded sequence (layer < n_layers - 1: the last is normed)."""
     with torch.no_grad():
-        return model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[layer + 1][0]  # type: ignore[no-any-return]
+        h: Tensor = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[layer + 1][0]
+    return h
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +114,16 @@ def test_diff_of_means_over_response_tokens(model: torch.nn.Module, tok: PreTrai
     torch.testing.assert_close(one_batch.by_layer[None], vec.by_layer[None], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gemma2"])
+def test_padded_batches_match_rows_run_alone(arch: str, tok: PreTrainedTokenizerFast) -> None:
+    """GPT-2's learned absolute positions would shift under left padding if positions counted the padding."""
+    m = tiny_model(arch, n_layers=2)
+    vec = diff_of_means(m, tok, [words(p) for p in POSITIVE], [words(n) for n in NEGATIVE], layers=[0], batch_size=3)
+    pos = torch.stack([resid_post(m, chat_ids(p), 0)[-1] for p in POSITIVE]).mean(0)
+    neg = torch.stack([resid_post(m, chat_ids(n), 0)[-1] for n in NEGATIVE]).mean(0)
+    torch.testing.assert_close(vec.by_layer[0], pos - neg, atol=1e-5, rtol=1e-5)
+
+
 def completion_means(model: torch.nn.Module, layer: int, which: int) -> Tensor:
     """``(N, D)``: per pair, resid_post of ``layer`` averaged over completion ``which`` (1 positive, 2 negative)."""
     return torch.stack(
@@ -151,6 +162,7 @@ def planted_model(u: Tensor, amounts: Tensor, noise: float) -> torch.nn.Module:
     """A one-layer model whose embedding of word 20+i is that of word 40+i plus ``amounts[i] * u`` (+ noise)."""
     m = tiny_model("llama", n_layers=1, seed=3)
     emb = m.get_input_embeddings().weight
+    assert isinstance(emb, Tensor)
     gen = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for i, a in enumerate(amounts):

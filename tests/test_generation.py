@@ -71,15 +71,12 @@ def test_prompt_only_steers_the_prompt_and_nothing_after(model: torch.nn.Module)
     prompt_len = ids.shape[1]
     # In one forward every token counts as prompt, so the replay limits steering to each row's real prompt.
     per_row: list[SteeringConfig | None] = [
-        cfg({"op": "add", "layer": 1, "vector": v.tolist(), "apply": {"window": [0, len(p)]}})
-        for p in PROMPTS[:2]
+        cfg({"op": "add", "layer": 1, "vector": v.tolist(), "apply": {"window": [0, len(p)]}}) for p in PROMPTS[:2]
     ]
     with steer(model, per_row), torch.no_grad():
         replay = model(input_ids=full[:, :-1], attention_mask=full_mask[:, :-1]).logits
     for step in range(NEW):
-        torch.testing.assert_close(
-            replay[:, prompt_len - 1 + step], steered.logits[step], atol=1e-4, rtol=1e-4
-        )
+        torch.testing.assert_close(replay[:, prompt_len - 1 + step], steered.logits[step], atol=1e-4, rtol=1e-4)
 
 
 def test_per_row_configs_match_rows_run_alone(model: torch.nn.Module) -> None:
@@ -106,9 +103,7 @@ def test_per_row_configs_match_rows_run_alone(model: torch.nn.Module) -> None:
         else:
             with steer(model, c):
                 alone = generate(model, one_ids, one_mask)
-        assert (
-            batched.sequences[r, ids.shape[1] :].tolist() == alone.sequences[0, one_ids.shape[1] :].tolist()
-        )
+        assert batched.sequences[r, ids.shape[1] :].tolist() == alone.sequences[0, one_ids.shape[1] :].tolist()
         for step in range(NEW):
             torch.testing.assert_close(batched.logits[step][r], alone.logits[step][0], atol=1e-4, rtol=1e-4)
     assert hooks_installed(model) == 0

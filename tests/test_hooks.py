@@ -76,9 +76,7 @@ def test_ablation_leaves_zero_projection(llama: torch.nn.Module, ids: Tensor) ->
     torch.testing.assert_close(steered[2], clean[2] - (clean[2] @ u)[..., None] * u, atol=1e-5, rtol=0)
 
 
-def test_ablating_two_directions_removes_their_span(
-    llama: torch.nn.Module, ids: Tensor, tmp_path: Any
-) -> None:
+def test_ablating_two_directions_removes_their_span(llama: torch.nn.Module, ids: Tensor, tmp_path: Any) -> None:
     from steerlib import SteeringVector
 
     vs = torch.randn(2, D)
@@ -94,15 +92,11 @@ def test_ablating_two_directions_removes_their_span(
 def test_relative_and_norm_matched_addition(llama: torch.nn.Module, ids: Tensor) -> None:
     v = torch.randn(D)
     clean = hidden(llama, ids)[2]
-    with steer(
-        llama, cfg({"op": "add", "layer": 1, "vector": v.tolist(), "coefficient": 0.5, "relative": True})
-    ):
+    with steer(llama, cfg({"op": "add", "layer": 1, "vector": v.tolist(), "coefficient": 0.5, "relative": True})):
         rel = hidden(llama, ids)[2]
     expected = clean + 0.5 * clean.norm(dim=-1, keepdim=True) * v / v.norm()
     torch.testing.assert_close(rel, expected, atol=1e-5, rtol=1e-5)
-    with steer(
-        llama, cfg({"op": "add", "layer": 1, "vector": v.tolist(), "coefficient": 5.0, "norm_match": True})
-    ):
+    with steer(llama, cfg({"op": "add", "layer": 1, "vector": v.tolist(), "coefficient": 5.0, "norm_match": True})):
         nm = hidden(llama, ids)[2]
     torch.testing.assert_close(nm.norm(dim=-1), clean.norm(dim=-1), atol=1e-4, rtol=1e-5)
     assert (nm - clean).abs().max() > 0.1
@@ -130,9 +124,7 @@ def _changed_positions(model: torch.nn.Module, ids: Tensor, apply: dict[str, Any
         ({"window": [1, 6], "exclude": {"window": [2, 4]}}, [1, 4, 5]),
     ],
 )
-def test_position_policies(
-    llama: torch.nn.Module, ids: Tensor, apply: dict[str, Any], expected: list[int]
-) -> None:
+def test_position_policies(llama: torch.nn.Module, ids: Tensor, apply: dict[str, Any], expected: list[int]) -> None:
     assert _changed_positions(llama, ids[:1], apply) == expected
 
 
@@ -153,9 +145,10 @@ def test_token_match_policy(llama: torch.nn.Module) -> None:
     tok = _CharTokenizer([f" w{i}" for i in range(128)])
     ids = torch.tensor([[5, 9, 5, 7, 9, 11]])
     assert _changed_positions(llama, ids, {"match": ["w9"]}, tokenizer=tok) == [1, 4]
-    assert _changed_positions(
-        llama, ids, {"match": ["w5", "w11"], "exclude": {"positions": [0]}}, tokenizer=tok
-    ) == [2, 5]
+    assert _changed_positions(llama, ids, {"match": ["w5", "w11"], "exclude": {"positions": [0]}}, tokenizer=tok) == [
+        2,
+        5,
+    ]
     with pytest.raises(SteeringConfigError, match="needs a tokenizer"):
         attach(llama, cfg({"op": "add", "layer": 0, "vector": [1.0] * D, "apply": {"match": ["w9"]}}))
 

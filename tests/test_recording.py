@@ -39,12 +39,13 @@ def forward(model: torch.nn.Module, ids: Tensor, mask: Tensor) -> tuple[Tensor, 
             position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
             output_hidden_states=True,
         )
-    return out.hidden_states  # type: ignore[no-any-return]
+    hidden: tuple[Tensor, ...] = out.hidden_states
+    return hidden
 
 
 def generate(model: torch.nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
     with torch.no_grad():
-        return model.generate(  # type: ignore[no-any-return, operator]
+        return model.generate(  # type: ignore[operator]
             input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0
         )
 
@@ -126,7 +127,8 @@ def test_resid_pre_of_a_layer_is_resid_post_of_the_previous(model: torch.nn.Modu
         torch.testing.assert_close(rec[(layer, "resid_post")], hs[layer + 1][real], rtol=0, atol=0)
     # transformers applies the final norm to the last entry of hidden_states; the recording is before it.
     with torch.no_grad():
-        torch.testing.assert_close(model.model.norm(rec[(2, "resid_post")]), hs[3][real], rtol=0, atol=1e-6)
+        final_norm = model.get_submodule("model.norm")
+        torch.testing.assert_close(final_norm(rec[(2, "resid_post")]), hs[3][real], rtol=0, atol=1e-6)
     for layer in (1, 2):
         assert torch.equal(rec[(layer, "resid_pre")], rec[(layer - 1, "resid_post")])
 

@@ -105,7 +105,13 @@ def test_gemma_scope_is_jumprelu_without_input_centring(tmp_path: Path) -> None:
         sae = load_sae(path)
         assert isinstance(sae, JumpReluSae) and not sae.subtract_b_dec
         assert sae.meta == SaeMeta(
-            "jumprelu", 8, 16, 8, "blocks.3.hook_resid_post", "blocks.3.hook_resid_post", "google/gemma-2-2b",
+            "jumprelu",
+            8,
+            16,
+            8,
+            "blocks.3.hook_resid_post",
+            "blocks.3.hook_resid_post",
+            "google/gemma-2-2b",
             source_format="gemma_scope",
         )
         check(sae, x, z, z @ p["W_dec"] + p["b_dec"])
@@ -311,7 +317,14 @@ def test_sparsify_sae_subtracts_b_dec(tmp_path: Path) -> None:
     sae = load_sae(tmp_path / "run" / "layers.3")
     assert isinstance(sae, TopKSae) and sae.subtract_b_dec and sae.k == K
     assert sae.meta == SaeMeta(
-        "topk", 8, 16, 8, "blocks.3.hook_resid_post", "blocks.3.hook_resid_post", "EleutherAI/pythia-70m", K,
+        "topk",
+        8,
+        16,
+        8,
+        "blocks.3.hook_resid_post",
+        "blocks.3.hook_resid_post",
+        "EleutherAI/pythia-70m",
+        K,
         source_format="sparsify",
     )
     x = rand(rng, 6, D_IN, scale=1.0)
@@ -464,6 +477,41 @@ def test_dictionary_learning_gated(tmp_path: Path) -> None:
     check(sae, x, z, z @ w["decoder.weight"].T + w["decoder_bias"])
 
 
+def test_dictionary_learning_matryoshka_batch_topk(tmp_path: Path) -> None:
+    # trainers/matryoshka_batch_top_k.py: bare W_enc/W_dec Parameters, relu((x - b_dec) @ W_enc + b_enc) > threshold
+    rng = np.random.default_rng(18)
+    w = gemma_params(rng)
+    del w["threshold"]
+    sd = {k: t(v) for k, v in w.items()} | {"k": torch.tensor(K, dtype=torch.int), "threshold": torch.tensor(0.25)}
+    sd["group_sizes"] = torch.tensor([4, 12])
+    write_dl(tmp_path, "MatryoshkaBatchTopKSAE", sd, k=K)
+    sae = load_sae(tmp_path)
+    assert isinstance(sae, BatchTopKSae) and sae.threshold is not None and sae.subtract_b_dec
+    x = rand(rng, 6, D_IN, scale=1.0)
+    post = relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
+    z = post * (post > 0.25)
+    check(sae, x, z, z @ w["W_dec"] + w["b_dec"])
+
+
+def test_dictionary_learning_autoencoder_new(tmp_path: Path) -> None:
+    # dictionary.py AutoEncoderNew: relu(encoder(x)), decoder(f) with its own bias; no input centring
+    rng = np.random.default_rng(19)
+    w = linear_sd(rng, False) | {"decoder.bias": rand(rng, D_IN, scale=0.2)}
+    write_dl(tmp_path, "AutoEncoderNew", {k: t(v) for k, v in w.items()})
+    sae = load_sae(tmp_path)
+    assert isinstance(sae, ReluSae) and not sae.subtract_b_dec
+    x = rand(rng, 6, D_IN, scale=1.0)
+    z = relu(x @ w["encoder.weight"].T + w["encoder.bias"])
+    check(sae, x, z, z @ w["decoder.weight"].T + w["decoder.bias"])
+
+
+def test_dictionary_learning_unexpected_tensor_is_named(tmp_path: Path) -> None:
+    w = gemma_params(np.random.default_rng(0))
+    write_dl(tmp_path, "JumpReluAutoEncoder", {k: t(v) for k, v in w.items()} | {"extra": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"unexpected tensors for JumpReluAutoEncoder: \['extra'\]"):
+        load_sae(tmp_path)
+
+
 def test_dictionary_learning_k_must_agree(tmp_path: Path) -> None:
     w = linear_sd(np.random.default_rng(0), True) | {"b_dec": np.zeros(D_IN, np.float32)}
     write_dl(tmp_path, "AutoEncoderTopK", {k: t(v) for k, v in w.items()} | {"k": torch.tensor(4)}, k=5)
@@ -475,7 +523,6 @@ def test_dictionary_learning_unknown_class_lists_supported(tmp_path: Path) -> No
     write_dl(tmp_path, "IdentityDict", {})
     with pytest.raises(ValueError, match="dict_class 'IdentityDict' is not supported; supported: AutoEncoder,"):
         load_sae(tmp_path)
-
 
 
 def _side_effect(path: str) -> dict[str, torch.Tensor]:
@@ -596,8 +643,13 @@ def test_unknown_folder_names_files_and_formats(tmp_path: Path) -> None:
         load_sae(tmp_path)
     msg = str(info.value)
     assert f"unrecognised SAE folder {tmp_path}: files seen: ['notes.txt', 'sub/', 'weights.bin']" in msg
-    for fmt in ("steerlib (cfg.json with format_version + sae.safetensors)", "saelens (cfg.json + sae_weights",
-                "sparsify (cfg.json + sae.safetensors", "gemma_scope (params.npz)", "dictionary_learning (ae.pt"):
+    for fmt in (
+        "steerlib (cfg.json with format_version + sae.safetensors)",
+        "saelens (cfg.json + sae_weights",
+        "sparsify (cfg.json + sae.safetensors",
+        "gemma_scope (params.npz)",
+        "dictionary_learning (ae.pt",
+    ):
         assert fmt in msg
 
 

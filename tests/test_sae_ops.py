@@ -18,8 +18,15 @@ from steerlib.sae import Sae, SaeMeta, get_architecture, save_sae
 D, F = 64, 256
 
 
-def make_sae(folder: Path, arch: str = "relu", *, site: str = "blocks.1.hook_resid_post", out_site: str | None = None,
-             seed: int = 0, **kw: Any) -> Sae:
+def make_sae(
+    folder: Path,
+    arch: str = "relu",
+    *,
+    site: str = "blocks.1.hook_resid_post",
+    out_site: str | None = None,
+    seed: int = 0,
+    **kw: Any,
+) -> Sae:
     g = torch.Generator().manual_seed(seed)
     meta = SaeMeta(arch, D, F, D, site, out_site or site, **kw)
     sae = get_architecture(arch)(meta)
@@ -52,7 +59,9 @@ def hidden(model: torch.nn.Module, ids: Tensor) -> tuple[Tensor, ...]:
 
 
 @pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu"])
-def test_keep_error_without_edits_changes_nothing(model: torch.nn.Module, ids: Tensor, tmp_path: Path, arch: str) -> None:
+def test_keep_error_without_edits_changes_nothing(
+    model: torch.nn.Module, ids: Tensor, tmp_path: Path, arch: str
+) -> None:
     kw = {"k": 8} if arch == "topk" else {}
     make_sae(tmp_path / "sae", arch, **kw)
     clean = hidden(model, ids)
@@ -65,8 +74,11 @@ def test_keep_error_edit_moves_along_decoder_rows(model: torch.nn.Module, ids: T
     sae = make_sae(tmp_path / "sae")
     clean = hidden(model, ids)[2]
     z = sae.encode(clean).detach()
-    edits = [{"feature": 3, "mode": "set", "value": 5.0}, {"feature": 10, "mode": "scale", "value": 0.0},
-             {"feature": 11, "mode": "add", "value": 2.0}]
+    edits = [
+        {"feature": 3, "mode": "set", "value": 5.0},
+        {"feature": 10, "mode": "scale", "value": 0.0},
+        {"feature": 11, "mode": "add", "value": 2.0},
+    ]
     with steer(model, cfg(tmp_path, {"op": "sae", "layer": 1, "sae": "sae", "edits": edits})):
         steered = hidden(model, ids)[2]
     W = sae.W_dec.detach()
@@ -84,8 +96,19 @@ def test_drop_error_and_replace_give_the_reconstruction(model: torch.nn.Module, 
         dropped = hidden(model, ids)[2]
     torch.testing.assert_close(replaced, recon, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dropped, recon, atol=1e-5, rtol=1e-5)
-    with steer(model, cfg(tmp_path, {"op": "sae", "layer": 1, "sae": "sae", "error_term": "drop",
-                                      "edits": [{"feature": 7, "mode": "set", "value": 3.0}]})):
+    with steer(
+        model,
+        cfg(
+            tmp_path,
+            {
+                "op": "sae",
+                "layer": 1,
+                "sae": "sae",
+                "error_term": "drop",
+                "edits": [{"feature": 7, "mode": "set", "value": 3.0}],
+            },
+        ),
+    ):
         edited = hidden(model, ids)[2]
     z = sae.encode(clean).detach()
     z[..., 7] = 3.0
@@ -100,8 +123,15 @@ def test_feature_condition_gates_tokens(model: torch.nn.Module, ids: Tensor, tmp
     thr = float(acts[..., feature].median())
     fires = acts[..., feature] > thr
     assert 0 < int(fires.sum()) < fires.numel()
-    c = cfg(tmp_path, {"op": "add", "layer": 1, "vector": [1.0] * D,
-                       "apply": {"when": {"sae": "sae", "feature": feature, "above": thr}}})
+    c = cfg(
+        tmp_path,
+        {
+            "op": "add",
+            "layer": 1,
+            "vector": [1.0] * D,
+            "apply": {"when": {"sae": "sae", "feature": feature, "above": thr}},
+        },
+    )
     with steer(model, c):
         steered = hidden(model, ids)
     assert ((steered[2] - clean[2]).abs().amax(-1) > 0).tolist() == fires.tolist()
@@ -113,9 +143,10 @@ def test_transcoder_replaces_mlp_out(model: torch.nn.Module, ids: Tensor, tmp_pa
     with record(model, ["blocks.1.hook_mlp_in"]) as rec:
         hidden(model, ids)
     mlp_in = rec["blocks.1.hook_mlp_in"]
-    with steer(model, cfg(tmp_path, {"op": "replace", "layer": 1, "site": "mlp_out", "sae": "tc"})), record(
-        model, ["blocks.1.hook_mlp_out"]
-    ) as out:
+    with (
+        steer(model, cfg(tmp_path, {"op": "replace", "layer": 1, "site": "mlp_out", "sae": "tc"})),
+        record(model, ["blocks.1.hook_mlp_out"]) as out,
+    ):
         hidden(model, ids)
     torch.testing.assert_close(out["blocks.1.hook_mlp_out"], tc(mlp_in).detach(), atol=1e-5, rtol=1e-5)
     with pytest.raises(SteeringConfigError, match="set site: mlp_out"):
@@ -125,12 +156,18 @@ def test_transcoder_replaces_mlp_out(model: torch.nn.Module, ids: Tensor, tmp_pa
 def test_sae_errors_name_the_field(model: torch.nn.Module, tmp_path: Path) -> None:
     make_sae(tmp_path / "sae")
     bad = [
-        ({"op": "sae", "layer": 1, "sae": "sae", "edits": [{"feature": F, "mode": "set", "value": 1.0}]},
-         f"interventions[0].edits[0].feature: {F} out of range: the SAE has {F} latents (0..{F - 1})"),
-        ({"op": "sae", "layer": 1, "sae": "sae", "apply": {"when": {"feature": 999, "above": 0}}},
-         "interventions[0].apply.when.feature: 999 out of range"),
-        ({"op": "add", "layer": 1, "vector": [1.0] * D, "apply": {"when": {"feature": 1, "above": 0}}},
-         "this op has no SAE"),
+        (
+            {"op": "sae", "layer": 1, "sae": "sae", "edits": [{"feature": F, "mode": "set", "value": 1.0}]},
+            f"interventions[0].edits[0].feature: {F} out of range: the SAE has {F} latents (0..{F - 1})",
+        ),
+        (
+            {"op": "sae", "layer": 1, "sae": "sae", "apply": {"when": {"feature": 999, "above": 0}}},
+            "interventions[0].apply.when.feature: 999 out of range",
+        ),
+        (
+            {"op": "add", "layer": 1, "vector": [1.0] * D, "apply": {"when": {"feature": 1, "above": 0}}},
+            "this op has no SAE",
+        ),
         ({"op": "replace", "layer": 1, "sae": "nope"}, "interventions[0].sae: file or folder not found"),
     ]
     for iv, message in bad:

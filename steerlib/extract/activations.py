@@ -117,8 +117,6 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    if size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {size}")
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
@@ -144,6 +142,8 @@ def span_means(
     progress: bool = False,
 ) -> dict[int, Tensor]:
     """Mean activation over each span's tokens at ``site`` of every layer: ``{layer: (N, D)}`` in float32."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     names = [tl_name(layer, site) for layer in layers]
     chunks: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     device = model_device(model)

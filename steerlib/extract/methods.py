@@ -11,8 +11,8 @@
 
 Each returns a :class:`~steerlib.vectors.SteeringVector` whose metadata says how it was made. ``layers`` given as an
 int gives a layer-independent vector (metadata ``layer``); a sequence of ints gives one vector per layer
-(``SteeringVector.per_layer``, metadata ``layers``), which a config with ``layer: [...]`` or ``"all"`` applies
-layer by layer.
+(``SteeringVector.per_layer``, metadata ``layers``); a config naming those layers applies each layer's own
+vector, and names a missing layer as an error.
 """
 
 from __future__ import annotations

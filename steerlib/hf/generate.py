@@ -21,7 +21,9 @@ class Generation:
     n_new_tokens: int
 
 
-def render_prompts(tokenizer: Any, prompts: Sequence[str], *, chat: bool = True, system: str | None = None) -> list[str]:
+def render_prompts(
+    tokenizer: Any, prompts: Sequence[str], *, chat: bool = True, system: str | None = None
+) -> list[str]:
     """Prompts as the model sees them: through the chat template when there is one and ``chat`` is set."""
     if not chat or getattr(tokenizer, "chat_template", None) is None:
         return list(prompts)

@@ -87,6 +87,8 @@ def _site_name(site: SiteRef) -> str:
         layer = parsed
     if name not in SITES:
         raise ValueError(f"unknown site {name!r}; allowed: {', '.join(SITES)}")
+    if layer < 0:
+        raise ValueError(f"site {site!r}: layer must be >= 0, got {layer}")
     return tl_name(layer, name)
 
 
@@ -130,16 +132,12 @@ def record(
             step_acts.clear()
 
     try:
-        handles.append(
-            layout.base.register_forward_pre_hook(stack_pre_hook(layout.base, state), with_kwargs=True)
-        )
+        handles.append(layout.base.register_forward_pre_hook(stack_pre_hook(layout.base, state), with_kwargs=True))
         for name in names:
             layer, site = parse_site(name)
             assert layer is not None
             if layer >= layout.n_layers:
-                raise ValueError(
-                    f"site {name}: layer {layer} out of range: model has {layout.n_layers} layers"
-                )
+                raise ValueError(f"site {name}: layer {layer} out of range: model has {layout.n_layers} layers")
             t = target(layout, layer, site)
             if t.kind == "input":
                 handles.append(t.module.register_forward_pre_hook(_pre(name, keep_acts), with_kwargs=True))

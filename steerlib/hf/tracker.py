@@ -53,9 +53,7 @@ def stack_pre_hook(base: nn.Module, state: StepState) -> Callable[..., None]:
         past = past_length(get("past_key_values"))
         if past == 0 or state.prompt_len_B is None or state.prompt_len_B.shape[0] != batch:
             state.prompt_len_B = None  # a new sequence starts: its tokens in this step are the prompt
-        state.tokens = from_padded(
-            get("attention_mask"), batch, n_new, past, state.prompt_len_B, ids, ref.device
-        )
+        state.tokens = from_padded(get("attention_mask"), batch, n_new, past, state.prompt_len_B, ids, ref.device)
         state.prompt_len_B = state.tokens.prompt_len_R
 
     return hook

@@ -1,9 +1,9 @@
 """Sparse autoencoders and transcoders: one class per architecture, loaders for the common file formats.
 
-    sae = load_sae("path/to/sae")        # steerlib, SAELens, sparsify, Gemma Scope or dictionary_learning
-    z = sae.encode(x)                    # (..., d_sae)
-    x_hat = sae.decode(z, x)             # (..., d_out)
-    save_sae(sae, "out/sae")             # steerlib's own format, written atomically
+sae = load_sae("path/to/sae")        # steerlib, SAELens, sparsify, Gemma Scope or dictionary_learning
+z = sae.encode(x)                    # (..., d_sae)
+x_hat = sae.decode(z, x)             # (..., d_out)
+save_sae(sae, "out/sae")             # steerlib's own format, written atomically
 """
 
 from __future__ import annotations

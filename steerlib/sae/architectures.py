@@ -125,9 +125,7 @@ class BatchTopKSae(Sae):
         global_threshold: bool = True,
     ) -> None:
         super().__init__(meta, subtract_b_dec=subtract_b_dec, skip=skip, dtype=dtype)
-        self.threshold: nn.Parameter | None = (
-            nn.Parameter(torch.zeros((), dtype=dtype)) if global_threshold else None
-        )
+        self.threshold: nn.Parameter | None = nn.Parameter(torch.zeros((), dtype=dtype)) if global_threshold else None
         # k is only needed for the top-k fallback; when given it must still be valid.
         self.k: int | None = None if global_threshold and meta.k is None else _checked_k(meta)
 

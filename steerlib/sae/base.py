@@ -87,9 +87,7 @@ class Sae(nn.Module, abc.ABC):
         self.b_enc: nn.Parameter | None = nn.Parameter(torch.zeros(d_sae, dtype=dtype)) if self.has_b_enc else None
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_out, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
-        self.W_skip: nn.Parameter | None = (
-            nn.Parameter(torch.zeros(d_in, d_out, dtype=dtype)) if skip else None
-        )
+        self.W_skip: nn.Parameter | None = nn.Parameter(torch.zeros(d_in, d_out, dtype=dtype)) if skip else None
 
     @classmethod
     def for_tensors(

@@ -52,8 +52,9 @@ def check_dim(source: Path, name: str, declared: object, actual: int) -> None:
         raise ValueError(f"{source}: config says {name}={declared} but the weights have {name}={actual}")
 
 
-def build_sae(meta: SaeMeta, tensors: Mapping[str, Tensor], *, subtract_b_dec: bool, dtype: torch.dtype | None,
-              source: Path) -> Sae:
+def build_sae(
+    meta: SaeMeta, tensors: Mapping[str, Tensor], *, subtract_b_dec: bool, dtype: torch.dtype | None, source: Path
+) -> Sae:
     """An SAE of ``meta.architecture`` holding exactly ``tensors`` (canonical names), cast to ``dtype``.
 
     Missing or unexpected tensor names and wrong shapes are errors naming the tensor: a loader that silently

@@ -126,8 +126,11 @@ def _batch_topk(sd: _StateDict, trainer: dict[str, Any]) -> _Converted:
     if threshold is not None and float(threshold) >= 0:
         tensors["threshold"] = threshold.reshape(())
     else:
-        logger.warning("%s: no BatchTopK threshold was estimated (threshold=%s); using per-token top-k", sd.source,
-                       None if threshold is None else float(threshold))
+        logger.warning(
+            "%s: no BatchTopK threshold was estimated (threshold=%s); using per-token top-k",
+            sd.source,
+            None if threshold is None else float(threshold),
+        )
     k = sd.k(trainer, required="threshold" not in tensors)
     return _Converted("batchtopk", tensors, subtract_b_dec=True, k=k)
 

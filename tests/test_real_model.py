@@ -1,0 +1,52 @@
+"""End-to-end facts on the embedded SmolLM2-135M-Instruct (loaded once for the module)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import steerlib
+from steerlib.hf.generate import generate
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = ["What is a good hobby to pick up this year?", "Give me three tips for a job interview."]
+
+
+@pytest.fixture(scope="module")
+def loaded() -> tuple[Any, Any]:
+    return steerlib.load_model()
+
+
+def _cfg(vector: list[float], layer: int = 12, coefficient: float = 6.0) -> steerlib.SteeringConfig:
+    return steerlib.SteeringConfig.model_validate(
+        {"interventions": [{"op": "add", "layer": layer, "vector": vector, "coefficient": coefficient}]}
+    )
+
+
+def test_steered_generation_differs_and_is_deterministic(loaded: tuple[Any, Any]) -> None:
+    model, tok = loaded
+    v = torch.randn(576, generator=torch.Generator().manual_seed(0))
+    v = (v / v.norm() * 20).tolist()
+    plain = [g.text for g in generate(model, tok, PROMPTS, max_new_tokens=24)]
+    first = [g.text for g in generate(model, tok, PROMPTS, _cfg(v), max_new_tokens=24)]
+    second = [g.text for g in generate(model, tok, PROMPTS, _cfg(v), max_new_tokens=24)]
+    assert first == second
+    assert all(a != b for a, b in zip(plain, first, strict=True))
+    assert plain == [g.text for g in generate(model, tok, PROMPTS, max_new_tokens=24)]  # nothing left behind
+    assert steerlib.hooks_installed(model) == 0
+
+
+def test_hidden_states_show_the_steered_stream(loaded: tuple[Any, Any]) -> None:
+    """transformers 5 records hidden states with its own hooks; steering must run before them."""
+    model, tok = loaded
+    enc = tok(["Hello there"], return_tensors="pt")
+    v = torch.randn(576, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        clean = model(**enc, output_hidden_states=True).hidden_states
+        with steerlib.steer(model, _cfg(v.tolist(), layer=12, coefficient=1.0)):
+            steered = model(**enc, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(steered[13], clean[13] + v, atol=1e-4, rtol=0)
+    torch.testing.assert_close(steered[12], clean[12], atol=0, rtol=0)
