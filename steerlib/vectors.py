@@ -54,6 +54,9 @@ class SteeringVector:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=dict(self.metadata))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a vector file is ordinary data
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

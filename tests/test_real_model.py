@@ -50,3 +50,17 @@ def test_hidden_states_show_the_steered_stream(loaded: tuple[Any, Any]) -> None:
             steered = model(**enc, output_hidden_states=True).hidden_states
     torch.testing.assert_close(steered[13], clean[13] + v, atol=1e-4, rtol=0)
     torch.testing.assert_close(steered[12], clean[12], atol=0, rtol=0)
+
+
+def test_demo_steers_only_the_harmful_prompts(capsys: pytest.CaptureFixture[str]) -> None:
+    """The shipped demo (conditional refusal steering): harmless answers unchanged, harmful ones steered."""
+    import json
+
+    from steerlib.__main__ import DEMO_PROMPTS, main
+
+    assert main(["demo", "--json", "--max-new-tokens", "12"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == DEMO_PROMPTS
+    unchanged = [r["unsteered"] == r["steered"] for r in rows]
+    assert unchanged == [True, True, False, False]
+    assert all(r["steered"].startswith("I'm sorry") for r in rows[2:])
