@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, field_validator, model_validator
 
 from steerlib.sites import SITES, parse_site
 
@@ -21,12 +21,6 @@ Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_in"]
 TokenScope = Literal["all", "prompt", "generated"]
 
 FloatList = list[float]
-VectorRef = Annotated[
-    str | FloatList,
-    Field(
-        description="A path to a .safetensors vector file (relative to the config file) or an inline list of floats."
-    ),
-]
 
 
 class _Strict(BaseModel):
@@ -39,6 +33,20 @@ def _check_finite(values: FloatList | None, field: str) -> None:
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
     if bad:
         raise ValueError(f"{field} must be finite: entries {bad[:5]} are NaN or inf")
+
+
+def _finite_vector(v: str | FloatList) -> str | FloatList:
+    _check_finite(v if isinstance(v, list) else None, "vector")
+    return v
+
+
+VectorRef = Annotated[
+    str | FloatList,
+    AfterValidator(_finite_vector),
+    Field(
+        description="A path to a .safetensors vector file (relative to the config file) or an inline list of floats."
+    ),
+]
 
 
 class TokenSelector(_Strict):
@@ -109,8 +117,6 @@ class Condition(_Strict):
         for name, v in (("above", self.above), ("below", self.below)):
             if v is not None and not math.isfinite(v):
                 raise ValueError(f"when.{name} must be finite, got {v}")
-        if isinstance(self.vector, list):
-            _check_finite(self.vector, "when.vector")
         return self
 
 
@@ -165,7 +171,7 @@ class AddOp(_InterventionBase):
 
     op: Literal["add"]
     vector: VectorRef
-    coefficient: float = Field(1.0, description="Multiplier of the vector.")
+    coefficient: FiniteFloat = Field(1.0, description="Multiplier of the vector.")
     relative: bool = Field(
         False,
         description="If true the vector is unit-normalised and scaled by coefficient * ||x|| per token, so the "
@@ -175,19 +181,6 @@ class AddOp(_InterventionBase):
         False, description="If true the steered activation is rescaled to the norm the activation had before."
     )
 
-    @field_validator("coefficient")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError(f"coefficient must be finite, got {v}")
-        return v
-
-    @field_validator("vector")
-    @classmethod
-    def _finite_vector(cls, v: str | FloatList) -> str | FloatList:
-        _check_finite(v if isinstance(v, list) else None, "vector")
-        return v
-
 
 class AblateOp(_InterventionBase):
     """Project a direction (or the span of several) out of the activation."""
@@ -195,26 +188,13 @@ class AblateOp(_InterventionBase):
     op: Literal["ablate"]
     vector: VectorRef
 
-    @field_validator("vector")
-    @classmethod
-    def _finite_vector(cls, v: str | FloatList) -> str | FloatList:
-        _check_finite(v if isinstance(v, list) else None, "vector")
-        return v
-
 
 class FeatureEdit(_Strict):
     """One SAE latent edit."""
 
     feature: int = Field(ge=0, description="Latent index.")
     mode: Literal["set", "scale", "add"] = Field(description="set: z=value; scale: z*=value; add: z+=value.")
-    value: float
-
-    @field_validator("value")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError(f"value must be finite, got {v}")
-        return v
+    value: FiniteFloat
 
 
 class SaeOp(_InterventionBase):

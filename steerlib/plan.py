@@ -177,7 +177,7 @@ def _bind(
     spec = res.spec
     out = []
     for layer in _layers(iv, spec, where):
-        sae = res.sae(_existing(cfg, iv.sae, f"{where}.sae")) if isinstance(iv, SaeOp | ReplaceOp) else None
+        sae = _load_sae(cfg, iv.sae, res, f"{where}.sae") if isinstance(iv, SaeOp | ReplaceOp) else None
         reads_mlp_in = sae is not None and _is_mlp_transcoder(sae)
         if sae is not None:
             _check_sae(sae, iv, spec, where, reads_mlp_in)
@@ -192,6 +192,14 @@ def _existing(cfg: SteeringConfig, ref: str, where: str) -> Path:
     if not path.exists():
         raise SteeringConfigError(f"{where}: file or folder not found: {path}")
     return path
+
+
+def _load_sae(cfg: SteeringConfig, ref: str, res: Resources, where: str) -> Sae:
+    path = _existing(cfg, ref, where)
+    try:
+        return res.sae(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise SteeringConfigError(f"{where}: cannot load the SAE at {path}: {e}") from e
 
 
 def _vector(ref: str | list[float], cfg: SteeringConfig, layer: int, res: Resources, where: str) -> Tensor:
@@ -305,7 +313,7 @@ def _gate(cond: Condition, cfg: SteeringConfig, layer: int, sae: Sae | None, res
     score: Callable[[Tensor, LatentCache], Tensor]
     if cond.feature is not None:
         if cond.sae is not None:
-            sae = res.sae(_existing(cfg, cond.sae, f"{where}.sae"))
+            sae = _load_sae(cfg, cond.sae, res, f"{where}.sae")
         if sae is None:
             raise SteeringConfigError(f"{where}.feature: this op has no SAE; name one with {where}.sae")
         _check_feature(cond.feature, sae, f"{where}.feature")

@@ -77,7 +77,7 @@ def test_transformerlens_site_name() -> None:
         ({"op": "add", "layer": 1, "vector": [1.0, float("nan")]}, "NaN or inf"),
         (
             {"op": "add", "layer": 1, "vector": [1.0], "coefficient": float("inf")},
-            "coefficient must be finite",
+            "coefficient\n  Input should be a finite number",
         ),
         ({"op": "add", "layer": -1, "vector": [1.0]}, "layer must be >= 0"),
         (

@@ -233,3 +233,15 @@ def test_stacked_handles_apply_in_attach_order(llama: torch.nn.Module, ids: Tens
     first.remove()
     second.remove()
     assert (h @ v).abs().max() < 1e-4  # add then ablate: nothing left along v
+
+
+def test_nan_in_a_vector_file_is_refused(llama: torch.nn.Module, tmp_path: Any) -> None:
+    from steerlib import SteeringVector
+
+    v = torch.randn(D)
+    v[3] = float("nan")
+    SteeringVector.single(v).save(tmp_path / "nan.safetensors")
+    c = SteeringConfig.from_dict({"interventions": [{"op": "add", "layer": 0, "vector": "nan.safetensors"}]}, tmp_path)
+    with pytest.raises(SteeringConfigError, match=r"interventions\[0\].vector: vector contains NaN or inf"):
+        attach(llama, c)
+    assert hooks_installed(llama) == 0

@@ -169,6 +169,7 @@ def test_sae_errors_name_the_field(model: torch.nn.Module, tmp_path: Path) -> No
             "this op has no SAE",
         ),
         ({"op": "replace", "layer": 1, "sae": "nope"}, "interventions[0].sae: file or folder not found"),
+        ({"op": "replace", "layer": 1, "sae": "."}, "interventions[0].sae: cannot load the SAE at"),
     ]
     for iv, message in bad:
         with pytest.raises(SteeringConfigError) as info:
