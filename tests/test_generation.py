@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import ARCHS, tiny_model
 from torch import Tensor
 
 from steerlib import SteeringConfig, hooks_installed, steer
@@ -150,3 +150,23 @@ def test_prompt_scoped_gate_holds_through_generation(model: torch.nn.Module) -> 
         expected = always if fires[r] else clean
         for step in range(NEW):
             torch.testing.assert_close(out.logits[step][r], expected.logits[step][r], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "llama"])
+def test_per_row_isolation_on_every_architecture(arch: str) -> None:
+    model = tiny_model(arch, n_layers=2)
+    configs: list[SteeringConfig | None] = [
+        cfg({"op": "add", "layer": 1, "vector": (torch.randn(D) * 3).tolist(), "apply": {"tokens": "generated"}}),
+        None,
+        cfg({"op": "ablate", "layer": 0, "site": "mlp_out", "vector": torch.randn(D).tolist()}),
+    ]
+    prompts = PROMPTS[:3]
+    ids, mask = left_pad(prompts)
+    with steer(model, configs):
+        batched = generate(model, ids, mask)
+    for r, (prompt, c) in enumerate(zip(prompts, configs, strict=True)):
+        one_ids, one_mask = left_pad([prompt])
+        with steer(model, [c]):
+            alone = generate(model, one_ids, one_mask)
+        assert batched.sequences[r, ids.shape[1] :].tolist() == alone.sequences[0, one_ids.shape[1] :].tolist()
+        torch.testing.assert_close(batched.logits[-1][r], alone.logits[-1][0], atol=1e-4, rtol=1e-4)
