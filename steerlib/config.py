@@ -217,7 +217,30 @@ class ReplaceOp(_InterventionBase):
     sae: str = Field(description="SAE folder or file, relative to the config file.")
 
 
-Intervention = Annotated[AddOp | AblateOp | SaeOp | ReplaceOp, Field(discriminator="op")]
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
+
+
+class RefuseOp(_InterventionBase):
+    """Detector-gated refusal: when ``apply.when`` fires on a row's prompt, that row answers with ``message``.
+
+    The activation is left as it is; the verdict is read once per row from the prompt (``when.scope`` must be
+    ``prompt``) and generation for a flagged row is replaced by the fixed message (see ``steerlib.hf.refusal``).
+    """
+
+    op: Literal["refuse"]
+    message: str = Field(DEFAULT_REFUSAL, min_length=1, description="The reply given instead of generating.")
+    name: str | None = Field(None, description="Name reported when this detector fires (default: its position).")
+
+    @model_validator(mode="after")
+    def _needs_prompt_condition(self) -> RefuseOp:
+        if self.apply.when is None:
+            raise ValueError("op refuse needs apply.when: the condition (probe vector or SAE feature) that triggers it")
+        if self.apply.when.scope != "prompt":
+            raise ValueError("op refuse decides once per prompt: set apply.when.scope to 'prompt'")
+        return self
+
+
+Intervention = Annotated[AddOp | AblateOp | SaeOp | ReplaceOp | RefuseOp, Field(discriminator="op")]
 
 
 class SteeringConfig(_Strict):

@@ -101,6 +101,18 @@ class SaeReplace:
         return _blend(x_ND, self.sae.decode(cache.latents(self.sae), cache.x_in_ND), mask_N)
 
 
+@dataclass(frozen=True)
+class RefuseDetector:
+    """Leaves the activation alone: its gate's per-row verdict is read by the generation layer, which answers a
+    flagged row with ``message`` instead of generating (``steerlib.hf.refusal``)."""
+
+    name: str
+    message: str
+
+    def __call__(self, x_ND: Tensor, cache: LatentCache, mask_N: Tensor) -> Tensor:
+        return x_ND
+
+
 def orthonormal_rows(v_KD: Tensor) -> Tensor:
     """An orthonormal basis (rows) of the span of ``v_KD``'s rows."""
     q, _ = torch.linalg.qr(v_KD.double().T)

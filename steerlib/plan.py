@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,12 +22,13 @@ from steerlib.config import (
     ApplyPolicy,
     Condition,
     Intervention,
+    RefuseOp,
     ReplaceOp,
     SaeOp,
     SteeringConfig,
     TokenSelector,
 )
-from steerlib.ops import AblateDirections, AddVector, SaeEdit, SaeReplace, orthonormal_rows
+from steerlib.ops import AblateDirections, AddVector, RefuseDetector, SaeEdit, SaeReplace, orthonormal_rows
 from steerlib.policy import Gate, LatentCache, Policy, Selector
 from steerlib.sae import Sae, load_sae
 from steerlib.vectors import SteeringVector, as_tensor, load_vector
@@ -72,6 +73,8 @@ class BoundOp:
     policy: Policy
     reads_mlp_in: bool = False
     """True for transcoders: the SAE input is the MLP's input, the op writes the MLP's output."""
+    order: int = 0
+    """Position of the intervention in the config (per-row configs: in the order they were resolved)."""
 
 
 @dataclass
@@ -117,6 +120,11 @@ class Plan:
     def gates(self) -> list[Gate]:
         return [b.policy.gate for ops in self.ops.values() for b in ops if b.policy.gate is not None]
 
+    def detectors(self) -> list[BoundOp]:
+        """The ``refuse`` ops, in config order."""
+        found = [b for ops in self.ops.values() for b in ops if isinstance(b.op, RefuseDetector)]
+        return sorted(found, key=lambda b: b.order)
+
 
 def build_plan(
     configs: SteeringConfig | Sequence[SteeringConfig | None],
@@ -130,11 +138,13 @@ def build_plan(
         jobs: Sequence[tuple[SteeringConfig, tuple[bool, ...] | None, str]] = [(configs, None, "")]
     else:
         jobs = _per_row_jobs(configs)
+    order = 0
     for cfg, rows, prefix in jobs:
         for i, iv in enumerate(cfg.interventions):
             where = f"{prefix}interventions[{i}]"
             for bound in _bind(iv, cfg, where, rows, res, tokenizer):
-                grouped.setdefault((bound.layer, bound.site), []).append(bound)
+                grouped.setdefault((bound.layer, bound.site), []).append(replace(bound, order=order))
+                order += 1
     return Plan({k: tuple(v) for k, v in grouped.items()})
 
 
@@ -234,6 +244,8 @@ def _make_op(iv: Intervention, cfg: SteeringConfig, layer: int, sae: Sae | None,
         if bool((v.norm(dim=-1) == 0).any()):
             raise SteeringConfigError(f"{where}.vector: cannot ablate a zero direction")
         return AblateDirections(orthonormal_rows(v))
+    if isinstance(iv, RefuseOp):
+        return RefuseDetector(iv.name or where, iv.message)
     assert sae is not None
     if isinstance(iv, SaeOp):
         for j, e in enumerate(iv.edits):

@@ -83,8 +83,16 @@ class Gate:
     scope: str = "token"
     aggregate: str = "last"
     _verdict_R: Tensor | None = None
+    _score_R: Tensor | None = None
+    """The prompt score each row's verdict was decided on (NaN until decided)."""
     _acc_R: Tensor | None = None
     _count_R: Tensor | None = None
+
+    def decided(self) -> tuple[Tensor, Tensor] | None:
+        """Per-row verdicts and the scores they were decided on, once a prompt has been read (prompt scope)."""
+        if self._verdict_R is None or self._score_R is None:
+            return None
+        return self._verdict_R, self._score_R
 
     def fires(self, s_N: Tensor) -> Tensor:
         f = torch.ones_like(s_N, dtype=torch.bool)
@@ -116,7 +124,9 @@ class Gate:
     def _prompt_verdict(self, s_N: Tensor, tb: TokenBatch) -> Tensor:
         """Accumulate the prompt's score per row; the verdict is fixed at the row's last prompt token."""
         self._verdict_R, self._acc_R, self._count_R = self._reset(tb, s_N.device)
-        assert self._acc_R is not None and self._count_R is not None
+        if self._score_R is None or self._score_R.shape[0] != tb.n_rows:
+            self._score_R = torch.full((tb.n_rows,), torch.nan, device=s_N.device)
+        self._score_R = self._score_R.masked_fill(tb.new_rows_R.to(s_N.device), torch.nan)
         prompt = tb.is_prompt_N
         rows, s = tb.row_N[prompt], s_N[prompt]
         if self.aggregate == "max":
@@ -134,6 +144,7 @@ class Gate:
             else:
                 value = self._acc_R[done_rows] / self._count_R[done_rows].clamp_min(1)
             self._verdict_R = self._verdict_R.index_put((done_rows,), self.fires(value))
+            self._score_R = self._score_R.index_put((done_rows,), value)
         return self._verdict_R
 
 

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_model
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tiny_models import ASSISTANT, BOS, USER, tiny_model, word_tokenizer
 from torch import Tensor
 from transformers import PreTrainedTokenizerFast
 
@@ -16,25 +15,6 @@ from steerlib.extract import contrastive, diff_of_means, pca_direction, principa
 from steerlib.sae import ReluSae, SaeMeta
 
 D = 64
-PAD, BOS, USER, ASSISTANT, UNK, EOS = 0, 1, 2, 3, 4, 127
-CHAT_TEMPLATE = (
-    "<s>{% for m in messages %} <user> {{ m['content'] }}{% endfor %}"
-    "{% if add_generation_prompt %} <assistant>{% endif %}"
-)
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """A real 128-token WordLevel tokenizer: word ``w{i}`` is id i (5..126), with a one-turn chat template."""
-    vocab = {"<pad>": PAD, "<s>": BOS, "<user>": USER, "<assistant>": ASSISTANT, "<unk>": UNK, "</s>": EOS}
-    vocab |= {f"w{i}": i for i in range(5, 127)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tok.padding_side = "left"
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
 
 
 def words(ids: list[int]) -> str:

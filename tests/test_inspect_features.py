@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_extract import chat_ids, resid_post, word_tokenizer
-from tiny_models import tiny_model
+from test_extract import chat_ids, resid_post
+from tiny_models import tiny_model, word_tokenizer
 from torch import Tensor
 from transformers import PreTrainedTokenizerFast
 

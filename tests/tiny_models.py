@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 HIDDEN = 64
@@ -129,3 +130,25 @@ def tiny_model(arch: str, n_layers: int = 3, seed: int = 0) -> PreTrainedModel:
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.do_sample = False
     return model.eval()
+
+
+USER, ASSISTANT, UNK = 2, 3, 4
+BOS = BOS_ID
+CHAT_TEMPLATE = (
+    "<s>{% for m in messages %} <user> {{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %} <assistant>{% endif %}"
+)
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A real 128-token WordLevel tokenizer: word ``w{i}`` is id i (5..126), with a one-turn chat template."""
+    vocab = {"<pad>": PAD_ID, "<s>": BOS_ID, "<user>": USER, "<assistant>": ASSISTANT, "<unk>": UNK, "</s>": EOS_ID}
+    vocab |= {f"w{i}": i for i in range(5, 127)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tok.padding_side = "left"
+    tok.chat_template = CHAT_TEMPLATE
+    return tok

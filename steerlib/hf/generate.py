@@ -8,9 +8,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import LogitsProcessorList
 
 from steerlib.config import SteeringConfig
 from steerlib.hf.hooks import steer
+from steerlib.hf.refusal import ForcedRefusal, Refusal, refusals
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,8 @@ class Generation:
     text: str
     n_prompt_tokens: int
     n_new_tokens: int
+    refused_by: str | None = None
+    """Name of the ``refuse`` detector that answered instead of the model (None: the model generated)."""
 
 
 def render_prompts(
@@ -72,12 +76,17 @@ def _generate_batch(
     enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     kwargs.update(generate_kwargs)
+    fired: dict[int, Refusal] = {}
     with torch.no_grad():
         if config is None:
             seqs = model.generate(**enc, **kwargs)  # type: ignore[operator]
         else:
-            with steer(model, config, tokenizer=tokenizer):
+            with steer(model, config, tokenizer=tokenizer) as handle:
+                if handle.plan.detectors():
+                    forced = ForcedRefusal(handle.plan, tokenizer)
+                    kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), forced])
                 seqs = model.generate(**enc, **kwargs)  # type: ignore[operator]
+                fired = refusals(handle.plan)
     width = enc["input_ids"].shape[1]
     results = []
     for i, prompt in enumerate(prompts):
@@ -85,5 +94,6 @@ def _generate_batch(
         ends = (new == tokenizer.eos_token_id).nonzero()
         n_new = int(ends[0, 0]) + 1 if len(ends) else len(new)  # up to and including the first end-of-turn token
         text = tokenizer.decode(new, skip_special_tokens=True).strip()
-        results.append(Generation(prompt, text, int(enc["attention_mask"][i].sum()), n_new))
+        by = fired[i].detector if i in fired else None
+        results.append(Generation(prompt, text, int(enc["attention_mask"][i].sum()), n_new, by))
     return results
