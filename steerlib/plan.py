@@ -79,7 +79,7 @@ class BoundOp:
 
 @dataclass
 class Resources:
-    """Loads each vector / SAE file once per plan (several rows or layers may share one)."""
+    """Loads each vector / SAE file once (several rows, layers or plans may share one). Not thread-safe."""
 
     spec: ModelSpec
     _vectors: dict[Path, SteeringVector] = field(default_factory=dict)
@@ -130,9 +130,15 @@ def build_plan(
     configs: SteeringConfig | Sequence[SteeringConfig | None],
     spec: ModelSpec,
     tokenizer: TokenizerLike | None = None,
+    resources: Resources | None = None,
 ) -> Plan:
-    """Resolve one config (every row) or one config per row (None = that row unsteered)."""
-    res = Resources(spec)
+    """Resolve one config (every row) or one config per row (None = that row unsteered).
+
+    ``resources`` lets a long-lived caller (a server) load each vector and SAE file once across many plans.
+    """
+    res = resources if resources is not None else Resources(spec)
+    if res.spec != spec:
+        raise ValueError(f"resources were made for {res.spec}, not for this model ({spec})")
     grouped: dict[tuple[int, str], list[BoundOp]] = {}
     if isinstance(configs, SteeringConfig):
         jobs: Sequence[tuple[SteeringConfig, tuple[bool, ...] | None, str]] = [(configs, None, "")]

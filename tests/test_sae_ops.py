@@ -198,3 +198,19 @@ def test_issue_example_config_attaches(tmp_path: Path) -> None:
         out = model.generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 8)
     assert hooks_installed(model) == 0
+
+
+def test_shared_resources_load_each_sae_once(model: torch.nn.Module, tmp_path: Path) -> None:
+    from steerlib.hf.layout import get_layout
+    from steerlib.plan import Resources, spec_of
+
+    make_sae(tmp_path / "sae")
+    layout = get_layout(model)
+    res = Resources(spec_of(model, layout.n_layers, layout.d_model))
+    c = cfg(tmp_path, {"op": "replace", "layer": 1, "sae": "sae"})
+    with steer(model, c, resources=res) as a, steer(model, c, resources=res) as b:
+        assert a.plan.ops[(1, "resid_post")][0].op.sae is b.plan.ops[(1, "resid_post")][0].op.sae  # type: ignore[attr-defined]
+    other = Resources(spec_of(tiny_model("llama", n_layers=2), 2, D))
+    with pytest.raises(ValueError, match="resources were made for"):
+        attach(model, c, resources=other)
+    assert hooks_installed(model) == 0

@@ -30,7 +30,7 @@ from steerlib.hf.targets import (
     target,
 )
 from steerlib.hf.tracker import StepState, stack_pre_hook
-from steerlib.plan import BoundOp, Plan, TokenizerLike, build_plan, spec_of
+from steerlib.plan import BoundOp, Plan, Resources, TokenizerLike, build_plan, spec_of
 from steerlib.runner import run_site
 
 _MARK = "_steerlib_hook"
@@ -63,10 +63,14 @@ def attach(
     config: SteeringConfig | Sequence[SteeringConfig | None],
     *,
     tokenizer: TokenizerLike | None = None,
+    resources: Resources | None = None,
 ) -> SteeringHandle:
-    """Install ``config`` on ``model`` (one config for every row, or one per row, None = unsteered row)."""
+    """Install ``config`` on ``model`` (one config for every row, or one per row, None = unsteered row).
+
+    ``resources`` (a :class:`~steerlib.plan.Resources` for this model) reuses vectors and SAEs already loaded.
+    """
     layout = get_layout(model)
-    plan = build_plan(config, spec_of(model, layout.n_layers, layout.d_model), tokenizer)
+    plan = build_plan(config, spec_of(model, layout.n_layers, layout.d_model), tokenizer, resources)
     handle = SteeringHandle(plan)
     state = StepState()
     try:
@@ -86,9 +90,10 @@ def steer(
     config: SteeringConfig | Sequence[SteeringConfig | None],
     *,
     tokenizer: TokenizerLike | None = None,
+    resources: Resources | None = None,
 ) -> Iterator[SteeringHandle]:
     """``with steer(model, cfg): model.generate(...)``; the hooks are gone after the block, exception or not."""
-    handle = attach(model, config, tokenizer=tokenizer)
+    handle = attach(model, config, tokenizer=tokenizer, resources=resources)
     try:
         yield handle
     finally:
