@@ -1,0 +1,155 @@
+"""Detector-gated refusal for a model: fit a harmfulness probe on training splits, ship it as a ``refuse`` config.
+
+    python -m evals.recipes.detector --out steerlib_presets/refusal_detector [--model NAME] [--max-fpr 0.02]
+
+Steps (all on the ``train`` halves of the benchmark splits, so every reported number is on prompts the detector
+never saw): record the last-prompt-token activation at several layers, fit a logistic probe per layer on a
+fitting part, pick the layer with the best AUC on a validation part, refit on all training prompts, and set the
+threshold so that at most ``max_fpr`` of the training harmless prompts (benign, paired-benign and over-refusal
+sets together) fire. The config answers a flagged prompt with a fixed refusal (``op: refuse``); ``report.json``
+holds the held-out ROC AUC and the true / false positive rates per dataset at the shipped threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from evals.datasets import Prompt, in_train, load_dataset, split
+from evals.recipes.activations import last_token_activations
+from evals.recipes.probe import LinearProbe, fit_probe, rate_above, roc_auc, threshold_at_fpr
+from steerlib.config import DEFAULT_REFUSAL
+from steerlib.vectors import SteeringVector
+
+log = logging.getLogger(__name__)
+
+HARMFUL = ("harmbench", "advbench", "donotanswer", "harmful_probes")
+HARMLESS = ("harmless_probes", "rho_benign", "rho_overrefusal")
+LAYERS = (6, 9, 12, 15, 18, 21)
+
+
+@dataclass(frozen=True)
+class Sets:
+    """Prompts by dataset name, for one part of the split."""
+
+    harmful: dict[str, list[Prompt]]
+    harmless: dict[str, list[Prompt]]
+
+    def texts(self, kind: str) -> list[str]:
+        return [p.text for ps in getattr(self, kind).values() for p in ps]
+
+
+def load_sets(part: str, cap: int | None) -> Sets:
+    def take(name: str) -> list[Prompt]:
+        ps = split(load_dataset(name), part)  # type: ignore[arg-type]
+        return ps if cap is None else ps[:cap]
+
+    return Sets({n: take(n) for n in HARMFUL}, {n: take(n) for n in HARMLESS})
+
+
+def _fit_val(pos: Tensor, neg: Tensor, pos_text: list[str], neg_text: list[str]) -> float:
+    """AUC on a validation part of the training prompts, fitting on the rest."""
+    fp = torch.tensor([in_train(t, salt="detector-fit") for t in pos_text])
+    fn = torch.tensor([in_train(t, salt="detector-fit") for t in neg_text])
+    probe = fit_probe(pos[fp], neg[fn])
+    return roc_auc(probe.scores(pos[~fp]), probe.scores(neg[~fn]))
+
+
+def choose_layer(acts_pos: dict[int, Tensor], acts_neg: dict[int, Tensor], train: Sets) -> tuple[int, dict[int, float]]:
+    val = {
+        layer: _fit_val(acts_pos[layer], acts_neg[layer], train.texts("harmful"), train.texts("harmless"))
+        for layer in acts_pos
+    }
+    return max(val, key=lambda k: val[k]), val
+
+
+def heldout_report(
+    model: nn.Module, tok: Any, probe: LinearProbe, layer: int, threshold: float, held: Sets, batch_size: int
+) -> dict[str, Any]:
+    def scores(prompts: list[Prompt]) -> Tensor:
+        acts = last_token_activations(model, tok, [p.text for p in prompts], [layer], batch_size=batch_size)
+        return probe.scores(acts[layer])
+
+    pos = {n: scores(ps) for n, ps in held.harmful.items()}
+    neg = {n: scores(ps) for n, ps in held.harmless.items()}
+    all_pos, all_neg = torch.cat(list(pos.values())), torch.cat(list(neg.values()))
+    return {
+        "roc_auc": roc_auc(all_pos, all_neg),
+        "true_positive_rate": {n: rate_above(s, threshold) for n, s in pos.items()}
+        | {"all": rate_above(all_pos, threshold)},
+        "false_positive_rate": {n: rate_above(s, threshold) for n, s in neg.items()}
+        | {"all": rate_above(all_neg, threshold)},
+        "n": {n: len(s) for n, s in (pos | neg).items()},
+    }
+
+
+CONFIG = """\
+# Detector-gated refusal, built by `python -m evals.recipes.detector`: a logistic probe on the last prompt token at
+# layer {layer} flags harmful requests; a flagged request is answered with a fixed refusal instead of generating.
+# Held-out ROC AUC {auc:.4f}; see report.json for true / false positive rates per dataset.
+interventions:
+  - layer: {layer}
+    op: refuse
+    name: harm-probe-l{layer}
+    message: "{message}"
+    apply:
+      when: {{vector: vectors/harm_probe_l{layer}.safetensors, metric: dot, above: {above:.6f}, scope: prompt}}
+"""
+
+
+def build(model: nn.Module, tok: Any, out: Path, *, max_fpr: float, cap: int | None, batch_size: int) -> dict[str, Any]:
+    train, held = load_sets("train", cap), load_sets("heldout", cap)
+    acts_pos = last_token_activations(model, tok, train.texts("harmful"), LAYERS, batch_size=batch_size, progress=True)
+    acts_neg = last_token_activations(model, tok, train.texts("harmless"), LAYERS, batch_size=batch_size, progress=True)
+    layer, val_auc = choose_layer(acts_pos, acts_neg, train)
+    probe = fit_probe(acts_pos[layer], acts_neg[layer])
+    threshold = threshold_at_fpr(probe.scores(acts_neg[layer]), max_fpr)
+    heldout = heldout_report(model, tok, probe, layer, threshold, held, batch_size)
+    report: dict[str, Any] = {
+        "layer": layer,
+        "validation_auc_by_layer": val_auc,
+        "threshold": threshold,
+        "max_train_fpr": max_fpr,
+        "train_sizes": {"harmful": len(acts_pos[layer]), "harmless": len(acts_neg[layer])},
+        "heldout": heldout,
+    }
+    (out / "vectors").mkdir(parents=True, exist_ok=True)
+    SteeringVector.single(
+        probe.weight_D, method="logistic_probe", layer=layer, bias=probe.bias, site="resid_post"
+    ).save(out / f"vectors/harm_probe_l{layer}.safetensors")
+    (out / "refuse.yaml").write_text(
+        CONFIG.format(
+            layer=layer, message=DEFAULT_REFUSAL, above=threshold - probe.bias, auc=report["heldout"]["roc_auc"]
+        )
+    )
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    ap.add_argument("--out", type=Path, required=True, help="folder for refuse.yaml, vectors/ and report.json")
+    ap.add_argument("--model", default=None, help="HF hub id or local folder (default: the embedded model)")
+    ap.add_argument("--max-fpr", type=float, default=0.02, help="false-positive budget on training harmless prompts")
+    ap.add_argument("--cap", type=int, default=None, help="at most this many prompts per dataset and split")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(args.threads)
+    from steerlib import load_model
+
+    model, tok = load_model(args.model)
+    report = build(model, tok, args.out, max_fpr=args.max_fpr, cap=args.cap, batch_size=args.batch_size)
+    print(json.dumps(report["heldout"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
