@@ -36,3 +36,28 @@ def test_probe_recovers_a_planted_direction() -> None:
     assert roc_auc(probe.scores(pos[200:]), probe.scores(neg[200:])) > 0.99
     # the bias is folded into raw activations: the midpoint between the classes scores about 0
     assert abs(float(probe.scores(offset[None])[0])) < 0.5
+
+
+def test_detector_choice_picks_the_informative_layer_and_an_honest_threshold() -> None:
+    from evals.datasets import Prompt
+    from evals.recipes.detector import Sets, choose
+    from evals.recipes.probe import out_of_fold_scores
+
+    g = torch.Generator().manual_seed(1)
+    n = 120
+    harmful = [Prompt(f"h/{i}", f"harmful request {i}", "h") for i in range(n)]
+    harmless = [Prompt(f"b/{i}", f"benign request {i}", "b") for i in range(n)]
+    sets = Sets({"h": harmful}, {"b": harmless})
+    d = torch.randn(16, generator=g)
+    noise = {layer: (torch.randn(n, 16, generator=g), torch.randn(n, 16, generator=g)) for layer in (3, 7)}
+    acts_pos = {3: noise[3][0], 7: noise[7][0] + 1.5 * d}  # only layer 7 carries the signal
+    acts_neg = {3: noise[3][1], 7: noise[7][1] - 1.5 * d}
+    choice, grid = choose(acts_pos, acts_neg, sets, max_fpr=0.05)
+    assert choice.layer == 7 and choice.auc > 0.95
+    assert max(v for k, v in grid.items() if k.startswith("layer 3")) < 0.75
+    from evals.recipes.detector import fold_of
+
+    fp = torch.tensor([fold_of(p.text, 5) for p in harmful])
+    fn = torch.tensor([fold_of(p.text, 5) for p in harmless])
+    _, s_neg = out_of_fold_scores(acts_pos[7], acts_neg[7], fp, fn, l2=choice.l2, folds=5)
+    assert rate_above(s_neg, choice.threshold) <= 0.05

@@ -1,8 +1,16 @@
-"""Activations at the last prompt token of chat-rendered prompts, at several layers in one pass per batch."""
+"""Activations at the last prompt token of chat-rendered prompts, at several layers in one pass per batch.
+
+Results can be cached on disk (keyed by the model, site, layers, system prompt and prompt texts), so a recipe
+that is re-run with other probe settings does not run the model again.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,3 +43,33 @@ def last_token_activations(
         for layer in layers:
             chunks[layer].append(rec[(layer, site)])
     return {layer: torch.cat(c) for layer, c in chunks.items()}
+
+
+def cached_last_token_activations(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    layers: Sequence[int],
+    cache_dir: Path,
+    **kwargs: Any,
+) -> dict[int, Tensor]:
+    """:func:`last_token_activations`, stored under ``cache_dir`` and reused when the same inputs come again."""
+    key_src = json.dumps(
+        [
+            getattr(model.config, "name_or_path", ""),
+            list(layers),
+            list(prompts),
+            kwargs.get("site"),
+            kwargs.get("system"),
+        ]
+    )
+    path = cache_dir / f"{hashlib.sha256(key_src.encode()).hexdigest()[:24]}.pt"
+    if path.is_file():
+        cached: dict[int, Tensor] = torch.load(path, weights_only=True)
+        return cached
+    acts = last_token_activations(model, tokenizer, prompts, layers, **kwargs)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(acts, tmp)
+    os.replace(tmp, path)
+    return acts

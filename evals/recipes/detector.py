@@ -13,6 +13,7 @@ holds the held-out ROC AUC and the true / false positive rates per dataset at th
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -22,9 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from evals.datasets import Prompt, in_train, load_dataset, split
-from evals.recipes.activations import last_token_activations
-from evals.recipes.probe import LinearProbe, fit_probe, rate_above, roc_auc, threshold_at_fpr
+from evals.datasets import Prompt, in_train, load_dataset, load_mmlu, split
+from evals.recipes.activations import cached_last_token_activations
+from evals.recipes.probe import LinearProbe, fit_probe, out_of_fold_scores, rate_above, roc_auc, threshold_at_fpr
 from steerlib.config import DEFAULT_REFUSAL
 from steerlib.vectors import SteeringVector
 
@@ -32,7 +33,10 @@ log = logging.getLogger(__name__)
 
 HARMFUL = ("harmbench", "advbench", "donotanswer", "harmful_probes")
 HARMLESS = ("harmless_probes", "rho_benign", "rho_overrefusal")
+EXTRA_HARMLESS_TRAIN = ("mmlu_questions",)
+"""Benign questions added to the harmless training prompts only (never scored): more varied benign text."""
 LAYERS = (6, 9, 12, 15, 18, 21)
+L2_GRID = (1e-2, 1e-1, 1.0)
 
 
 @dataclass(frozen=True)
@@ -46,35 +50,64 @@ class Sets:
         return [p.text for ps in getattr(self, kind).values() for p in ps]
 
 
-def load_sets(part: str, cap: int | None) -> Sets:
+def load_sets(part: str, cap: int | None, *, extra_harmless: int = 0) -> Sets:
     def take(name: str) -> list[Prompt]:
         ps = split(load_dataset(name), part)  # type: ignore[arg-type]
         return ps if cap is None else ps[:cap]
 
-    return Sets({n: take(n) for n in HARMFUL}, {n: take(n) for n in HARMLESS})
+    harmless = {n: take(n) for n in HARMLESS}
+    if extra_harmless:
+        questions = [q for q in load_mmlu() if in_train(q.question)][:extra_harmless]
+        harmless["mmlu_questions"] = [Prompt(q.id, q.question, "mmlu") for q in questions]
+    return Sets({n: take(n) for n in HARMFUL}, harmless)
 
 
-def _fit_val(pos: Tensor, neg: Tensor, pos_text: list[str], neg_text: list[str]) -> float:
-    """AUC on a validation part of the training prompts, fitting on the rest."""
-    fp = torch.tensor([in_train(t, salt="detector-fit") for t in pos_text])
-    fn = torch.tensor([in_train(t, salt="detector-fit") for t in neg_text])
-    probe = fit_probe(pos[fp], neg[fn])
-    return roc_auc(probe.scores(pos[~fp]), probe.scores(neg[~fn]))
+def fold_of(text: str, folds: int) -> int:
+    """A fixed fold per prompt (hash of its text), so runs are reproducible."""
+    return int.from_bytes(hashlib.sha256(("detector-fold\x00" + text).encode()).digest()[:4], "big") % folds
 
 
-def choose_layer(acts_pos: dict[int, Tensor], acts_neg: dict[int, Tensor], train: Sets) -> tuple[int, dict[int, float]]:
-    val = {
-        layer: _fit_val(acts_pos[layer], acts_neg[layer], train.texts("harmful"), train.texts("harmless"))
-        for layer in acts_pos
-    }
-    return max(val, key=lambda k: val[k]), val
+@dataclass(frozen=True)
+class Choice:
+    layer: int
+    l2: float
+    auc: float
+    threshold: float
+    """At most ``max_fpr`` of the out-of-fold harmless training scores are above it."""
+
+
+def choose(
+    acts_pos: dict[int, Tensor], acts_neg: dict[int, Tensor], train: Sets, max_fpr: float, folds: int = 5
+) -> tuple[Choice, dict[str, float]]:
+    """Layer and regularisation by out-of-fold AUC on the training prompts; threshold from out-of-fold scores."""
+    fp = torch.tensor([fold_of(t, folds) for t in train.texts("harmful")])
+    fn = torch.tensor([fold_of(t, folds) for t in train.texts("harmless")])
+    grid: dict[str, float] = {}
+    best: Choice | None = None
+    for layer in acts_pos:
+        for l2 in L2_GRID:
+            s_pos, s_neg = out_of_fold_scores(acts_pos[layer], acts_neg[layer], fp, fn, l2=l2, folds=folds)
+            auc = roc_auc(s_pos, s_neg)
+            grid[f"layer {layer}, l2 {l2}"] = auc
+            if best is None or auc > best.auc:
+                best = Choice(layer, l2, auc, threshold_at_fpr(s_neg, max_fpr))
+    assert best is not None
+    return best, grid
 
 
 def heldout_report(
-    model: nn.Module, tok: Any, probe: LinearProbe, layer: int, threshold: float, held: Sets, batch_size: int
+    model: nn.Module,
+    tok: Any,
+    probe: LinearProbe,
+    layer: int,
+    threshold: float,
+    held: Sets,
+    cache: Path,
+    batch_size: int,
 ) -> dict[str, Any]:
     def scores(prompts: list[Prompt]) -> Tensor:
-        acts = last_token_activations(model, tok, [p.text for p in prompts], [layer], batch_size=batch_size)
+        texts = [p.text for p in prompts]
+        acts = cached_last_token_activations(model, tok, texts, LAYERS, cache, batch_size=batch_size)
         return probe.scores(acts[layer])
 
     pos = {n: scores(ps) for n, ps in held.harmful.items()}
@@ -104,17 +137,22 @@ interventions:
 """
 
 
-def build(model: nn.Module, tok: Any, out: Path, *, max_fpr: float, cap: int | None, batch_size: int) -> dict[str, Any]:
-    train, held = load_sets("train", cap), load_sets("heldout", cap)
-    acts_pos = last_token_activations(model, tok, train.texts("harmful"), LAYERS, batch_size=batch_size, progress=True)
-    acts_neg = last_token_activations(model, tok, train.texts("harmless"), LAYERS, batch_size=batch_size, progress=True)
-    layer, val_auc = choose_layer(acts_pos, acts_neg, train)
-    probe = fit_probe(acts_pos[layer], acts_neg[layer])
-    threshold = threshold_at_fpr(probe.scores(acts_neg[layer]), max_fpr)
-    heldout = heldout_report(model, tok, probe, layer, threshold, held, batch_size)
+def build(
+    model: nn.Module, tok: Any, out: Path, *, max_fpr: float, cap: int | None, batch_size: int, extra_harmless: int
+) -> dict[str, Any]:
+    train, held = load_sets("train", cap, extra_harmless=extra_harmless), load_sets("heldout", cap)
+    cache = out / ".activations"
+    kw: dict[str, Any] = {"batch_size": batch_size, "progress": True}
+    acts_pos = cached_last_token_activations(model, tok, train.texts("harmful"), LAYERS, cache, **kw)
+    acts_neg = cached_last_token_activations(model, tok, train.texts("harmless"), LAYERS, cache, **kw)
+    choice, grid = choose(acts_pos, acts_neg, train, max_fpr)
+    layer, threshold = choice.layer, choice.threshold
+    probe = fit_probe(acts_pos[layer], acts_neg[layer], l2=choice.l2)
+    heldout = heldout_report(model, tok, probe, layer, threshold, held, cache, batch_size)
     report: dict[str, Any] = {
         "layer": layer,
-        "validation_auc_by_layer": val_auc,
+        "l2": choice.l2,
+        "out_of_fold_auc": grid,
         "threshold": threshold,
         "max_train_fpr": max_fpr,
         "train_sizes": {"harmful": len(acts_pos[layer]), "harmless": len(acts_neg[layer])},
@@ -140,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-fpr", type=float, default=0.02, help="false-positive budget on training harmless prompts")
     ap.add_argument("--cap", type=int, default=None, help="at most this many prompts per dataset and split")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--extra-harmless", type=int, default=300, help="MMLU questions added to harmless training")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
@@ -147,7 +186,15 @@ def main(argv: list[str] | None = None) -> None:
     from steerlib import load_model
 
     model, tok = load_model(args.model)
-    report = build(model, tok, args.out, max_fpr=args.max_fpr, cap=args.cap, batch_size=args.batch_size)
+    report = build(
+        model,
+        tok,
+        args.out,
+        max_fpr=args.max_fpr,
+        cap=args.cap,
+        batch_size=args.batch_size,
+        extra_harmless=args.extra_harmless,
+    )
     print(json.dumps(report["heldout"], indent=2))
 
 

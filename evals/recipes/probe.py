@@ -63,3 +63,15 @@ def threshold_at_fpr(neg_scores: Tensor, max_fpr: float) -> float:
 
 def rate_above(scores: Tensor, threshold: float) -> float:
     return float((scores > threshold).double().mean()) if len(scores) else float("nan")
+
+
+def out_of_fold_scores(
+    pos_ND: Tensor, neg_ND: Tensor, fold_pos: Tensor, fold_neg: Tensor, *, l2: float, folds: int
+) -> tuple[Tensor, Tensor]:
+    """Every example scored by a probe fitted without its fold: honest scores to pick settings and thresholds on."""
+    s_pos, s_neg = torch.empty(len(pos_ND)), torch.empty(len(neg_ND))
+    for k in range(folds):
+        probe = fit_probe(pos_ND[fold_pos != k], neg_ND[fold_neg != k], l2=l2)
+        s_pos[fold_pos == k] = probe.scores(pos_ND[fold_pos == k])
+        s_neg[fold_neg == k] = probe.scores(neg_ND[fold_neg == k])
+    return s_pos, s_neg
