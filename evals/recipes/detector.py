@@ -5,8 +5,8 @@
 Steps (all on the ``train`` halves of the benchmark splits, so every reported number is on prompts the detector
 never saw): record the last-prompt-token activation at several layers, fit a logistic probe per layer on a
 fitting part, pick the layer with the best AUC on a validation part, refit on all training prompts, and set the
-threshold so that at most ``max_fpr`` of the training harmless prompts (benign, paired-benign and over-refusal
-sets together) fire. The config answers a flagged prompt with a fixed refusal (``op: refuse``); ``report.json``
+threshold so that at most ``max_fpr`` of each training harmless set (benign, paired-benign, over-refusal) fires,
+scored out of fold. The config answers a flagged prompt with a fixed refusal (``op: refuse``); ``report.json``
 holds the held-out ROC AUC and the true / false positive rates per dataset at the shipped threshold.
 """
 
@@ -36,7 +36,7 @@ HARMLESS = ("harmless_probes", "rho_benign", "rho_overrefusal")
 EXTRA_HARMLESS_TRAIN = ("mmlu_questions",)
 """Benign questions added to the harmless training prompts only (never scored): more varied benign text."""
 LAYERS = (6, 9, 12, 15, 18, 21)
-L2_GRID = (1e-2, 1e-1, 1.0)
+L2_GRID = (1e-3, 1e-2, 1e-1)
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,14 @@ class Choice:
 def choose(
     acts_pos: dict[int, Tensor], acts_neg: dict[int, Tensor], train: Sets, max_fpr: float, folds: int = 5
 ) -> tuple[Choice, dict[str, float]]:
-    """Layer and regularisation by out-of-fold AUC on the training prompts; threshold from out-of-fold scores."""
+    """Layer and regularisation by out-of-fold AUC on the training prompts; threshold from out-of-fold scores.
+
+    The threshold keeps every scored harmless set (not only their union) within ``max_fpr``: a large easy set
+    (the extra benign questions) must not buy a loose threshold for the hard ones (over-refusal prompts).
+    """
     fp = torch.tensor([fold_of(t, folds) for t in train.texts("harmful")])
     fn = torch.tensor([fold_of(t, folds) for t in train.texts("harmless")])
+    set_of = [name for name, ps in train.harmless.items() for _ in ps]
     grid: dict[str, float] = {}
     best: Choice | None = None
     for layer in acts_pos:
@@ -90,7 +95,12 @@ def choose(
             auc = roc_auc(s_pos, s_neg)
             grid[f"layer {layer}, l2 {l2}"] = auc
             if best is None or auc > best.auc:
-                best = Choice(layer, l2, auc, threshold_at_fpr(s_neg, max_fpr))
+                per_set = [
+                    threshold_at_fpr(s_neg[torch.tensor([n == name for n in set_of])], max_fpr)
+                    for name in train.harmless
+                    if name not in EXTRA_HARMLESS_TRAIN
+                ]
+                best = Choice(layer, l2, auc, max(per_set))
     assert best is not None
     return best, grid
 
@@ -175,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--out", type=Path, required=True, help="folder for refuse.yaml, vectors/ and report.json")
     ap.add_argument("--model", default=None, help="HF hub id or local folder (default: the embedded model)")
-    ap.add_argument("--max-fpr", type=float, default=0.02, help="false-positive budget on training harmless prompts")
+    ap.add_argument("--max-fpr", type=float, default=0.04, help="false-positive budget per harmless training set")
     ap.add_argument("--cap", type=int, default=None, help="at most this many prompts per dataset and split")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--extra-harmless", type=int, default=300, help="MMLU questions added to harmless training")
