@@ -1,0 +1,58 @@
+"""``python -m servers [--model NAME_OR_PATH] [--presets DIR] [--host H] [--port P] [--config server.yaml] ...``
+
+Flags beat ``STEERLIB_SERVER_*`` environment variables, which beat the YAML file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from servers.settings import ServerSettings, load_settings
+
+log = logging.getLogger("servers")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[dict[str, Any], Path | None]:
+    p = argparse.ArgumentParser(prog="python -m servers", description="OpenAI-compatible steered generation server")
+    p.add_argument("--config", type=Path, help="YAML settings file (keys as the long flags, with underscores)")
+    for name, f in ServerSettings.model_fields.items():
+        if name == "default_presets":
+            p.add_argument("--default-presets", nargs="*", help=f.description)
+        else:
+            p.add_argument(f"--{name.replace('_', '-')}", help=f.description)
+    args = vars(p.parse_args(argv))
+    config = args.pop("config")
+    return {k: v for k, v in args.items() if v is not None}, config
+
+
+def main(argv: list[str] | None = None) -> None:
+    flags, config = parse_args(argv)
+    settings = load_settings(flags, config)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+    import uvicorn
+
+    import steerlib
+    from servers.app import create_app
+    from steerlib.hf.loading import EMBEDDED_NAME
+
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+    model, tokenizer = steerlib.load_model(settings.model)
+    name = settings.model_name or (EMBEDDED_NAME if settings.model is None else Path(settings.model).name)
+    app = create_app(settings, model, tokenizer, name)
+    # uvicorn waits this long for open connections on shutdown, then the lifespan cancels what is left.
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The FastAPI app: routes, auth, metrics, error shape, and the engine's lifespan (start, then graceful stop).
+
+``create_app(settings, model, tokenizer)`` takes an already loaded model so tests can serve a tiny one;
+``python -m servers`` loads the configured model and calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from torch import nn
+
+from servers import features, routes_openai, routes_steering
+from servers.errors import ApiError, install_error_handlers
+from servers.metrics import Metrics
+from servers.settings import ServerSettings
+from servers.state import ServerState, build_state, state_of
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ServerSettings, model: nn.Module, tokenizer: Any, model_name: str) -> FastAPI:
+    """An app serving ``model``; the engine thread starts and stops with the app's lifespan."""
+    state = build_state(settings, model, tokenizer, model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.engine.start()
+        log.info("serving %s", model_name)
+        try:
+            yield
+        finally:
+            await state.engine.shutdown(settings.shutdown_grace_s)
+            log.info("engine stopped")
+
+    app = FastAPI(title="steerlib server", version="0.1.0", lifespan=lifespan)
+    app.state.steerlib = state
+    install_error_handlers(app)
+    auth = [Depends(_require_key)]
+    for router in (routes_openai.router, routes_steering.router, features.router):
+        app.include_router(router, dependencies=auth)
+    app.add_api_route("/health", _health, methods=["GET"])
+    app.add_api_route("/metrics", _metrics, methods=["GET"])
+    app.add_middleware(_CountRequests, metrics=state.metrics)
+    return app
+
+
+async def _require_key(request: Request) -> None:
+    key = state_of(request).settings.api_key
+    if key is None:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
+        raise ApiError(
+            401,
+            "invalid or missing API key (Authorization: Bearer <key>)",
+            type="authentication_error",
+            code="invalid_api_key",
+        )
+
+
+async def _health(request: Request) -> dict[str, Any]:
+    st: ServerState = state_of(request)
+    return {"status": "ok", "model": st.model_name, "queue_depth": st.engine.queue_depth}
+
+
+async def _metrics(request: Request) -> Response:
+    return Response(state_of(request).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+class _CountRequests:
+    """Pure ASGI middleware (unlike ``@app.middleware("http")`` it leaves streaming and disconnects alone):
+    requests by route and status, and latency to the start of the response."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+
+        async def send_counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                endpoint = getattr(scope.get("route"), "path", "other")
+                self.metrics.requests.labels(endpoint=endpoint, status=str(message["status"])).inc()
+                self.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)
+            await send(message)
+
+        await self.app(scope, receive, send_counted)

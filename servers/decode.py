@@ -1,0 +1,105 @@
+"""One batch of requests decoded together: one forward per step over all rows, each row with its own steering.
+
+The prompts are left padded; ``steerlib.steer(model, [cfg_or_None per row])`` installs every row's steering for the
+whole batch; the loop calls the model with ``input_ids``, ``attention_mask``, ``position_ids`` and the KV cache
+just as ``generate`` does, so steerlib's hooks see prompt and generated tokens correctly. Each row samples with its
+own parameters and stops on its own (EOS, stop sequence, ``max_tokens``, cancellation); a finished row stays in the
+batch (its outputs are ignored) because steerlib's per-row plan is bound to the batch's rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from servers.jobs import Finished, GenRequest
+from servers.sampling import RowSampler, TextTracker
+from steerlib.extract.activations import left_pad, model_device
+from steerlib.hf.hooks import steer
+from steerlib.plan import Resources, TokenizerLike
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Row:
+    req: GenRequest
+    sampler: RowSampler
+    tracker: TextTracker
+    eos_ids: frozenset[int]
+    text: list[str] = field(default_factory=list)
+    n_new: int = 0
+    last: int = 0
+    done: bool = False
+
+    def step(self, logits_V: Tensor) -> int:
+        """Choose this row's next token; emit its text; decide whether the row is finished."""
+        if self.done:
+            return self.last
+        if self.req.cancelled.is_set():
+            self._finish("cancelled")
+            return self.last
+        self.last = self.sampler.choose(logits_V)
+        self.n_new += 1
+        if self.last in self.eos_ids:
+            self._finish("stop")
+            return self.last
+        self._emit(self.tracker.push(self.last))
+        if self.tracker.stopped:
+            self._finish("stop")
+        elif self.n_new >= self.req.params.max_tokens:
+            self._emit(self.tracker.flush())
+            self._finish("length")
+        return self.last
+
+    def _emit(self, delta: str) -> None:
+        if delta:
+            self.text.append(delta)
+            self.req.emit(delta)
+
+    def _finish(self, reason: str) -> None:
+        if reason == "stop" and not self.tracker.stopped:
+            self._emit(self.tracker.flush())
+        self.done = True
+        self.req.emit(Finished("".join(self.text), reason, len(self.req.prompt_ids), self.n_new))
+
+
+def run_batch(
+    model: nn.Module,
+    tokenizer: TokenizerLike,
+    reqs: Sequence[GenRequest],
+    eos_ids: frozenset[int],
+    pad_id: int,
+    resources: Resources | None = None,
+) -> int:
+    """Decode ``reqs`` to the end; every request gets its deltas and one Finished event. Returns decode steps."""
+    rows = [_Row(r, RowSampler(r.params), TextTracker(tokenizer, r.params.stop), eos_ids) for r in reqs]
+    device = model_device(model)
+    ids_BT, mask_BT = left_pad([r.prompt_ids for r in reqs], pad_id, device)
+    configs = [r.steering for r in reqs]
+    steps = 0
+    with ExitStack() as stack, torch.no_grad():
+        if any(c is not None for c in configs):
+            stack.enter_context(steer(model, configs, tokenizer=tokenizer, resources=resources))
+        pos_BT = (mask_BT.cumsum(-1) - 1).clamp_min(0)
+        out = model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT, use_cache=True)
+        while True:
+            logits_BV = out.logits[:, -1, :]
+            next_B = [row.step(logits_BV[b]) for b, row in enumerate(rows)]
+            steps += 1
+            if all(row.done for row in rows):
+                return steps
+            mask_BT = torch.cat([mask_BT, mask_BT.new_ones(len(rows), 1)], dim=1)
+            pos_BT = pos_BT[:, -1:] + 1
+            out = model(
+                input_ids=torch.tensor(next_B, device=device)[:, None],
+                attention_mask=mask_BT,
+                position_ids=pos_BT,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )

@@ -1,0 +1,140 @@
+"""The preset registry: a folder of named steering configs, vectors and SAEs that requests refer to by name.
+
+    presets/
+      refusal_add.yaml        # description: ... + a steerlib steering config (paths relative to this folder)
+      vectors/refusal.safetensors   # {"preset_vector": "refusal"} in an inline request
+      saes/probe/                   # {"sae": "probe"} in an inline request
+
+Every file a preset or a request reaches is resolved and checked to lie inside the folder (symlinks included), so
+neither a preset nor a client can make the server read anything else. Configs are returned with absolute paths and
+no ``base_dir``, so configs from different presets and requests can be concatenated.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from steerlib.config import AblateOp, AddOp, Condition, ReplaceOp, SaeOp, SteeringConfig
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+VECTOR_DIR, SAE_DIR = "vectors", "saes"
+
+
+class PresetError(ValueError):
+    """A preset name or file that cannot be used; the message says which and what exists."""
+
+
+class PresetInfo(BaseModel):
+    """A preset as listed by ``GET /v1/steering/presets``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="What requests put in `steering`.")
+    description: str = Field(description="What the preset does, from its file.")
+    config: dict[str, Any] = Field(description="The steering config, paths shown relative to the presets folder.")
+
+
+@dataclass(frozen=True)
+class Preset:
+    info: PresetInfo
+    config: SteeringConfig
+    """Absolute, confined paths; ``base_dir`` None."""
+
+
+def check_name(name: str, kind: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise PresetError(f"invalid {kind} name {name!r}: use letters, digits, '_', '-', '.' (no '..', max 64)")
+    return name
+
+
+class PresetRegistry:
+    """Presets loaded once from a folder; vector and SAE names resolved on demand, confined to the folder."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root.resolve() if root is not None else None
+        self._presets: dict[str, Preset] = {}
+        if self.root is not None:
+            if not self.root.is_dir():
+                raise PresetError(f"presets folder not found: {root}")
+            for path in sorted(self.root.glob("*.y*ml")):
+                self._presets[path.stem] = self._load(path)
+            log.info("loaded %d presets from %s: %s", len(self._presets), self.root, ", ".join(self._presets))
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._presets)
+
+    def infos(self) -> list[PresetInfo]:
+        return [self._presets[n].info for n in self.names]
+
+    def get(self, name: str) -> SteeringConfig:
+        if name not in self._presets:
+            valid = ", ".join(self.names) or "none (the server has no presets folder)"
+            raise PresetError(f"unknown preset {name!r}; valid presets: {valid}")
+        return self._presets[name].config
+
+    def vector(self, name: str) -> str:
+        """The absolute path of ``vectors/<name>.safetensors``."""
+        return str(self._existing(Path(VECTOR_DIR) / f"{check_name(name, 'vector')}.safetensors", "vector", name))
+
+    def sae(self, name: str) -> str:
+        """The absolute path of ``saes/<name>`` (a folder or a file)."""
+        return str(self._existing(Path(SAE_DIR) / check_name(name, "SAE"), "SAE", name))
+
+    def available(self, kind: str) -> list[str]:
+        if self.root is None:
+            return []
+        sub = self.root / (VECTOR_DIR if kind == "vector" else SAE_DIR)
+        return sorted(p.stem if kind == "vector" else p.name for p in sub.glob("*")) if sub.is_dir() else []
+
+    def confine(self, path: Path) -> Path:
+        """``path`` resolved (symlinks followed); an error unless it lies inside the presets folder."""
+        if self.root is None:
+            raise PresetError("the server has no presets folder, so no vector or SAE can be referenced by name")
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise PresetError(f"{path} is outside the presets folder")
+        return resolved
+
+    def _existing(self, rel: Path, kind: str, name: str) -> Path:
+        if self.root is None:
+            raise PresetError(f"unknown {kind} {name!r}: the server has no presets folder")
+        path = self.confine(self.root / rel)
+        if not path.exists():
+            have = ", ".join(self.available(kind)) or "none"
+            raise PresetError(f"unknown {kind} {name!r}; available: {have}")
+        return path
+
+    def _load(self, path: Path) -> Preset:
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("description"), str):
+            raise PresetError(f"{path}: a preset is a mapping with a 'description' string and 'interventions'")
+        description = data.pop("description")
+        raw = SteeringConfig.from_dict(data, base_dir=path.parent)
+        config = SteeringConfig.model_validate({"interventions": [self._absolute(iv, raw) for iv in raw.interventions]})
+        info = PresetInfo(name=check_name(path.stem, "preset"), description=description, config=data)
+        return Preset(info, config)
+
+    def _absolute(self, iv: Any, cfg: SteeringConfig) -> dict[str, Any]:
+        """One intervention as a dict whose file references are absolute and confined."""
+        out: dict[str, Any] = iv.model_dump(exclude_none=True)
+        if isinstance(iv, AddOp | AblateOp) and isinstance(iv.vector, str):
+            out["vector"] = str(self.confine(cfg.resolve(iv.vector)))
+        if isinstance(iv, SaeOp | ReplaceOp):
+            out["sae"] = str(self.confine(cfg.resolve(iv.sae)))
+        when: Condition | None = iv.apply.when
+        if when is not None:
+            if isinstance(when.vector, str):
+                out["apply"]["when"]["vector"] = str(self.confine(cfg.resolve(when.vector)))
+            if when.sae is not None:
+                out["apply"]["when"]["sae"] = str(self.confine(cfg.resolve(when.sae)))
+        return out

@@ -1,0 +1,132 @@
+"""OpenAI request and response bodies (chat completions, completions), plus the server's steering extras.
+
+Requests accept the fields OpenAI's API defines (clients send some we do not use) and reject unknown ones
+(``extra="forbid"``: a misspelt ``steering`` must not silently run unsteered). Fields that would change the answer
+in a way this server does not implement (``n > 1``, logprobs, tools, penalties, ...) are refused with a 400 by
+:func:`unsupported` rather than ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from servers.steering import SteeringField
+
+STEERING_DOC = (
+    "Steering for this request: a list of preset names, or {presets: [...], interventions: [...]} with vectors as "
+    "inline floats or {preset_vector: name} and SAEs by preset name. Omitted: the server's default presets; "
+    "[]: unsteered."
+)
+
+
+class RequestModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(RequestModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(RequestModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    refusal: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(RequestModel):
+    include_usage: bool = False
+
+
+class FeatureRequest(RequestModel):
+    """Return the SAE features most active over the response (the traits behind an answer)."""
+
+    sae: str = Field(description="Name of an SAE in the presets folder.")
+    k: int = Field(10, ge=1, le=100, description="How many features.")
+    reduce: Literal["sum", "max"] = Field("sum", description="Rank by summed or by maximal activation.")
+
+
+class SamplingRequest(RequestModel):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1)
+    user: str | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    steering: SteeringField | None = Field(None, description=STEERING_DOC)
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    modalities: list[str] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    return_features: FeatureRequest | None = Field(None, description="Top SAE features over the response.")
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int]
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+
+def unsupported(req: SamplingRequest) -> str | None:
+    """The first field set to something this server does not do, as an error message; None when all is fine."""
+    if req.n not in (None, 1):
+        return "n: only n=1 is supported"
+    if req.frequency_penalty or req.presence_penalty:
+        return "frequency_penalty / presence_penalty are not supported"
+    if req.logit_bias:
+        return "logit_bias is not supported"
+    if isinstance(req, ChatCompletionRequest):
+        if req.logprobs or req.top_logprobs:
+            return "logprobs are not supported"
+        if (
+            req.tools
+            or req.functions
+            or req.function_call not in (None, "none")
+            or req.tool_choice not in (None, "none")
+        ):
+            return "tools / function calling are not supported"
+        if req.response_format and req.response_format.get("type") != "text":
+            return "response_format: only {'type': 'text'} is supported"
+        if req.modalities and req.modalities != ["text"]:
+            return "modalities: only ['text'] is supported"
+        if req.return_features is not None and req.stream:
+            return "return_features is only available without stream"
+    if isinstance(req, CompletionRequest) and (req.echo or req.suffix or (req.best_of or 1) > 1 or req.logprobs):
+        return "echo / suffix / best_of / logprobs are not supported"
+    return None

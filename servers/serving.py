@@ -1,0 +1,160 @@
+"""The path of one generation request, shared by chat and text completions: check limits, resolve steering,
+queue, then collect the result (with a deadline) or stream it as server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+
+from servers.errors import ApiError, bad_request, error_body
+from servers.jobs import Event, Failed, Finished, GenRequest
+from servers.sampling import SamplingParams
+from servers.schemas import SamplingRequest, unsupported
+from servers.state import ServerState
+from steerlib.config import SteeringConfig
+
+_DISCONNECT_POLL_S = 0.25
+ChunkFn = Callable[[str | None, str | None], dict[str, Any]]
+"""(text delta or None, finish_reason or None) -> one chunk object."""
+
+
+def check_request(st: ServerState, body: SamplingRequest) -> None:
+    if body.model != st.model_name:
+        raise ApiError(
+            404,
+            f"model {body.model!r} not found; this server serves {st.model_name!r}",
+            type="not_found_error",
+            param="model",
+            code="model_not_found",
+        )
+    problem = unsupported(body)
+    if problem is not None:
+        raise bad_request(problem)
+
+
+def sampling_params(st: ServerState, body: SamplingRequest, max_tokens: int | None, n_prompt: int) -> SamplingParams:
+    s = st.settings
+    if max_tokens is not None and max_tokens > s.max_tokens_limit:
+        raise bad_request(f"max_tokens {max_tokens} exceeds this server's limit {s.max_tokens_limit}", "max_tokens")
+    n_new = max_tokens if max_tokens is not None else min(s.default_max_tokens, s.max_tokens_limit)
+    if n_prompt > s.max_prompt_tokens:
+        raise bad_request(f"prompt has {n_prompt} tokens; this server's limit is {s.max_prompt_tokens}", "messages")
+    if n_prompt == 0:
+        raise bad_request("the prompt is empty (0 tokens)")
+    if st.max_positions is not None and n_prompt + n_new > st.max_positions:
+        raise bad_request(
+            f"prompt ({n_prompt} tokens) + max_tokens ({n_new}) exceeds the model's context of {st.max_positions}",
+            "max_tokens",
+        )
+    temperature = 1.0 if body.temperature is None else body.temperature
+    top_p = 1.0 if body.top_p is None else body.top_p
+    stop = tuple(x for x in body.stop_list() if x)
+    if len(stop) > 4:
+        raise bad_request("stop: at most 4 stop sequences", "stop")
+    return SamplingParams(temperature, top_p, body.seed, n_new, stop)
+
+
+async def submit(
+    st: ServerState, prompt_ids: list[int], steering: SteeringConfig | None, params: SamplingParams
+) -> GenRequest:
+    req = GenRequest(prompt_ids, steering, params, asyncio.get_running_loop())
+    st.engine.submit(req)
+    st.metrics.prompt_tokens.inc(len(prompt_ids))
+    if steering is not None:
+        st.metrics.steered.inc()
+    return req
+
+
+async def collect(st: ServerState, req: GenRequest, http: Request) -> Finished:
+    """Wait for the request to finish (ApiError 408 after the timeout, 503 if cancelled by shutdown).
+
+    A client that hangs up stops its row: nobody would read the answer.
+    """
+    watcher = asyncio.create_task(_cancel_on_disconnect(http, req))
+    try:
+        return await _wait(st, req)
+    finally:
+        watcher.cancel()
+
+
+async def _cancel_on_disconnect(http: Request, req: GenRequest) -> None:
+    while not req.cancelled.is_set():
+        if await http.is_disconnected():
+            req.cancelled.set()
+            return
+        await asyncio.sleep(_DISCONNECT_POLL_S)
+
+
+async def _wait(st: ServerState, req: GenRequest) -> Finished:
+    try:
+        return await asyncio.wait_for(_final(st, req), st.settings.request_timeout_s)
+    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+        req.cancelled.set()
+        raise ApiError(408, f"request timed out after {st.settings.request_timeout_s:g} s", type="timeout") from None
+
+
+async def _final(st: ServerState, req: GenRequest) -> Finished:
+    async for event in req.events():
+        if isinstance(event, Failed):
+            raise ApiError(event.status, event.message, type="server_error")
+        if isinstance(event, Finished):
+            return _finished(st, event)
+    raise ApiError(500, "generation ended without a result", type="server_error")
+
+
+def _finished(st: ServerState, fin: Finished) -> Finished:
+    if fin.finish_reason == "cancelled":
+        raise ApiError(503, "the request was cancelled (server shutting down)", type="server_error")
+    st.metrics.completion_tokens.inc(fin.completion_tokens)
+    return fin
+
+
+async def stream(st: ServerState, req: GenRequest, chunk: ChunkFn, usage_chunk: ChunkFn | None) -> AsyncIterator[str]:
+    """SSE lines: one chunk per text delta, a final chunk with the finish reason, optional usage, ``[DONE]``."""
+    deadline = time.monotonic() + st.settings.request_timeout_s
+    events = req.events()
+    yield _sse(chunk("", None))
+    while True:
+        try:
+            event: Event = await asyncio.wait_for(anext(events), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            req.cancelled.set()
+            yield _sse(error_body(f"request timed out after {st.settings.request_timeout_s:g} s", "timeout"))
+            break
+        if isinstance(event, str):
+            yield _sse(chunk(event, None))
+            continue
+        if isinstance(event, Failed):
+            yield _sse(error_body(event.message, "server_error"))
+            break
+        if event.finish_reason == "cancelled":
+            yield _sse(error_body("the request was cancelled (server shutting down)", "server_error"))
+            break
+        st.metrics.completion_tokens.inc(event.completion_tokens)
+        yield _sse(chunk(None, event.finish_reason))
+        if usage_chunk is not None:
+            yield _sse(usage_chunk(None, None) | {"usage": usage(event)})
+        break
+    yield "data: [DONE]\n\n"
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def usage(fin: Finished) -> dict[str, int]:
+    return {
+        "prompt_tokens": fin.prompt_tokens,
+        "completion_tokens": fin.completion_tokens,
+        "total_tokens": fin.prompt_tokens + fin.completion_tokens,
+    }
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"

@@ -1,0 +1,69 @@
+"""Server settings: command-line flags beat ``STEERLIB_SERVER_*`` environment variables, which beat a YAML file.
+
+Unknown keys are errors at every level (a typo in ``server.yaml`` stops the server rather than being ignored).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class ServerSettings(BaseSettings):
+    """Everything the server can be told; every field can be a flag, an env variable or a YAML key."""
+
+    model_config = SettingsConfigDict(env_prefix="STEERLIB_SERVER_", extra="forbid", frozen=True)
+
+    model: str | None = Field(None, description="Model folder, hub id or PEFT adapter; None = embedded SmolLM2.")
+    model_name: str | None = Field(
+        None, description="The id clients pass as `model` (default: the model folder's name, or the embedded name)."
+    )
+    presets: Path | None = Field(None, description="Folder of steering presets (YAML configs, vectors/, saes/).")
+    default_presets: list[str] = Field(
+        default_factory=list, description="Presets applied when a request has no `steering` field."
+    )
+    host: str = Field("127.0.0.1", description="Interface to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port.")
+    api_key: str | None = Field(None, description="If set, requests need `Authorization: Bearer <api_key>`.")
+    max_batch: int = Field(16, ge=1, le=256, description="Most requests decoded together in one batch.")
+    batch_wait_ms: float = Field(5.0, ge=0, description="How long the worker waits for more requests to batch.")
+    max_queue: int = Field(64, ge=1, description="Requests waiting beyond this many are refused with 429.")
+    max_prompt_tokens: int = Field(2048, ge=1, description="Longest prompt accepted, in tokens.")
+    max_tokens_limit: int = Field(512, ge=1, description="Largest `max_tokens` a request may ask for.")
+    default_max_tokens: int = Field(256, ge=1, description="`max_tokens` when a request gives none.")
+    request_timeout_s: float = Field(300.0, gt=0, description="A request still unfinished after this fails (408).")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="On shutdown, in-flight requests get this long.")
+    torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads; None leaves torch's default.")
+    log_level: str = Field("info", description="Python logging level name.")
+
+
+def load_settings(flags: dict[str, Any], config_file: Path | None = None) -> ServerSettings:
+    """Settings from ``flags`` (highest priority), the environment, then ``config_file`` (YAML)."""
+    if config_file is not None and not config_file.is_file():
+        raise FileNotFoundError(f"server config file not found: {config_file}")
+
+    class _WithFile(ServerSettings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+            if config_file is not None:
+                sources += (YamlConfigSettingsSource(settings_cls, yaml_file=config_file),)
+            return sources
+
+    merged = _WithFile(**{k: v for k, v in flags.items() if v is not None})
+    return ServerSettings.model_validate(merged.model_dump())

@@ -1,0 +1,76 @@
+"""Everything a request handler needs, built once per app: settings, model facts, presets, steering, engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from torch import nn
+
+from servers.engine import Engine, EngineLimits
+from servers.metrics import Metrics
+from servers.registry import PresetRegistry
+from servers.settings import ServerSettings
+from servers.steering import SteeringResolver
+from steerlib.extract.activations import pad_id_of
+from steerlib.hf.layout import get_layout
+from steerlib.plan import spec_of
+from steerlib.sae import Sae, load_sae
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    model: nn.Module
+    tokenizer: Any
+    model_name: str
+    registry: PresetRegistry
+    resolver: SteeringResolver
+    engine: Engine
+    metrics: Metrics
+    max_positions: int | None
+    vocab_size: int
+    _saes: dict[str, Sae] = field(default_factory=dict)
+
+    def sae(self, name: str) -> Sae:
+        """A preset SAE by name, loaded once (call on the engine thread: it may load weights)."""
+        if name not in self._saes:
+            self._saes[name] = load_sae(self.registry.sae(name)).eval()
+        return self._saes[name]
+
+
+def build_state(settings: ServerSettings, model: nn.Module, tokenizer: Any, model_name: str) -> ServerState:
+    layout = get_layout(model)
+    registry = PresetRegistry(settings.presets)
+    resolver = SteeringResolver(
+        registry, spec_of(model, layout.n_layers, layout.d_model), tokenizer, settings.default_presets
+    )
+    metrics = Metrics()
+    limits = EngineLimits(settings.max_batch, settings.max_queue, settings.batch_wait_ms / 1000)
+    engine = Engine(model, tokenizer, eos_ids(model, tokenizer), pad_id_of(tokenizer), limits, metrics)
+    config = getattr(model, "config", None)
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    vocab = int(getattr(config, "vocab_size", 0) or len(tokenizer))
+    return ServerState(
+        settings, model, tokenizer, model_name, registry, resolver, engine, metrics, max_pos, min(vocab, len(tokenizer))
+    )
+
+
+def eos_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
+    """End-of-sequence ids: the tokenizer's and the generation config's (which may list several)."""
+    ids: set[int] = set()
+    if isinstance(tokenizer.eos_token_id, int):
+        ids.add(tokenizer.eos_token_id)
+    gen = getattr(model, "generation_config", None)
+    configured = getattr(gen, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list):
+        ids.update(int(i) for i in configured)
+    return frozenset(ids)
+
+
+def state_of(request: Request) -> ServerState:
+    st: ServerState = request.app.state.steerlib
+    return st

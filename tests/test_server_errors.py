@@ -1,0 +1,193 @@
+"""Bad input is a 4xx in OpenAI's error shape, never a 5xx and never an unsteered answer; auth; limits; path
+confinement of preset, vector and SAE names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from test_server_support import MODEL_NAME, D, make_app, make_presets, words
+
+from servers.registry import PresetError, PresetRegistry
+
+CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": words(10, 11)}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def presets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_presets(tmp_path_factory.mktemp("presets"))
+
+
+@pytest.fixture(scope="module")
+def client(presets: Path) -> Iterator[TestClient]:
+    with TestClient(make_app(presets, max_tokens_limit=32, max_prompt_tokens=20)) as c:
+        yield c
+
+
+def add(vector: Any, **kw: Any) -> dict[str, Any]:
+    return {"interventions": [{"op": "add", "layer": 1, "vector": vector, **kw}]}
+
+
+BAD_CHAT: dict[str, dict[str, Any]] = {
+    "unknown field": CHAT | {"temprature": 0.5},
+    "misspelt steering": CHAT | {"steerin": ["push"]},
+    "no messages": {"model": MODEL_NAME, "messages": []},
+    "message without role": CHAT | {"messages": [{"content": "hi"}]},
+    "image content": CHAT | {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+    "tool role": CHAT | {"messages": [{"role": "tool", "content": "x"}]},
+    "n=2": CHAT | {"n": 2},
+    "logprobs": CHAT | {"logprobs": True},
+    "tools": CHAT | {"tools": [{"type": "function", "function": {"name": "f"}}]},
+    "penalty": CHAT | {"presence_penalty": 1.0},
+    "temperature range": CHAT | {"temperature": 3},
+    "top_p zero": CHAT | {"top_p": 0},
+    "max_tokens zero": CHAT | {"max_tokens": 0},
+    "max_tokens over limit": CHAT | {"max_tokens": 33},
+    "prompt too long": CHAT | {"messages": [{"role": "user", "content": words(*range(10, 40))}]},
+    "five stops": CHAT | {"stop": ["a", "b", "c", "d", "e"]},
+    "features with stream": CHAT | {"stream": True, "return_features": {"sae": "probe"}},
+    "features unknown sae": CHAT | {"return_features": {"sae": "nope"}},
+    "steering not a list": CHAT | {"steering": "push"},
+    "unknown preset": CHAT | {"steering": ["nope"]},
+    "preset path": CHAT | {"steering": ["../../etc/passwd"]},
+    "vector path": CHAT | {"steering": add("/etc/passwd")},
+    "preset vector path": CHAT | {"steering": add({"preset_vector": "../../../etc/passwd"})},
+    "unknown preset vector": CHAT | {"steering": add({"preset_vector": "nope"})},
+    "sae path": CHAT | {"steering": {"interventions": [{"op": "sae", "layer": 1, "sae": "/etc", "edits": []}]}},
+    "sae dotdot": CHAT | {"steering": {"interventions": [{"op": "replace", "layer": 1, "sae": "../saes/probe"}]}},
+    "layer out of range": CHAT | {"steering": {"interventions": [{"op": "ablate", "layer": 3, "vector": [1.0] * D}]}},
+    "negative layer": CHAT
+    | {"steering": add([1.0] * D) | {"interventions": [{"op": "add", "layer": -1, "vector": [1.0] * D}]}},
+    "wrong width": CHAT | {"steering": add([1.0] * (D - 1))},
+    "zero ablation": CHAT | {"steering": {"interventions": [{"op": "ablate", "layer": 1, "vector": [0.0] * D}]}},
+    "feature out of range": CHAT
+    | {
+        "steering": {
+            "interventions": [
+                {"op": "sae", "layer": 1, "sae": "probe", "edits": [{"feature": 16, "mode": "set", "value": 1.0}]}
+            ]
+        }
+    },
+    "when feature out of range": CHAT
+    | {
+        "steering": {
+            "interventions": [{"op": "sae", "layer": 1, "sae": "probe", "apply": {"when": {"feature": 99, "above": 0}}}]
+        }
+    },
+    "bad site": CHAT | {"steering": add([1.0] * D, site="resid_middle")},
+    "code in steering": CHAT | {"steering": {"interventions": [{"op": "python", "layer": 1, "code": "import os"}]}},
+    "unknown inline field": CHAT | {"steering": add([1.0] * D, hook="x")},
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CHAT))
+def test_bad_chat_requests_are_4xx_in_openai_shape(client: TestClient, name: str) -> None:
+    r = client.post("/v1/chat/completions", json=BAD_CHAT[name])
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+
+
+ONES_63 = ", ".join(["1.0"] * (D - 1))
+
+
+@pytest.mark.parametrize(
+    "fragment",
+    [
+        '"steering": {"interventions": [{"op": "add", "layer": 1, "vector": [' + ONES_63 + ", NaN]}]}",
+        '"steering": {"interventions": [{"op": "add", "layer": 1, "vector": [' + ONES_63 + ", 1.0], "
+        '"coefficient": Infinity}]}',
+        '"steering": {"interventions": [{"op": "sae", "layer": 1, "sae": "probe", '
+        '"edits": [{"feature": 1, "mode": "set", "value": NaN}]}]}',
+        '"temperature": NaN',
+        '"top_p": -Infinity',
+    ],
+)
+def test_non_finite_numbers_are_a_400(client: TestClient, fragment: str) -> None:
+    """Python's JSON parser accepts NaN and Infinity, so the server must catch them itself."""
+    body = (
+        f'{{"model": "{MODEL_NAME}", "messages": [{{"role": "user", "content": "w10"}}], "max_tokens": 2, {fragment}}}'
+    )
+    r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/completions", {"model": MODEL_NAME, "prompt": ["a", "b"]}),
+        ("/v1/completions", {"model": MODEL_NAME, "prompt": [5, 999]}),
+        ("/v1/completions", {"model": MODEL_NAME, "prompt": "w10", "echo": True}),
+        ("/v1/completions", {"model": MODEL_NAME, "prompt": "w10", "best_of": 3}),
+        ("/v1/completions", {"model": MODEL_NAME}),
+        ("/v1/completions", {"model": "gpt-4", "prompt": "w10"}),
+        ("/v1/chat/completions", "not json"),
+        ("/v1/chat/completions", [1, 2]),
+        ("/v1/features/inspect", {"sae": "nope", "prompt": "w10"}),
+        ("/v1/features/inspect", {"sae": "../saes/probe", "prompt": "w10"}),
+        ("/v1/features/inspect", {"sae": "probe", "prompt": "w10", "response": "w11", "generate_tokens": 2}),
+        ("/v1/features/inspect", {"sae": "probe", "prompt": ""}),
+        ("/v1/features/inspect", {"sae": "probe", "prompt": "w10", "steering": ["nope"]}),
+    ],
+)
+def test_other_bad_requests_are_4xx(client: TestClient, path: str, body: Any) -> None:
+    r = client.post(path, json=body) if not isinstance(body, str) else client.post(path, content=body)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert r.json()["error"]["message"]
+
+
+def test_a_good_request_passes_the_same_client(client: TestClient) -> None:
+    r = client.post("/v1/chat/completions", json=CHAT | {"steering": add({"preset_vector": "push"})})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_api_key_is_required_when_set(presets: Path) -> None:
+    with TestClient(make_app(presets, api_key="s3cret")) as c:
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 401
+        wrong = c.get("/v1/models", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+        assert c.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        ok = c.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert c.get("/health").status_code == 200  # health stays open for load balancers
+
+
+def test_default_presets_apply_unless_the_request_opts_out(presets: Path) -> None:
+    body = CHAT | {"max_tokens": 6, "temperature": 0}
+    with TestClient(make_app(presets)) as plain_app, TestClient(make_app(presets, default_presets=["push"])) as c:
+        plain = plain_app.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        pushed = plain_app.post("/v1/chat/completions", json=body | {"steering": ["push"]}).json()
+        default = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        opted_out = c.post("/v1/chat/completions", json=body | {"steering": []}).json()["choices"][0]["message"]
+    assert default == pushed["choices"][0]["message"]["content"] != plain
+    assert opted_out["content"] == plain
+
+
+def test_registry_confines_every_name(presets: Path, tmp_path: Path) -> None:
+    reg = PresetRegistry(presets)
+    for bad in ["../push", "..", "/etc/passwd", "a/b", ""]:
+        with pytest.raises(PresetError):
+            reg.vector(bad)
+        with pytest.raises(PresetError):
+            reg.sae(bad)
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(b"x")
+    (presets / "vectors" / "link.safetensors").symlink_to(outside)
+    try:
+        with pytest.raises(PresetError, match="outside the presets folder"):
+            reg.vector("link")
+    finally:
+        (presets / "vectors" / "link.safetensors").unlink()
+
+
+def test_a_preset_file_pointing_outside_the_folder_stops_the_server(tmp_path: Path) -> None:
+    make_presets(tmp_path)
+    (tmp_path / "evil.yaml").write_text(
+        "description: reads elsewhere\ninterventions:\n  - {op: add, layer: 1, vector: ../elsewhere.safetensors}\n"
+    )
+    with pytest.raises(PresetError, match="outside the presets folder"):
+        PresetRegistry(tmp_path)
