@@ -21,6 +21,7 @@ from servers.jobs import Finished, GenRequest
 from servers.sampling import RowSampler, TextTracker
 from steerlib.extract.activations import left_pad, model_device
 from steerlib.hf.hooks import steer
+from steerlib.hf.refusal import ForcedRefusal, refusals
 from steerlib.plan import Resources, TokenizerLike
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ class _Row:
     tracker: TextTracker
     eos_ids: frozenset[int]
     text: list[str] = field(default_factory=list)
+    refused_by: str | None = None
+    """The steering config's ``refuse`` detector that answered this row, if one fired on its prompt."""
     n_new: int = 0
     last: int = 0
     done: bool = False
@@ -66,7 +69,7 @@ class _Row:
         if reason == "stop" and not self.tracker.stopped:
             self._emit(self.tracker.flush())
         self.done = True
-        self.req.emit(Finished("".join(self.text), reason, len(self.req.prompt_ids), self.n_new))
+        self.req.emit(Finished("".join(self.text), reason, len(self.req.prompt_ids), self.n_new, self.refused_by))
 
 
 def run_batch(
@@ -83,13 +86,21 @@ def run_batch(
     ids_BT, mask_BT = left_pad([r.prompt_ids for r in reqs], pad_id, device)
     configs = [r.steering for r in reqs]
     steps = 0
+    forced: ForcedRefusal | None = None
     with ExitStack() as stack, torch.no_grad():
         if any(c is not None for c in configs):
-            stack.enter_context(steer(model, configs, tokenizer=tokenizer, resources=resources))
+            handle = stack.enter_context(steer(model, configs, tokenizer=tokenizer, resources=resources))
+            if handle.plan.detectors():
+                forced = ForcedRefusal(handle.plan, tokenizer)
         pos_BT = (mask_BT.cumsum(-1) - 1).clamp_min(0)
         out = model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT, use_cache=True)
+        if forced is not None:  # detectors decided on the prompts during that prefill
+            for row, refusal in refusals(forced.plan).items():
+                rows[row].refused_by = refusal.detector
         while True:
             logits_BV = out.logits[:, -1, :]
+            if forced is not None:
+                logits_BV = forced(ids_BT, logits_BV)
             next_B = [row.step(logits_BV[b]) for b, row in enumerate(rows)]
             steps += 1
             if all(row.done for row in rows):

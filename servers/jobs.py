@@ -26,6 +26,8 @@ class Finished:
     """stop | length | cancelled"""
     prompt_tokens: int
     completion_tokens: int
+    refused_by: str | None = None
+    """Name of the steering ``refuse`` detector that answered instead of the model, if one fired."""
 
 
 @dataclass(frozen=True)

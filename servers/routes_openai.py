@@ -123,6 +123,13 @@ def completion_prompt_ids(st: ServerState, prompt: str | list[str] | list[int]) 
 
 
 def _chat_response(st: ServerState, rid: str, created: int, fin: Finished) -> dict[str, Any]:
+    body = _chat_body(st, rid, created, fin)
+    if fin.refused_by is not None:  # which detector answered instead of the model
+        body["steering_refusal"] = {"detector": fin.refused_by}
+    return body
+
+
+def _chat_body(st: ServerState, rid: str, created: int, fin: Finished) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "chat.completion",
