@@ -1,0 +1,68 @@
+"""The refusal-feature-ablation attack: find the model's refusal direction and project it out everywhere.
+
+Refusal direction (Arditi et al., "Refusal in language models is mediated by a single direction", arXiv 2406.11717):
+the difference of mean activations between harmful and harmless *training* prompts at the last prompt token (after
+the chat template's assistant header) at one middle layer. Ablating it at every layer and at every site that writes
+the residual stream removes refusal; ReFAT (Yu et al., "Robust LLM safeguarding via refusal feature adversarial
+training", arXiv 2409.20089) uses exactly this ablation as the attack it trains against, and as the robustness test
+this module provides: refusal rate under the attack, for the base model and for each steered config.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from steerlib.config import SteeringConfig
+from steerlib.extract import diff_of_means
+from steerlib.hf.layout import get_layout
+
+logger = logging.getLogger(__name__)
+
+ATTACK_SITES: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
+"""Arditi et al. ablate at every layer's input and at every attention and MLP output."""
+
+
+def middle_layer(model: nn.Module) -> int:
+    return get_layout(model).n_layers // 2
+
+
+def refusal_direction(
+    model: nn.Module,
+    tokenizer: Any,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    layer: int | None = None,
+    site: str = "resid_post",
+    batch_size: int = 8,
+) -> Tensor:
+    """``mean(harmful) - mean(harmless)`` at the last prompt token of ``layer`` (default: the middle layer).
+
+    Give *training* prompts (``evals.datasets.split(..., "train")``): the direction must not see scored prompts.
+    """
+    layer = middle_layer(model) if layer is None else layer
+    vec = diff_of_means(model, tokenizer, list(harmful), list(harmless), layers=layer, site=site, batch_size=batch_size)
+    d = vec.by_layer[None]
+    logger.info(
+        "refusal direction at layer %d (%s): norm %.2f from %d + %d prompts",
+        layer,
+        site,
+        float(d.norm()),
+        len(harmful),
+        len(harmless),
+    )
+    return d
+
+
+def ablation_attack(direction: Tensor, sites: Sequence[str] = ATTACK_SITES) -> SteeringConfig:
+    """Project ``direction`` out at every layer and each of ``sites`` (all tokens)."""
+    if float(direction.norm()) == 0.0:
+        raise ValueError("cannot ablate a zero direction")
+    v = direction.detach().float().cpu().tolist()
+    return SteeringConfig.model_validate(
+        {"interventions": [{"op": "ablate", "layer": "all", "site": s, "vector": v} for s in sites]}
+    )
