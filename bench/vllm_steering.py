@@ -1,0 +1,183 @@
+"""Steering inside vLLM, side by side in one run: cost of steering, vLLM vs HF, many configs vs one.
+
+    /opt/vllm-venv/bin/python bench/vllm_steering.py [--eager] [--batch 32] [--new-tokens 32] [--repeats 2]
+
+Ratios (issue 5's targets): vLLM steered / unsteered throughput (>= 0.95); vLLM steered / HF steered at batch 32
+(>= 3); 8 distinct configs in the batch / one config (>= 0.85). Throughput is generated tokens per second, every
+request generating exactly ``--new-tokens`` (EOS ignored); the fastest of ``--repeats`` interleaved rounds after a
+warm-up. Prefix caching is off so repeats do not reuse prompts. Writes bench/results/vllm_steering.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PROMPTS = [
+    "What is a good hobby to pick up this year?",
+    "Give me three tips for a job interview.",
+    "Explain how a bicycle stays upright.",
+    "Write a short poem about autumn leaves.",
+    "How do I make a simple tomato sauce?",
+    "What are the planets of the solar system?",
+    "Summarise the plot of a classic detective story.",
+    "Why is the sky blue?",
+]
+D, LAYER = 576, 10
+
+
+def _vector(seed: int, norm: float = 8.0) -> list[float]:
+    v = torch.randn(D, generator=torch.Generator().manual_seed(seed))
+    return (v / v.norm() * norm).tolist()
+
+
+def _config(seed: int) -> dict[str, Any]:
+    return {"interventions": [{"op": "add", "layer": LAYER, "vector": _vector(seed)}]}
+
+
+def _timed(cases: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Seconds per case: a warm-up each, then ``repeats`` rounds that interleave the cases; the fastest per case.
+
+    The minimum, not the median: on a shared machine other processes only ever add time.
+    """
+    for fn in cases.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: min(ts) for name, ts in times.items()}
+
+
+def bench_vllm(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, float]:
+    import vllm
+
+    import steerlib
+    from steerlib.hf.loading import embedded_model_folder
+    from steerlib.vllm import engine_kwargs, steering_args
+
+    llm = vllm.LLM(
+        str(embedded_model_folder()),
+        dtype="float32",
+        max_model_len=512,
+        enforce_eager=args.eager,
+        enable_prefix_caching=False,
+        seed=0,
+        **engine_kwargs(),
+    )
+
+    def params(cfg: dict[str, Any] | None) -> Any:
+        extra = None if cfg is None else steering_args(steerlib.SteeringConfig.from_dict(cfg))
+        return vllm.SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True, extra_args=extra)
+
+    def run(cfgs: list[dict[str, Any] | None]) -> None:
+        llm.generate([{"prompt_token_ids": p} for p in prompts], [params(c) for c in cfgs], use_tqdm=False)
+
+    n = len(prompts)
+    try:
+        secs = _timed(
+            {
+                "vllm_unsteered": lambda: run([None] * n),
+                "vllm_steered_1cfg": lambda: run([_config(0)] * n),
+                "vllm_steered_8cfg": lambda: run([_config(i % 8) for i in range(n)]),
+            },
+            args.repeats,
+        )
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    return secs
+
+
+def bench_hf(args: argparse.Namespace, texts: list[str]) -> float:
+    import steerlib
+    from steerlib.hf.generate import generate
+
+    model, tok = steerlib.load_model()
+    cfg = steerlib.SteeringConfig.from_dict(_config(0))
+
+    def run() -> None:
+        generate(
+            model,
+            tok,
+            texts,
+            cfg,
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            chat=False,
+            batch_size=len(texts),
+        )
+
+    return _timed({"hf": run}, 1)["hf"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--eager", action="store_true", help="vLLM with enforce_eager (default: compiled)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "vllm_steering.json")
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+
+    from transformers import AutoTokenizer
+
+    from steerlib.hf.loading import embedded_model_folder
+
+    tok = AutoTokenizer.from_pretrained(str(embedded_model_folder()))
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], tokenize=False, add_generation_prompt=True
+        )
+        for i in range(args.batch)
+    ]
+    ids = [list(tok(t, add_special_tokens=False).input_ids) for t in texts]
+    secs = bench_vllm(args, ids)
+    secs["hf_steered"] = bench_hf(args, texts)
+    tokens = args.batch * args.new_tokens
+    tps = {k: tokens / v for k, v in secs.items()}
+    ratios = {
+        "vllm_steered_over_unsteered": tps["vllm_steered_1cfg"] / tps["vllm_unsteered"],
+        "vllm_steered_over_hf_steered": tps["vllm_steered_1cfg"] / tps["hf_steered"],
+        "vllm_8cfg_over_1cfg": tps["vllm_steered_8cfg"] / tps["vllm_steered_1cfg"],
+    }
+    result = {
+        "settings": {
+            **vars(args),
+            "out": str(args.out),
+            "torch_threads_hf": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "torch": torch.__version__,
+        },
+        "seconds": secs,
+        "tokens_per_second": tps,
+        "ratios": ratios,
+        "targets": {
+            "vllm_steered_over_unsteered": 0.95,
+            "vllm_steered_over_hf_steered": 3.0,
+            "vllm_8cfg_over_1cfg": 0.85,
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    for k, v in tps.items():
+        print(f"{k:24s} {v:8.1f} tok/s")
+    for k, v in ratios.items():
+        print(f"{k:32s} {v:6.2f}  (target {result['targets'][k]})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""steerlib inside vLLM: per-request steering and SAE edits in vLLM's own engine, through its extension points.
+
+Importing this package does not import vLLM; its modules that do are loaded by vLLM itself (the plugin entry point,
+``logits_processors`` and ``scheduler_cls``) or on first use. What each piece does:
+
+- ``plugin.register`` (entry point ``vllm.general_plugins``): registers steerable Llama-family model classes with
+  vLLM's ``ModelRegistry``, so every decoder layer calls ``torch.ops.steerlib.site`` at each site (``layers``).
+- ``tracker.StepTracker`` (a vLLM logits processor that leaves logits alone): follows which request sits in which
+  row of vLLM's persistent batch, with its ``SamplingParams.extra_args["steering"]`` (``state``).
+- ``scheduler.SteeringScheduler``: salts steered requests' prefix-cache keys with a hash of their steering, so KV
+  blocks computed under one steering are never reused under another (or none).
+
+Offline (set ``VLLM_USE_V2_MODEL_RUNNER=0``: the tracker uses the V1 logits-processor interface)::
+
+    llm = vllm.LLM(model, dtype="float32", **steerlib.vllm.engine_kwargs())
+    params = vllm.SamplingParams(max_tokens=64, extra_args=steerlib.vllm.steering_args(cfg))  # cfg: SteeringConfig
+    llm.generate(prompts, params)          # one SamplingParams per prompt for per-request steering
+
+Server (vLLM's own OpenAI API; the config travels as a JSON string in ``vllm_xargs``)::
+
+    VLLM_USE_V2_MODEL_RUNNER=0 python -m vllm.entrypoints.openai.api_server --model M \\
+        --logits-processors steerlib.vllm.tracker:StepTracker --scheduler-cls steerlib.vllm.scheduler.SteeringScheduler
+    # request body: {"prompt": "...", "vllm_xargs": {"steering": "<the config as a JSON string>"}}
+
+Tensor parallelism: every rank builds the same steerable layers, runs its own tracker and applies the same ops to
+the (replicated) residual stream, so steering applies on every rank; untested here (one CPU device).
+"""
+
+from __future__ import annotations
+
+from steerlib.vllm.params import STEERING_KEY, cache_salt, parse_steering, steering_args
+
+TRACKER = "steerlib.vllm.tracker:StepTracker"
+SCHEDULER = "steerlib.vllm.scheduler.SteeringScheduler"
+
+
+def engine_kwargs() -> dict[str, object]:
+    """Keyword arguments for ``vllm.LLM(...)`` / ``EngineArgs(...)`` that switch per-request steering on."""
+    return {"logits_processors": [TRACKER], "scheduler_cls": SCHEDULER}
+
+
+def serve_args() -> list[str]:
+    """The same as command-line flags for vLLM's OpenAI server (``python -m vllm.entrypoints.openai.api_server``)."""
+    return ["--logits-processors", TRACKER, "--scheduler-cls", SCHEDULER]
+
+
+__all__ = [
+    "SCHEDULER",
+    "STEERING_KEY",
+    "TRACKER",
+    "cache_salt",
+    "engine_kwargs",
+    "parse_steering",
+    "serve_args",
+    "steering_args",
+]

@@ -1,0 +1,224 @@
+"""Per-process steering state of a vLLM worker: which request is in which batch row, its plan, this step's tokens.
+
+:class:`~steerlib.vllm.tracker.StepTracker` reports rows added, removed and moved in vLLM's persistent batch; before
+each forward the model calls :meth:`SteeringState.begin_step` with the step's flat layout (request ``i`` owns tokens
+``query_start_loc[i]:query_start_loc[i+1]``, as in vLLM's attention metadata), and each site op calls
+:meth:`SteeringState.run`. Requests with equal configs share one plan and run as one group; a prompt-scoped gate
+keeps its per-request verdict in a slot that the request holds from its first step until it leaves the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from steerlib.plan import BoundOp, ModelSpec, Plan, TokenizerLike, build_plan
+from steerlib.runner import run_site
+from steerlib.tokens import TokenBatch
+from steerlib.vllm.params import config_key, parse_steering
+
+log = logging.getLogger(__name__)
+
+RESIDUAL_SITES = ("resid_pre", "resid_post")
+
+
+@dataclass
+class _Row:
+    key: str
+    prompt_len: int
+    slot: int
+    owner: object = None
+    """The request's live output-token list (vLLM passes the same object whenever the request re-enters)."""
+    new: bool = True
+
+
+@dataclass
+class _Shared:
+    plan: Plan
+    users: int = 0
+
+
+@dataclass(frozen=True)
+class _Job:
+    idx_N: Tensor | None
+    """The group's tokens in the step (None: every token of the step)."""
+    ops: tuple[BoundOp, ...]
+    tb: TokenBatch
+
+
+@dataclass
+class SteeringState:
+    """Rows, plans and the current step's per-site jobs of one worker process."""
+
+    spec: ModelSpec
+    capacity: int
+    tokenizer: TokenizerLike | None = None
+    rows: dict[int, _Row] = field(default_factory=dict)
+    parked: dict[int, _Row] = field(default_factory=dict)
+    """Requests out of the batch for now (vLLM drops unscheduled requests from it), by ``id(owner)``, oldest first."""
+    plans: dict[str, _Shared] = field(default_factory=dict)
+    _free_slots: list[int] = field(default_factory=list)
+    _sites: dict[tuple[int, str], list[_Job]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._free_slots = list(range(self.capacity - 1, -1, -1))
+
+    # -- batch bookkeeping (from the tracker) --------------------------------------------------------------------
+
+    def add(self, index: int, extra_args: Mapping[str, Any] | None, prompt_len: int, owner: object = None) -> None:
+        """A request entered batch row ``index`` (replacing whatever was there).
+
+        ``owner`` identifies the request across exits and re-entries (vLLM's live output-token list): a request
+        that comes back keeps its slot, so a prompt-scoped verdict survives a step it was not scheduled in.
+        """
+        self.remove(index)
+        back = self.parked.pop(id(owner), None) if owner is not None else None
+        if back is not None and back.owner is owner:
+            self.rows[index] = back
+            return
+        self._sweep()
+        cfg = parse_steering(extra_args)
+        if cfg is None:
+            return
+        key = config_key(cfg)
+        if key not in self.plans:
+            self.plans[key] = _Shared(build_plan(cfg, self.spec, self.tokenizer))
+        self.plans[key].users += 1
+        while not self._free_slots and self.parked:
+            self._release(self.parked.pop(next(iter(self.parked))))
+        if not self._free_slots:
+            raise RuntimeError(f"steerlib: more than {self.capacity} steered requests in one batch (max_num_seqs)")
+        self.rows[index] = _Row(key, prompt_len, self._free_slots.pop(), owner)
+
+    def remove(self, index: int) -> None:
+        """Row ``index`` left the batch: finished, or only unscheduled this step (then it is parked)."""
+        row = self.rows.pop(index, None)
+        if row is None:
+            return
+        if row.owner is None:
+            self._release(row)
+        else:
+            self.parked[id(row.owner)] = row
+
+    def _sweep(self) -> None:
+        """Release parked requests that vLLM has forgotten (finished): only this state still holds their owner."""
+        for key in list(self.parked):
+            # References: parked's row, and getrefcount's argument. vLLM's request state holds one more while alive.
+            if sys.getrefcount(self.parked[key].owner) <= 2:
+                self._release(self.parked.pop(key))
+
+    def _release(self, row: _Row) -> None:
+        self._free_slots.append(row.slot)
+        shared = self.plans[row.key]
+        shared.users -= 1
+        if shared.users == 0:  # the last request with this config finished: free its tensors
+            del self.plans[row.key]
+
+    def move(self, src: int, dst: int, swap: bool) -> None:
+        """A swap exchanges two rows; a one-way move replaces whatever was at ``dst`` (vLLM's condensing)."""
+        if not swap:
+            self.remove(dst)  # (vLLM reports it removed and moves onto it; nothing is left there by then)
+        a, b = self.rows.pop(src, None), self.rows.pop(dst, None)
+        if a is not None:
+            self.rows[dst] = a
+        if b is not None:
+            self.rows[src] = b
+
+    # -- one forward step (from the model) -----------------------------------------------------------------------
+
+    def begin_step(self, token_ids_N: Tensor | None, positions_N: Tensor, query_start_loc: Tensor) -> None:
+        """Describe the step to every site; request ``i`` owns tokens ``query_start_loc[i]:query_start_loc[i+1]``."""
+        self._sites = {}
+        if self.parked:
+            self._sweep()
+        if not self.rows:
+            return
+        qsl = [int(v) for v in query_start_loc.tolist()]
+        if max(self.rows) >= len(qsl) - 1:
+            raise RuntimeError(f"steerlib: steered batch row {max(self.rows)} but the step has {len(qsl) - 1} requests")
+        groups: dict[str, list[int]] = {}
+        for i in sorted(self.rows):
+            groups.setdefault(self.rows[i].key, []).append(i)
+        prompt_len_R = torch.zeros(self.capacity, dtype=torch.long)
+        new_R = torch.zeros(self.capacity, dtype=torch.bool)
+        for row in self.rows.values():
+            prompt_len_R[row.slot] = row.prompt_len
+            new_R[row.slot] = row.new
+        dev = positions_N.device
+        for key, idxs in groups.items():
+            tb, idx_N = self._group_batch(idxs, qsl, token_ids_N, positions_N, prompt_len_R.to(dev), new_R.to(dev))
+            if idx_N.shape[0] == 0:
+                continue
+            whole = idx_N.shape[0] == positions_N.shape[0]
+            for site_key, ops in self.plans[key].plan.ops.items():
+                self._sites.setdefault(site_key, []).append(_Job(None if whole else idx_N, ops, tb))
+        for row in self.rows.values():
+            row.new = False
+
+    def _group_batch(
+        self,
+        idxs: list[int],
+        qsl: list[int],
+        token_ids_N: Tensor | None,
+        positions_N: Tensor,
+        prompt_len_R: Tensor,
+        new_R: Tensor,
+    ) -> tuple[TokenBatch, Tensor]:
+        dev = positions_N.device
+        idx_N = torch.cat([torch.arange(qsl[i], qsl[i + 1], device=dev) for i in idxs])
+        counts = torch.tensor([qsl[i + 1] - qsl[i] for i in idxs], device=dev)
+        slots = torch.tensor([self.rows[i].slot for i in idxs], device=dev)
+        row_N = slots.repeat_interleave(counts)
+        pos_N = positions_N[idx_N].long()
+        tb = TokenBatch(
+            row_N=row_N,
+            position_N=pos_N,
+            is_prompt_N=pos_N < prompt_len_R[row_N],
+            prompt_len_R=prompt_len_R,
+            token_ids_N=None if token_ids_N is None else token_ids_N[idx_N].long(),
+            new_rows_R=new_R,
+        )
+        return tb, idx_N
+
+    def run(self, layer: int, site: str, x_ND: Tensor, other_ND: Tensor | None) -> Tensor:
+        """Steered ``x_ND`` at ``(layer, site)``; ``other_ND`` is the residual (resid sites) or mlp_in (mlp_out).
+
+        vLLM carries the residual stream as ``hidden + residual``; ops see the sum and their change is added to
+        ``hidden``, so untouched tokens stay bit-identical.
+        """
+        jobs = self._sites.get((layer, site))
+        if not jobs:
+            return x_ND.clone()
+        summed = site in RESIDUAL_SITES and other_ND is not None
+        base = x_ND + other_ND if summed and other_ND is not None else x_ND
+        x_in = other_ND if site == "mlp_out" else None
+        out = base
+        for job in jobs:
+            if job.idx_N is None:
+                out = run_site(job.ops, out, job.tb, x_in)
+            else:
+                sub_in = None if x_in is None else x_in[job.idx_N]
+                out = out.index_copy(0, job.idx_N, run_site(job.ops, out[job.idx_N], job.tb, sub_in))
+        if summed:
+            return x_ND + (out - base)
+        return out.clone() if out is x_ND else out
+
+
+_STATE: list[SteeringState] = []
+"""The worker's state (one engine per worker process); a list so nothing is rebound at module level."""
+
+
+def current() -> SteeringState | None:
+    return _STATE[0] if _STATE else None
+
+
+def install(state: SteeringState) -> SteeringState:
+    """Make ``state`` the worker's (a later model build in the same process replaces it)."""
+    _STATE[:] = [state]
+    return state

@@ -1,0 +1,53 @@
+"""A vLLM logits processor that never touches logits: it follows requests through vLLM's persistent batch.
+
+vLLM tells logits processors, before every forward step, which requests were added to, removed from or moved
+within its persistent batch, with their ``SamplingParams``. That is exactly what per-request steering needs, through
+a public interface (``logits_processors=[...]``) instead of a patched model runner. ``validate_params`` runs in the
+front end when a request arrives, so a malformed steering config is rejected there (HTTP 400 on the server).
+Needs vLLM's V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``); the V2 runner refuses V1 logits processors at start.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from steerlib.vllm import state as steering_state
+from steerlib.vllm.params import parse_steering
+
+
+class StepTracker(LogitsProcessor):
+    """Feeds batch changes to the worker's :class:`~steerlib.vllm.state.SteeringState`."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: Any) -> None:
+        parse_steering(sampling_params.extra_args)  # raises ValueError naming the bad field
+
+    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+        self.device = device
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        st = steering_state.current()
+        if st is None:
+            if any(parse_steering(params.extra_args) is not None for _, params, _, _ in batch_update.added):
+                raise RuntimeError(
+                    "steerlib: a steered request arrived but the model is not steerable (supported architectures: "
+                    "see steerlib.vllm.plugin.STEERABLE; is steerlib installed where vLLM runs?)"
+                )
+            return
+        for index in batch_update.removed:
+            st.remove(index)
+        for index, params, prompt_ids, output_ids in batch_update.added:
+            st.add(index, params.extra_args, 0 if prompt_ids is None else len(prompt_ids), owner=output_ids)
+        for src, dst, how in batch_update.moved:
+            st.move(src, dst, swap=how == MoveDirectionality.SWAP)

@@ -1,0 +1,127 @@
+"""The vLLM backend's per-step bookkeeping, without vLLM: batch rows, groups, the residual sum, slots, cache salts.
+
+``SteeringState`` is fed what vLLM's logits-processor interface and attention metadata report; these tests play
+that role on a tiny width so the mechanics are checked in the plain test environment too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from steerlib.plan import ModelSpec
+from steerlib.vllm.params import cache_salt, parse_steering, steering_args
+from steerlib.vllm.state import SteeringState
+
+D = 8
+SPEC = ModelSpec(n_layers=2, d_model=D, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def _add(vec: list[float], **apply: Any) -> dict[str, Any]:
+    iv: dict[str, Any] = {"op": "add", "layer": 1, "vector": vec}
+    if apply:
+        iv["apply"] = apply
+    return {"steering": {"interventions": [iv]}}
+
+
+def _onehot(i: int, scale: float = 1.0) -> list[float]:
+    return [scale if j == i else 0.0 for j in range(D)]
+
+
+def _step(st: SteeringState, positions: list[int], qsl: list[int]) -> None:
+    st.begin_step(torch.arange(len(positions)), torch.tensor(positions), torch.tensor(qsl))
+
+
+def test_each_row_gets_its_own_steering_on_the_residual_sum() -> None:
+    st = SteeringState(SPEC, capacity=4)
+    st.add(0, _add(_onehot(0)), prompt_len=3)
+    st.add(1, None, prompt_len=1)
+    st.add(2, _add(_onehot(1)), prompt_len=2)
+    _step(st, [0, 1, 2, 5, 0, 1], [0, 3, 4, 6])
+    h, r = torch.randn(6, D), torch.randn(6, D)
+    out = st.run(1, "resid_post", h, r)
+    want = h + r
+    want[:3, 0] += 1.0
+    want[4:, 1] += 1.0
+    torch.testing.assert_close(out + r, want)
+    assert torch.equal(out[3], h[3])  # the unsteered request is bit-identical
+    assert torch.equal(st.run(0, "resid_post", h, r), h)  # no op at layer 0
+
+
+def test_generated_only_policy_uses_prompt_length_and_position() -> None:
+    st = SteeringState(SPEC, capacity=2)
+    st.add(0, _add(_onehot(0), tokens="generated"), prompt_len=3)
+    _step(st, [0, 1, 2], [0, 3])  # prefill
+    x = torch.zeros(3, D)
+    assert torch.equal(st.run(1, "resid_post", x, None), x)
+    _step(st, [3], [0, 1])  # first generated token fed back
+    assert st.run(1, "resid_post", torch.zeros(1, D), None)[0, 0] == 1.0
+
+
+def test_rows_move_and_plans_are_freed_with_their_last_request() -> None:
+    st = SteeringState(SPEC, capacity=2)
+    st.add(0, _add(_onehot(0)), prompt_len=1)
+    st.add(1, _add(_onehot(0)), prompt_len=1)
+    assert len(st.plans) == 1 and st.plans[next(iter(st.plans))].users == 2
+    st.move(1, 0, swap=False)  # vLLM condensing: row 1 replaces row 0, whose request is gone
+    assert list(st.rows) == [0] and st.plans[next(iter(st.plans))].users == 1
+    st.remove(0)
+    assert not st.plans and not st.rows
+    st.add(0, _add(_onehot(0)), prompt_len=1)
+    st.add(1, None, prompt_len=1)
+    st.move(0, 1, swap=True)
+    assert list(st.rows) == [1]
+
+
+def test_prompt_scoped_gate_holds_per_request_and_resets_for_a_new_one() -> None:
+    probe = {"vector": _onehot(7), "above": 0.5, "scope": "prompt"}
+    args = _add(_onehot(0), when=probe)
+    st = SteeringState(SPEC, capacity=1)
+    st.add(0, args, prompt_len=2)
+    x = torch.zeros(2, D)
+    x[1, 7] = 1.0  # the last prompt token fires the probe
+    _step(st, [0, 1], [0, 2])
+    st.run(1, "resid_post", x, None)
+    _step(st, [2], [0, 1])
+    assert st.run(1, "resid_post", torch.zeros(1, D), None)[0, 0] == 1.0  # verdict held while decoding
+    st.add(0, args, prompt_len=2)  # a new request takes the slot: its prompt does not fire
+    _step(st, [0, 1], [0, 2])
+    st.run(1, "resid_post", torch.zeros(2, D), None)
+    _step(st, [2], [0, 1])
+    assert st.run(1, "resid_post", torch.zeros(1, D), None)[0, 0] == 0.0
+
+
+def test_cache_salt_separates_steerings_and_isolates_unstable_ones() -> None:
+    a = parse_steering(_add(_onehot(0)))
+    b = parse_steering(_add(_onehot(1)))
+    gen = parse_steering(_add(_onehot(0), tokens="generated"))
+    assert a is not None and b is not None and gen is not None
+    assert cache_salt(a, "r1") == cache_salt(a, "r2")  # same steering: blocks can be shared
+    assert cache_salt(a, "r1") != cache_salt(b, "r1")
+    assert cache_salt(a, "r1", "user") != cache_salt(a, "r1")
+    assert cache_salt(gen, "r1") != cache_salt(gen, "r2")  # depends on prompt/generated: never shared
+    assert parse_steering(steering_args(a)) == a
+    assert parse_steering({"steering": '{"interventions": []}'}) is not None  # JSON string, as in vllm_xargs
+    assert parse_steering({"other": 1}) is None
+
+
+def test_unscheduled_request_keeps_its_verdict_and_a_finished_one_is_freed() -> None:
+    """vLLM drops a request from its batch for a step it is not scheduled in, then adds it back (same output list)."""
+    args = _add(_onehot(0), when={"vector": _onehot(7), "above": 0.5, "scope": "prompt"})
+    st = SteeringState(SPEC, capacity=2)
+    owner: list[int] = []
+    st.add(0, args, prompt_len=2, owner=owner)
+    x = torch.zeros(2, D)
+    x[1, 7] = 1.0
+    _step(st, [0, 1], [0, 2])
+    st.run(1, "resid_post", x, None)
+    st.remove(0)  # not scheduled this step
+    assert not st.rows and len(st.parked) == 1 and st.plans
+    st.add(0, args, prompt_len=2, owner=owner)  # back again
+    _step(st, [2], [0, 1])
+    assert st.run(1, "resid_post", torch.zeros(1, D), None)[0, 0] == 1.0
+    st.remove(0)
+    del owner  # vLLM forgets a finished request: its plan and slot are freed at the next step
+    _step(st, [0], [0, 1])
+    assert not st.parked and not st.plans and len(st._free_slots) == 2
