@@ -1,1 +1,8 @@
-"""sae_train: placeholder until its issue lands."""
+"""sae_train: train SAEs and transcoders on a model's activations, saved in steerlib's format.
+
+Modules, one concept each: ``corpora`` (registry-packaged text, hash-checked), ``data`` (sources, packing, held-out
+split), ``activations`` (harvest through steerlib's recording, shuffle buffer, memory-mapped cache), ``batches``
+(deterministic batches), ``models/`` (one training architecture per file), ``normalize``, ``schedule``, ``trainer``,
+``dist`` (data parallel), ``checkpoint``, ``metrics`` (held-out metrics via steerlib's ``replace`` op), ``export``
+(SAELens layout), ``config`` and ``pipeline`` (``python -m sae_train CONFIG.yaml``).
+"""

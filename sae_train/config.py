@@ -1,0 +1,133 @@
+"""The training config a user writes (YAML or JSON): pydantic models with ``extra="forbid"``, a description per field.
+
+``python -m sae_train CONFIG.yaml`` reads a :class:`TrainConfig`; :func:`sae_train.plan.resolve` turns it into the
+frozen plan the trainer runs, so the config is never edited after loading.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_SOURCES = ["corpus:sotu", "corpus:moby-dick", "corpus:shakespeare", "corpus:python-docs"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    sources: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_SOURCES),
+        description="Text sources: corpus:<name> (registry-packaged), a local .txt/.jsonl file or folder, or "
+        "hf:<dataset>[:<split>]. Documents are taken from each in turn.",
+    )
+    ctx_len: int = Field(128, ge=2, description="Tokens per packed context, BOS included.")
+    bos: bool = Field(True, description="Start every context with the tokenizer's BOS token.")
+    heldout_fraction: float = Field(0.05, gt=0, lt=1, description="Fraction of documents held out for evaluation.")
+
+
+class ActivationConfig(_Strict):
+    n_tokens: int = Field(200_000, gt=0, description="Training tokens to harvest (BOS excluded).")
+    harvest_batch: int = Field(16, gt=0, description="Contexts per model forward pass while harvesting.")
+    cache_dir: str | None = Field(
+        None,
+        description="Folder for the memory-mapped activation cache (reused when model, data and sites match); "
+        "null: $STEERLIB_CACHE/activations/<fingerprint of model, data, sites and these settings>.",
+    )
+    dtype: Literal["float32", "float16"] = Field("float32", description="Storage dtype of the cache.")
+    skip_bos: bool = Field(True, description="Leave each context's first token (BOS) out of training.")
+    max_norm_factor: float | None = Field(
+        10.0,
+        gt=1,
+        description="Train only on tokens whose input norm is at most this times the median norm: the rare "
+        "'massive activation' tokens (Sun et al., arXiv 2402.17762; norms 100x the median in SmolLM2's middle "
+        "layers) otherwise dominate the loss. null keeps every token. Applied when training; the cache keeps all.",
+    )
+    model_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Dtype of the model while harvesting (bfloat16 is ~3x faster on CPUs with AVX512-BF16; "
+        "evaluation always runs the model in float32).",
+    )
+
+
+class SaeConfig(_Strict):
+    architecture: Literal["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"] = Field(
+        "topk", description="Training architecture."
+    )
+    input_site: str = Field("blocks.15.hook_resid_post", description="Site read (TransformerLens name).")
+    output_site: str | None = Field(
+        None,
+        description="Site predicted; null = input_site (an SAE). blocks.L.hook_mlp_in -> blocks.L.hook_mlp_out "
+        "is a transcoder.",
+    )
+    d_sae: int | None = Field(None, gt=0, description="Number of latents; null = expansion * d_in.")
+    expansion: int = Field(8, gt=0, description="Latents per input dimension when d_sae is null.")
+    k: int | None = Field(32, gt=0, description="Active latents per token (topk, batchtopk, matryoshka).")
+    skip: bool = Field(False, description="Skip transcoder: add a learned linear path x @ W_skip.")
+    matryoshka_prefixes: list[int] | None = Field(
+        None, description="Nested dictionary sizes ending at d_sae; null = d_sae/8, /4, /2, 1."
+    )
+    jumprelu_bandwidth: float = Field(0.001, gt=0, description="Width of the straight-through kernel (JumpReLU).")
+    jumprelu_init_threshold: float = Field(0.001, gt=0, description="Initial threshold (JumpReLU).")
+
+
+class OptimConfig(_Strict):
+    lr: float | None = Field(None, gt=0, description="Adam learning rate; null = 2e-4 / sqrt(d_sae / 16384) (Gao).")
+    batch_size: int = Field(4096, gt=0, description="Tokens per global batch (split over processes).")
+    steps: int | None = Field(None, gt=0, description="Optimizer steps; null = one pass over the harvested tokens.")
+    warmup_steps: int = Field(50, ge=0, description="Linear learning-rate warmup.")
+    decay_fraction: float = Field(0.2, ge=0, le=1, description="Final fraction of steps with linear decay to 0.")
+    sparsity_coefficient: float = Field(
+        1.0, ge=0, description="λ of the L1 (relu, gated) or L0 (jumprelu) penalty; unused by k-sparse architectures."
+    )
+    sparsity_warmup_steps: int = Field(0, ge=0, description="Steps over which λ ramps linearly from 0.")
+    auxk_alpha: float = Field(1 / 32, ge=0, description="Weight of the AuxK loss (topk, batchtopk, matryoshka).")
+    dead_tokens: int = Field(1_000_000, gt=0, description="A latent not fired for this many tokens is dead.")
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = Field(
+        "geometric_median", description="Initial decoder bias."
+    )
+    init_sample: int = Field(4096, gt=0, description="Tokens used for the scale and the b_dec init.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Compute dtype; bfloat16 = mixed precision (weights and Adam state stay fp32)."
+    )
+    seed: int = Field(0, description="Seed for initialisation and batch order.")
+
+
+class RunConfig(_Strict):
+    out_dir: str = Field("runs/sae", description="Output folder (relative to the config file).")
+    checkpoint_every: int = Field(200, gt=0, description="Steps between atomic checkpoints.")
+    log_every: int = Field(20, gt=0, description="Steps between lines of metrics.jsonl.")
+    resume: bool = Field(True, description="Continue from out_dir/checkpoint.pt if present.")
+    eval_contexts: int = Field(64, ge=0, description="Held-out contexts for the final metrics (0 = skip).")
+    export_saelens: bool = Field(True, description="Also write the SAE in SAELens' layout (out_dir/saelens).")
+    threads: int | None = Field(None, gt=0, description="torch threads; null = torch's default.")
+
+
+class TrainConfig(_Strict):
+    model: str | None = Field(
+        None,
+        description="Model: null = the embedded SmolLM2-135M-Instruct, else a "
+        "local folder or hub id (steerlib.load_model).",
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    activations: ActivationConfig = Field(default_factory=ActivationConfig)
+    sae: SaeConfig = Field(default_factory=SaeConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _k_needed(self) -> TrainConfig:
+        if self.sae.architecture in ("topk", "batchtopk", "matryoshka") and self.sae.k is None:
+            raise ValueError(f"sae.k is required for architecture {self.sae.architecture}")
+        return self
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a training config must be a mapping, got {type(raw).__name__}")
+        return cls.model_validate(raw)

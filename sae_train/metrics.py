@@ -1,0 +1,145 @@
+"""Held-out metrics of a trained SAE, the reconstruction spliced in with steerlib's own ``replace`` op.
+
+- reconstruction: L0, FVU (fraction of variance unexplained), dead and dense latent fractions, on activations
+  recorded at the SAE's sites;
+- downstream: next-token cross-entropy with the SAE's reconstruction in place of the activation, relative to the
+  clean model and to zero-ablation (an SAE whose weights are all zero reconstructs exactly 0, so a ``replace`` with it
+  *is* zero-ablation): ``CE recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean)``; and the KL divergence from the
+  clean model's next-token distribution (Gao et al., arXiv 2406.04093 §4.1; SAELens' evals).
+
+The SAE is spliced in through a steering config, exactly as a user would run it, so the metric covers steerlib's
+hook too. Each context's first token (BOS) is left untouched when the SAE was trained without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from steerlib.config import SteeringConfig
+from steerlib.hf.hooks import steer
+from steerlib.hf.recording import record
+from steerlib.sae import Sae, save_sae
+from steerlib.sites import parse_site
+
+logger = logging.getLogger(__name__)
+
+
+class SaeMetrics(NamedTuple):
+    l0: float
+    fvu: float
+    """Over every held-out token (BOS excepted); a few massive-activation tokens can dominate it."""
+    fvu_typical: float
+    """Over the tokens whose input norm is at most ``max_norm_factor`` x the median (= ``fvu`` when None)."""
+    outlier_fraction: float
+    """Fraction of held-out tokens left out of ``fvu_typical``."""
+    dead_fraction: float
+    """Latents that never fired on the held-out tokens."""
+    dense_fraction: float
+    """Latents firing on more than 10% of held-out tokens."""
+    ce_clean: float
+    ce_sae: float
+    ce_zero: float
+    ce_loss_recovered: float
+    kl_to_clean: float
+    n_tokens: int
+
+
+def _ce_and_logprobs(model: nn.Module, ids_NT: Tensor, batch: int) -> tuple[float, Tensor]:
+    losses, logps = [], []
+    with torch.inference_mode():
+        for s in range(0, ids_NT.shape[0], batch):
+            ids = ids_NT[s : s + batch]
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1].float()
+            logp = logits.log_softmax(-1)
+            losses.append(-logp.gather(-1, ids[:, 1:, None]).squeeze(-1))
+            logps.append(logp)
+    return float(torch.cat(losses).mean()), torch.cat(logps)
+
+
+def _zero_like(sae: Sae) -> Sae:
+    zero = copy.deepcopy(sae)
+    with torch.no_grad():
+        for p in zero.parameters():
+            p.zero_()
+    return zero
+
+
+def _replace_config(folder: Path, sae: Sae, skip_bos: bool) -> SteeringConfig:
+    site = sae.meta.output_site or sae.meta.input_site
+    if site is None:
+        raise ValueError("the SAE's meta names no site: cannot splice it into the model")
+    layer, name = parse_site(site)
+    iv: dict[str, object] = {"layer": layer, "site": name, "op": "replace", "sae": str(folder)}
+    if skip_bos:
+        iv["apply"] = {"window": [1, None]}
+    return SteeringConfig.from_dict({"interventions": [iv]})
+
+
+def _fvu(x_hat: Tensor, x_out: Tensor) -> float:
+    return float((x_hat - x_out).pow(2).sum() / (x_out - x_out.mean(0)).pow(2).sum())
+
+
+def _reconstruction(
+    model: nn.Module, sae: Sae, ids_NT: Tensor, skip_bos: bool, batch: int, max_norm_factor: float | None
+) -> tuple[float, ...]:
+    sites = [s for s in dict.fromkeys([sae.meta.input_site, sae.meta.output_site]) if s is not None]
+    select = {"window": [1, None]} if skip_bos else None
+    with torch.inference_mode(), record(model, sites, select=select) as rec:
+        for s in range(0, ids_NT.shape[0], batch):
+            ids = ids_NT[s : s + batch]
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    x_in = rec[sites[0]].float()
+    x_out = rec[sites[-1]].float()
+    with torch.inference_mode():
+        z = sae.encode(x_in)
+        x_hat = sae.decode(z, x_in)
+    norms = x_in.norm(dim=1)
+    typical = norms <= (max_norm_factor or float("inf")) * norms.median()
+    freq = (z > 0).float().mean(0)
+    l0 = float((z > 0).sum(-1).float().mean())
+    dead, dense = float((freq == 0).float().mean()), float((freq > 0.1).float().mean())
+    return l0, _fvu(x_hat, x_out), _fvu(x_hat[typical], x_out[typical]), 1 - float(typical.float().mean()), dead, dense
+
+
+def evaluate(
+    model: nn.Module,
+    sae: Sae,
+    ids_NT: Tensor,
+    *,
+    skip_bos: bool = True,
+    batch: int = 8,
+    max_norm_factor: float | None = None,
+) -> SaeMetrics:
+    """Metrics of ``sae`` on held-out contexts ``ids_NT`` (N, T) of ``model``."""
+    l0, fvu, fvu_typical, outliers, dead, dense = _reconstruction(model, sae, ids_NT, skip_bos, batch, max_norm_factor)
+    ce_clean, logp_clean = _ce_and_logprobs(model, ids_NT, batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        sae_dir, zero_dir = save_sae(sae, Path(tmp) / "sae"), save_sae(_zero_like(sae), Path(tmp) / "zero")
+        with steer(model, _replace_config(sae_dir, sae, skip_bos)):
+            ce_sae, logp_sae = _ce_and_logprobs(model, ids_NT, batch)
+        with steer(model, _replace_config(zero_dir, sae, skip_bos)):
+            ce_zero, _ = _ce_and_logprobs(model, ids_NT, batch)
+    kl = float((logp_clean.exp() * (logp_clean - logp_sae)).sum(-1).mean())
+    gap = ce_zero - ce_clean
+    recovered = (ce_zero - ce_sae) / gap if gap > 0 else float("nan")
+    return SaeMetrics(
+        l0,
+        fvu,
+        fvu_typical,
+        outliers,
+        dead,
+        dense,
+        ce_clean,
+        ce_sae,
+        ce_zero,
+        recovered,
+        kl,
+        int(ids_NT[:, 1:].numel()),
+    )

@@ -1,0 +1,25 @@
+"""Training-side SAE architectures, one file each over :class:`~sae_train.models.base.TrainSae`.
+
+Importing this package registers every architecture in :data:`TRAIN_ARCHITECTURES`.
+"""
+
+from __future__ import annotations
+
+from sae_train.models import batchtopk, gated, jumprelu, matryoshka, relu, topk
+from sae_train.models.base import ArchSpec, TrainOutput, TrainSae
+from sae_train.models.registry import TRAIN_ARCHITECTURES, get_train_architecture, register
+
+__all__ = [
+    "TRAIN_ARCHITECTURES",
+    "ArchSpec",
+    "TrainOutput",
+    "TrainSae",
+    "batchtopk",
+    "gated",
+    "get_train_architecture",
+    "jumprelu",
+    "matryoshka",
+    "register",
+    "relu",
+    "topk",
+]

@@ -1,0 +1,31 @@
+"""Training architectures by name, filled by :func:`register`; an unknown name lists the valid ones."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from sae_train.models.base import TrainSae
+
+T = TypeVar("T", bound=type[TrainSae])
+
+TRAIN_ARCHITECTURES: dict[str, type[TrainSae]] = {}
+
+
+def register(name: str) -> Callable[[T], T]:
+    def add(cls: T) -> T:
+        if name in TRAIN_ARCHITECTURES:
+            raise ValueError(f"training architecture {name!r} is already registered")
+        cls.name = name
+        TRAIN_ARCHITECTURES[name] = cls
+        return cls
+
+    return add
+
+
+def get_train_architecture(name: str) -> type[TrainSae]:
+    try:
+        return TRAIN_ARCHITECTURES[name]
+    except KeyError:
+        valid = ", ".join(sorted(TRAIN_ARCHITECTURES))
+        raise ValueError(f"unknown training architecture {name!r}; valid: {valid}") from None

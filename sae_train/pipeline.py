@@ -1,0 +1,151 @@
+"""The whole run behind ``python -m sae_train CONFIG``: text -> activations (cached) -> training -> metrics -> folder.
+
+Output folder (``run.out_dir``):
+
+- ``sae/``: the trained SAE in steerlib's format (``steerlib.load_sae`` reads it; scales folded in);
+- ``saelens/``: the same SAE in SAELens' layout (when ``run.export_saelens``);
+- ``train_config.json``: the config that produced it; ``eval.json``: held-out metrics;
+- ``metrics.jsonl``: training metrics per interval; ``checkpoint.pt``: the last checkpoint (resume).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sae_train.activations import ActivationCache, harvest, typical_rows
+from sae_train.batches import CacheRows
+from sae_train.checkpoint import atomic_write_bytes
+from sae_train.config import TrainConfig
+from sae_train.data import Tokenizer, contexts, packing_for
+from sae_train.dist import DistInfo, init_from_env
+from sae_train.export import export_saelens
+from sae_train.metrics import SaeMetrics, evaluate
+from sae_train.models import ArchSpec, TrainSae, get_train_architecture
+from sae_train.trainer import Trainer, TrainPlan
+from steerlib.hf.loading import cache_root, load_model
+from steerlib.sae import Sae, save_sae
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    out_dir: Path
+    sae: Sae
+    metrics: SaeMetrics | None
+    train_seconds: float
+
+
+def fingerprint(cfg: TrainConfig, sites: list[str]) -> str:
+    key = {"model": cfg.model, "data": cfg.data.model_dump(), "sites": sites, **cfg.activations.model_dump()}
+    for training_only in ("cache_dir", "harvest_batch", "max_norm_factor"):
+        key.pop(training_only)
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sites_of(cfg: TrainConfig) -> list[str]:
+    return list(dict.fromkeys([cfg.sae.input_site, cfg.sae.output_site or cfg.sae.input_site]))
+
+
+def build_cache(cfg: TrainConfig, model: torch.nn.Module, tok: Tokenizer, folder: Path) -> ActivationCache:
+    """The activation cache for ``cfg`` at ``folder``: reused when its fingerprint matches, else harvested."""
+    sites = sites_of(cfg)
+    fp = fingerprint(cfg, sites)
+    found = ActivationCache.find(folder, fp)
+    if found is not None:
+        logger.info("reusing activation cache %s", folder)
+        return found
+    a, d = cfg.activations, cfg.data
+    per_ctx = d.ctx_len - int(a.skip_bos)
+    ids = contexts(d.sources, tok, packing_for(tok, d.ctx_len, d.bos), "train",
+                   heldout_fraction=d.heldout_fraction, max_contexts=math.ceil(a.n_tokens / per_ctx))  # fmt: skip
+    runner = model if a.model_dtype == "float32" else copy.deepcopy(model).to(torch.bfloat16)
+    chunks = harvest(runner, ids, sites, batch_size=a.harvest_batch, skip_bos=a.skip_bos, progress=True)
+    return ActivationCache.write(folder, chunks, a.n_tokens, dtype=a.dtype, fingerprint=fp)
+
+
+def make_sae(cfg: TrainConfig, d_in: int, d_out: int) -> TrainSae:
+    s = cfg.sae
+    d_sae = s.d_sae or s.expansion * d_in
+    out_site = s.output_site or s.input_site
+    prefixes = tuple(s.matryoshka_prefixes or [d_sae // 8, d_sae // 4, d_sae // 2, d_sae])
+    spec = ArchSpec(
+        d_in=d_in, d_sae=d_sae, d_out=d_out, k=s.k, transcoder=out_site != s.input_site, skip=s.skip,
+        input_site=s.input_site, output_site=out_site, model=cfg.model or "SmolLM2-135M-Instruct",
+        jumprelu_bandwidth=s.jumprelu_bandwidth, jumprelu_init_threshold=s.jumprelu_init_threshold,
+        matryoshka_prefixes=prefixes,
+    )  # fmt: skip
+    return get_train_architecture(s.architecture)(spec)
+
+
+def make_plan(cfg: TrainConfig, d_sae: int, n_rows: int) -> TrainPlan:
+    o, r = cfg.optim, cfg.run
+    return TrainPlan(
+        steps=o.steps or max(1, n_rows // o.batch_size), batch_size=o.batch_size,
+        lr=o.lr or 2e-4 / math.sqrt(d_sae / 16384), warmup_steps=o.warmup_steps, decay_fraction=o.decay_fraction,
+        sparsity_coefficient=o.sparsity_coefficient, sparsity_warmup_steps=o.sparsity_warmup_steps,
+        auxk_alpha=o.auxk_alpha, dead_tokens=o.dead_tokens, b_dec_init=o.b_dec_init, init_sample=o.init_sample,
+        dtype=o.dtype, seed=o.seed, checkpoint_every=r.checkpoint_every, log_every=r.log_every, resume=r.resume,
+        progress=True,
+    )  # fmt: skip
+
+
+def run(cfg: TrainConfig, base_dir: Path, info: DistInfo | None = None) -> RunResult:
+    """Train and evaluate the SAE ``cfg`` describes; paths in ``cfg`` are relative to ``base_dir``."""
+    import time
+
+    info = info or init_from_env()
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    out = (base_dir / cfg.run.out_dir).resolve()
+    model, tok = load_model(cfg.model)
+    cache_dir = (
+        base_dir / cfg.activations.cache_dir
+        if cfg.activations.cache_dir
+        else cache_root() / "activations" / fingerprint(cfg, sites_of(cfg))
+    )
+    if info.world > 1 and not info.is_main:
+        torch.distributed.barrier()  # rank 0 harvests; the others wait, then open the same cache
+    cache = build_cache(cfg, model, tok, cache_dir)
+    if info.world > 1 and info.is_main:
+        torch.distributed.barrier()
+    in_site, out_site = cfg.sae.input_site, cfg.sae.output_site or cfg.sae.input_site
+    train_sae = make_sae(cfg, cache.meta.d[in_site], cache.meta.d[out_site])
+    factor = cfg.activations.max_norm_factor
+    rows = CacheRows(cache, in_site, out_site, None if factor is None else typical_rows(cache, in_site, factor))
+    trainer = Trainer(train_sae, make_plan(cfg, train_sae.spec.d_sae, len(rows)), rows, out, info)
+    t0 = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - t0
+    sae = trainer.export()
+    metrics = None
+    if info.is_main:
+        save_sae(sae, out / "sae", overwrite=True)
+        atomic_write_bytes(out / "train_config.json", cfg.model_dump_json(indent=2).encode())
+        if cfg.run.export_saelens:
+            export_saelens(sae, out / "saelens")
+        metrics = _evaluate(cfg, model, tok, sae, out, seconds)
+    return RunResult(out, sae, metrics, seconds)
+
+
+def _evaluate(
+    cfg: TrainConfig, model: torch.nn.Module, tok: Tokenizer, sae: Sae, out: Path, secs: float
+) -> SaeMetrics | None:
+    if cfg.run.eval_contexts == 0:
+        return None
+    d = cfg.data
+    ids = contexts(d.sources, tok, packing_for(tok, d.ctx_len, d.bos), "heldout",
+                   heldout_fraction=d.heldout_fraction, max_contexts=cfg.run.eval_contexts)  # fmt: skip
+    m = evaluate(model, sae, ids, skip_bos=cfg.activations.skip_bos, max_norm_factor=cfg.activations.max_norm_factor)
+    report = {**m._asdict(), "train_seconds": round(secs, 1), "eval_contexts": int(ids.shape[0])}
+    atomic_write_bytes(out / "eval.json", (json.dumps(report, indent=2) + "\n").encode())
+    logger.info("held-out metrics: %s", report)
+    return m

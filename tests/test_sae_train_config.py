@@ -1,0 +1,39 @@
+"""The training config: unknown fields are errors, defaults resolve into a plan and an architecture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from sae_train.config import TrainConfig
+from sae_train.pipeline import make_plan, make_sae
+
+EXAMPLE = Path(__file__).parent.parent / "sae_train" / "examples" / "reference_l15_topk.yaml"
+
+
+def test_a_typo_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("sae: {architecure: topk}\n")
+    with pytest.raises(ValidationError, match="architecure"):
+        TrainConfig.from_file(tmp_path / "c.yaml")
+    with pytest.raises(ValidationError, match=r"sae\.k is required"):
+        TrainConfig.model_validate({"sae": {"architecture": "batchtopk", "k": None}})
+
+
+def test_the_reference_config_resolves() -> None:
+    cfg = TrainConfig.from_file(EXAMPLE)
+    sae = make_sae(cfg, 576, 576)
+    assert (sae.spec.d_sae, sae.spec.k, sae.name) == (4608, 32, "topk")
+    assert not sae.spec.transcoder and sae.sae.subtract_b_dec
+    plan = make_plan(cfg, sae.spec.d_sae, 400_000)
+    assert plan.steps == 220 and plan.lr == pytest.approx(3e-3)
+
+
+def test_mlp_in_to_mlp_out_is_a_transcoder() -> None:
+    cfg = TrainConfig.model_validate(
+        {"sae": {"input_site": "blocks.3.hook_mlp_in", "output_site": "blocks.3.hook_mlp_out", "skip": True}}
+    )
+    sae = make_sae(cfg, 64, 64)
+    assert sae.spec.transcoder and sae.sae.W_skip is not None and not sae.sae.subtract_b_dec
+    assert make_plan(cfg, 512, 10_000).steps == 2  # one pass over the harvested tokens

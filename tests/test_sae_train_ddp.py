@@ -1,0 +1,55 @@
+"""Data-parallel training (2 processes, gloo) matches single-process training on the same data."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_sae_train_models import spec, synthetic
+
+from sae_train.batches import TensorRows
+from sae_train.dist import DistInfo
+from sae_train.models import get_train_architecture
+from sae_train.trainer import Trainer, TrainPlan
+
+PLAN = TrainPlan(steps=12, batch_size=128, lr=3e-3, dead_tokens=300, warmup_steps=2, decay_fraction=0.3)
+
+
+def _train(info: DistInfo) -> tuple[dict[str, torch.Tensor], list[float]]:
+    torch.manual_seed(0)
+    x = synthetic()
+    trainer = Trainer(get_train_architecture("topk")(spec()), PLAN, TensorRows(x, x), info=info)
+    hist = trainer.fit()
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, [m.loss for m in hist]
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        state, losses = _train(DistInfo(rank, world))
+        if rank == 0:
+            torch.save({"state": state, "losses": losses}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_processes_match_one(tmp_path: Path) -> None:
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+    state, losses = _train(DistInfo())
+    assert ddp["losses"] == __import__("pytest").approx(losses, rel=1e-5)
+    for name, value in state.items():
+        torch.testing.assert_close(ddp["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)

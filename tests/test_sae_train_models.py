@@ -1,0 +1,87 @@
+"""Every training architecture: trains, its export is a steerlib SAE, and the saved folders load back the same."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_train.batches import TensorRows
+from sae_train.export import export_saelens
+from sae_train.models import TRAIN_ARCHITECTURES, ArchSpec, get_train_architecture
+from sae_train.trainer import Trainer, TrainPlan
+from steerlib.sae import load_sae, save_sae
+
+D, F, N = 16, 64, 2048
+
+
+def synthetic(n: int = N, d: int = D, seed: int = 0) -> torch.Tensor:
+    """Sparse combinations of 48 random unit directions plus an offset: data an SAE can learn."""
+    g = torch.Generator().manual_seed(seed)
+    dic = torch.randn(48, d, generator=g)
+    dic /= dic.norm(dim=1, keepdim=True)
+    codes = (torch.rand(n, 48, generator=g) < 0.06).float() * torch.rand(n, 48, generator=g) * 3
+    return codes @ dic + 0.3
+
+
+def spec(**kw: object) -> ArchSpec:
+    base: dict[str, object] = {"d_in": D, "d_sae": F, "d_out": D, "k": 4, "matryoshka_prefixes": (8, 16, 32, 64)}
+    base.update(kw)
+    return ArchSpec(**base)  # type: ignore[arg-type]
+
+
+def plan(arch: str, steps: int = 20) -> TrainPlan:
+    coef = 0.01 if arch == "jumprelu" else 0.3
+    return TrainPlan(steps=steps, batch_size=128, lr=3e-3, sparsity_coefficient=coef, dead_tokens=256)
+
+
+@pytest.mark.parametrize("arch", sorted(TRAIN_ARCHITECTURES))
+def test_loss_falls_in_20_steps(arch: str) -> None:
+    x = synthetic()
+    trainer = Trainer(get_train_architecture(arch)(spec()), plan(arch), TensorRows(x, x))
+    hist = trainer.fit()
+    assert len(hist) == 20
+    first, last = sum(m.loss for m in hist[:3]) / 3, sum(m.loss for m in hist[-3:]) / 3
+    assert last < 0.8 * first, [round(m.loss, 4) for m in hist]
+
+
+@pytest.mark.parametrize("arch", sorted(TRAIN_ARCHITECTURES))
+def test_export_forward_is_decode_of_encode_and_saves(arch: str, tmp_path: object) -> None:
+    x = synthetic()
+    trainer = Trainer(get_train_architecture(arch)(spec()), plan(arch, steps=5), TensorRows(x, x))
+    trainer.fit()
+    sae = trainer.export()
+    assert sae.architecture == get_train_architecture(arch).inference_architecture
+    with torch.no_grad():
+        torch.testing.assert_close(sae(x[:64]), sae.decode(sae.encode(x[:64]), x[:64]), rtol=1e-5, atol=1e-5)
+        folder = save_sae(sae, f"{tmp_path}/sae")
+        loaded = load_sae(folder)
+        assert torch.equal(loaded(x[:64]), sae(x[:64]))
+        lens = load_sae(export_saelens(sae, f"{tmp_path}/saelens"))
+        torch.testing.assert_close(lens(x[:64]), sae(x[:64]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_transcoder_learns_a_map_between_sites(skip: bool, tmp_path: object) -> None:
+    x = synthetic()
+    W = torch.randn(D, D, generator=torch.Generator().manual_seed(1)) / D**0.5
+    y = torch.relu(x @ W)
+    ts = spec(transcoder=True, skip=skip, input_site="blocks.1.hook_mlp_in", output_site="blocks.1.hook_mlp_out")
+    trainer = Trainer(get_train_architecture("topk")(ts), plan("topk", steps=30), TensorRows(x, y))
+    hist = trainer.fit()
+    assert hist[-1].loss < 0.7 * hist[0].loss
+    sae = trainer.export()
+    assert sae.is_transcoder and (sae.W_skip is not None) == skip and not sae.subtract_b_dec
+    loaded = load_sae(save_sae(sae, f"{tmp_path}/tc"))
+    with torch.no_grad():
+        assert torch.equal(loaded(x[:32]), sae(x[:32]))
+        assert loaded.meta.input_site == "blocks.1.hook_mlp_in"
+
+
+def test_unknown_architecture_lists_valid_ones() -> None:
+    with pytest.raises(ValueError, match="valid: batchtopk, gated, jumprelu, matryoshka, relu, topk"):
+        get_train_architecture("nope")
+
+
+def test_matryoshka_prefixes_must_end_at_d_sae() -> None:
+    with pytest.raises(ValueError, match="end at d_sae=64"):
+        get_train_architecture("matryoshka")(spec(matryoshka_prefixes=(8, 16)))

@@ -1,0 +1,85 @@
+"""``python -m sae_train CONFIG`` end to end on a tiny model: harvest, cache, train, save, evaluate, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tiny_models import BOS_ID, EOS_ID, tiny_model
+
+import sae_train.pipeline as pipeline
+from sae_train.__main__ import main
+from steerlib.sae import load_sae
+
+
+class TinyTokenizer:
+    """Characters to ids 3..122 (inside the tiny models' 128-token vocabulary)."""
+
+    bos_token_id = BOS_ID
+    eos_token_id = EOS_ID
+
+    def __call__(self, text: list[str], *, add_special_tokens: bool) -> dict[str, list[list[int]]]:
+        return {"input_ids": [[3 + ord(c) % 120 for c in t] for t in text]}
+
+
+CONFIG = """
+model: tiny
+data: {{sources: [{docs}], ctx_len: 16, heldout_fraction: 0.2}}
+activations: {{n_tokens: 1200, harvest_batch: 8, cache_dir: cache}}
+sae: {{architecture: {arch}, input_site: blocks.1.hook_resid_post, expansion: 2, k: 4}}
+optim: {{batch_size: 200, steps: 12, lr: 0.003, dead_tokens: 1000}}
+run: {{out_dir: out, checkpoint_every: 5, log_every: 4, eval_contexts: 4}}
+"""
+
+
+@pytest.fixture
+def tiny(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    loads: list[Any] = []
+
+    def fake_load(name: str | None) -> tuple[Any, TinyTokenizer]:
+        loads.append(name)
+        return tiny_model("llama"), TinyTokenizer()
+
+    monkeypatch.setattr(pipeline, "load_model", fake_load)
+    return loads
+
+
+def _docs(tmp_path: Path) -> Path:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(60):
+        words = torch.randint(0, 26, (80,), generator=g).tolist()
+        (folder / f"{i:02d}.txt").write_text(" ".join(chr(97 + w) * (1 + w % 3) for w in words))
+    return folder
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_cli_trains_saves_evaluates_and_exports(tmp_path: Path, tiny: list[Any], arch: str) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(CONFIG.format(docs=_docs(tmp_path), arch=arch))
+    assert main([str(cfg)]) == 0
+    out = tmp_path / "out"
+    sae = load_sae(out / "sae")
+    assert sae.architecture == arch and sae.d_sae == 128 and sae.meta.input_site == "blocks.1.hook_resid_post"
+    assert load_sae(out / "saelens").meta.source_format == "saelens"
+    report = json.loads((out / "eval.json").read_text())
+    assert report["n_tokens"] == 4 * 15 and 0 <= report["dead_fraction"] <= 1
+    assert json.loads((out / "train_config.json").read_text())["sae"]["architecture"] == arch
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 8, 12]
+    assert (tmp_path / "cache" / "meta.json").is_file()
+
+
+def test_a_second_run_reuses_the_activation_cache(tmp_path: Path, tiny: list[Any]) -> None:
+    cfg, docs = tmp_path / "cfg.yaml", _docs(tmp_path)
+    cfg.write_text(CONFIG.format(docs=docs, arch="topk"))
+    assert main([str(cfg)]) == 0
+    stamp = (tmp_path / "cache" / "meta.json").stat().st_mtime_ns
+    cfg.write_text(CONFIG.format(docs=docs, arch="relu").replace("out_dir: out", "out_dir: out2"))
+    assert main([str(cfg)]) == 0
+    assert (tmp_path / "cache" / "meta.json").stat().st_mtime_ns == stamp
+    assert load_sae(tmp_path / "out2" / "sae").architecture == "relu"

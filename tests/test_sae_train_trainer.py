@@ -1,0 +1,111 @@
+"""Trainer mechanics: AuxK revives dead latents, resume after a kill continues the same curve, scales fold exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_sae_train_models import D, spec, synthetic
+
+from sae_train.batches import TensorRows
+from sae_train.models import get_train_architecture
+from sae_train.normalize import fold_scales, geometric_median
+from sae_train.trainer import Trainer, TrainPlan
+
+
+def _plan(**kw: object) -> TrainPlan:
+    base: dict[str, object] = {"steps": 20, "batch_size": 128, "lr": 3e-3, "dead_tokens": 256}
+    base.update(kw)
+    return TrainPlan(**base)  # type: ignore[arg-type]
+
+
+def _plant_dead(trainer: Trainer, x: torch.Tensor, n_dead: int) -> torch.Tensor:
+    """Lower the biases of ``n_dead`` latents until they fire on no token; mark them dead."""
+    sae = trainer.model.sae
+    with torch.no_grad():
+        assert sae.b_enc is not None
+        pre = sae.pre_acts(x * trainer.c_in)[:, :n_dead]
+        sae.b_enc[:n_dead] -= pre.max(0).values + 0.5
+    trainer.since_fired_F[:n_dead] = 10**9
+    return torch.arange(n_dead)
+
+
+def _fires(trainer: Trainer, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        z = trainer.export().encode(x)
+    return (z[:, idx] > 0).any(0)
+
+
+def test_auxk_revives_planted_dead_latents() -> None:
+    x = synthetic()
+    runs = {}
+    for alpha in (0.0, 1.0):
+        torch.manual_seed(0)
+        tr = Trainer(get_train_architecture("topk")(spec()), _plan(steps=60, auxk_alpha=alpha), TensorRows(x, x))
+        dead = _plant_dead(tr, x, 16)
+        assert not _fires(tr, x, dead).any()
+        tr.fit()
+        runs[alpha] = int(_fires(tr, x, dead).sum())
+    assert runs[0.0] == 0  # without AuxK nothing pulls them back
+    assert runs[1.0] >= 4, runs
+
+
+def test_resume_after_kill_continues_the_same_loss_curve(tmp_path: Path) -> None:
+    x = synthetic()
+    arch = get_train_architecture("batchtopk")
+    full = Trainer(arch(spec()), _plan(checkpoint_every=5), TensorRows(x, x)).fit()
+
+    out = tmp_path / "run"
+    first = Trainer(arch(spec()), _plan(checkpoint_every=5), TensorRows(x, x), out)
+    first.fit(stop_after=13)  # "killed" after step 13: the last checkpoint is step 10
+    assert first.step == 13
+    resumed = Trainer(arch(spec()), _plan(checkpoint_every=5), TensorRows(x, x), out)
+    assert resumed.step == 10
+    rest = resumed.fit()
+    assert [m.step for m in rest] == list(range(11, 21))
+    assert [m.loss for m in rest] == [m.loss for m in full[10:]]
+    logged = [int(line.split('"step": ')[1].split(",")[0]) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == sorted(set(logged))  # lines past the checkpoint were dropped, not duplicated
+
+
+def test_bfloat16_mixed_precision_trains() -> None:
+    x = synthetic()
+    tr = Trainer(get_train_architecture("topk")(spec()), _plan(dtype="bfloat16"), TensorRows(x, x))
+    hist = tr.fit()
+    assert hist[-1].loss < 0.7 * hist[0].loss
+    assert tr.model.sae.W_enc.dtype == torch.float32
+
+
+def test_folded_scales_reproduce_the_normalised_sae_on_raw_activations() -> None:
+    x = synthetic() * 40.0  # raw scale far from normalised
+    tr = Trainer(get_train_architecture("topk")(spec()), _plan(steps=5), TensorRows(x, x))
+    tr.fit()
+    raw = tr.export()
+    with torch.no_grad():
+        inner = tr.model.sae(x[:50] * tr.c_in) / tr.c_out
+        torch.testing.assert_close(raw(x[:50]), inner, rtol=1e-4, atol=1e-4)
+        skip = fold_scales(tr.model.sae, 2.0, 2.0)
+        torch.testing.assert_close(skip(x[:5]), tr.model.sae(x[:5] * 2) / 2, rtol=1e-4, atol=1e-4)
+
+
+def test_geometric_median_resists_outliers() -> None:
+    pts = torch.zeros(101, D)
+    pts[:3] = 1000.0
+    assert geometric_median(pts).abs().max() < 1e-3
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> None:
+    from sae_train.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"step": 10})
+
+    def dies(f: object) -> None:
+        raise KeyboardInterrupt  # a kill in the middle of the write
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, dies)
+    state = load_checkpoint(path)
+    assert state is not None and state["step"] == 10
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
