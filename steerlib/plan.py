@@ -117,9 +117,6 @@ class Plan:
     def sites(self) -> list[tuple[int, str]]:
         return sorted(self.ops)
 
-    def gates(self) -> list[Gate]:
-        return [b.policy.gate for ops in self.ops.values() for b in ops if b.policy.gate is not None]
-
     def detectors(self) -> list[BoundOp]:
         """The ``refuse`` ops, in config order."""
         found = [b for ops in self.ops.values() for b in ops if isinstance(b.op, RefuseDetector)]
