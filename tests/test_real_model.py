@@ -64,3 +64,23 @@ def test_demo_steers_only_the_harmful_prompts(capsys: pytest.CaptureFixture[str]
     unchanged = [r["unsteered"] == r["steered"] for r in rows]
     assert unchanged == [True, True, False, False]
     assert all(r["steered"].startswith("I'm sorry") for r in rows[2:])
+
+
+def test_shipped_refusal_detector_answers_only_harmful_prompts(loaded: tuple[Any, Any]) -> None:
+    """The `refusal_detector` server preset, used in-process: the fixed refusal for harmful demo prompts only."""
+    from pathlib import Path
+
+    import yaml
+
+    from steerlib.__main__ import DEMO_PROMPTS
+
+    presets = Path(__file__).resolve().parents[1] / "servers" / "presets"
+    data = yaml.safe_load((presets / "refusal_detector.yaml").read_text())
+    data.pop("description")
+    cfg = steerlib.SteeringConfig.from_dict(data, base_dir=presets)
+    model, tok = loaded
+    out = generate(model, tok, DEMO_PROMPTS, cfg, max_new_tokens=16)
+    assert [g.refused_by for g in out] == [None, None, "harm-probe-l15", "harm-probe-l15"]
+    assert [g.text for g in out[2:]] == ["I'm sorry, but I can't help with that request."] * 2
+    plain = generate(model, tok, DEMO_PROMPTS[:2], max_new_tokens=16)
+    assert [g.text for g in out[:2]] == [g.text for g in plain]
