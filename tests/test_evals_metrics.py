@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_model
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tiny_models import tiny_model, word_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from evals.capability import mmlu_accuracy, text_cost
@@ -19,29 +18,16 @@ from steerlib import SteeringConfig, steer
 from steerlib.sae import ReluSae, SaeMeta, save_sae
 
 D = 64
-CHAT_TEMPLATE = (
-    "<s>{% for m in messages %} <user> {{ m['content'] }}{% endfor %}"
-    "{% if add_generation_prompt %} <assistant>{% endif %}"
-)
 
 
 def chat_ids(ids: list[int]) -> list[int]:
-    """What CHAT_TEMPLATE renders a one-turn prompt of these words to: <s> <user> ... <assistant>."""
+    """What tiny_models.CHAT_TEMPLATE renders a one-turn prompt of these words to: <s> <user> ... <assistant>."""
     return [1, 2, *ids, 3]
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
-    """test_extract's word tokenizer (``w{i}`` is id i) with the letters A..D as ids 123..126."""
-    vocab = {"<pad>": 0, "<s>": 1, "<user>": 2, "<assistant>": 3, "<unk>": 4, "</s>": 127}
-    vocab |= {f"w{i}": i for i in range(5, 123)} | {c: 123 + j for j, c in enumerate("ABCD")}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tok.padding_side = "left"
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    """The shared word tokenizer (``w{i}`` is id i) with the letters A..D as ids 123..126."""
+    return word_tokenizer({c: 123 + j for j, c in enumerate("ABCD")})
 
 
 @pytest.fixture(scope="module")

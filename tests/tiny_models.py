@@ -140,10 +140,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """A real 128-token WordLevel tokenizer: word ``w{i}`` is id i (5..126), with a one-turn chat template."""
+def word_tokenizer(extra: dict[str, int] | None = None) -> PreTrainedTokenizerFast:
+    """A real 128-token WordLevel tokenizer: word ``w{i}`` is id i (5..126), with a one-turn chat template.
+
+    ``extra`` renames ids: ``{"A": 123}`` makes id 123 the token ``A`` instead of ``w123``.
+    """
+    extra = extra or {}
     vocab = {"<pad>": PAD_ID, "<s>": BOS_ID, "<user>": USER, "<assistant>": ASSISTANT, "<unk>": UNK, "</s>": EOS_ID}
-    vocab |= {f"w{i}": i for i in range(5, 127)}
+    vocab |= {f"w{i}": i for i in range(5, 127) if i not in extra.values()} | extra
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(
