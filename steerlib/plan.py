@@ -93,7 +93,10 @@ class Resources:
 
     def sae(self, path: Path) -> Sae:
         if path not in self._saes:
-            self._saes[path] = load_sae(path).to(self.spec.device).eval()
+            sae = load_sae(path)
+            # an SAE stored in a narrower dtype (a bf16 release) runs at the model's precision; never narrowed
+            wide = torch.promote_types(next(sae.parameters()).dtype, self.spec.dtype)
+            self._saes[path] = sae.to(device=self.spec.device, dtype=wide).eval()
         return self._saes[path]
 
     def match_lookup(self, strings: Sequence[str], tokenizer: TokenizerLike) -> Tensor:

@@ -592,6 +592,32 @@ def test_own_format_round_trips_exactly(tmp_path: Path, arch: str, opts: dict[st
         assert torch.equal(back(x), sae(x))
 
 
+def test_compressed_weights_round_trip_exactly_and_are_smaller(tmp_path: Path) -> None:
+    sae = random_sae("topk", dtype=torch.bfloat16)
+    save_sae(sae, tmp_path / "plain")
+    save_sae(sae, tmp_path / "xz", compress=True)
+    assert sorted(os.listdir(tmp_path / "xz")) == ["cfg.json", "sae.safetensors.xz"]
+    assert (tmp_path / "xz" / "cfg.json").read_text() == (tmp_path / "plain" / "cfg.json").read_text()
+    packed, plain = (tmp_path / "xz" / "sae.safetensors.xz"), (tmp_path / "plain" / "sae.safetensors")
+    assert packed.stat().st_size < plain.stat().st_size
+    back = load_sae(tmp_path / "xz")
+    for name, tensor in sae.state_dict().items():
+        assert back.state_dict()[name].dtype == torch.bfloat16
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_compressed_weights_errors_are_named(tmp_path: Path) -> None:
+    save_sae(random_sae("relu"), tmp_path / "sae", compress=True)
+    (tmp_path / "sae" / "sae.safetensors.xz").write_bytes(b"not xz")
+    with pytest.raises(ValueError, match="not a valid xz-compressed safetensors file"):
+        load_sae(tmp_path / "sae")
+    save_sae(random_sae("relu"), tmp_path / "both")
+    save_sae(random_sae("relu"), tmp_path / "other", compress=True)
+    os.rename(tmp_path / "other" / "sae.safetensors.xz", tmp_path / "both" / "sae.safetensors.xz")
+    with pytest.raises(ValueError, match=r"holds both sae\.safetensors and sae\.safetensors\.xz; keep one"):
+        load_sae(tmp_path / "both")
+
+
 def test_own_format_config_fields(tmp_path: Path) -> None:
     save_sae(random_sae("batchtopk"), tmp_path / "sae")
     assert json.loads((tmp_path / "sae" / "cfg.json").read_text()) == {
@@ -644,7 +670,7 @@ def test_unknown_folder_names_files_and_formats(tmp_path: Path) -> None:
     msg = str(info.value)
     assert f"unrecognised SAE folder {tmp_path}: files seen: ['notes.txt', 'sub/', 'weights.bin']" in msg
     for fmt in (
-        "steerlib (cfg.json with format_version + sae.safetensors)",
+        "steerlib (cfg.json with format_version + sae.safetensors (or sae.safetensors.xz))",
         "saelens (cfg.json + sae_weights",
         "sparsify (cfg.json + sae.safetensors",
         "gemma_scope (params.npz)",

@@ -214,3 +214,19 @@ def test_shared_resources_load_each_sae_once(model: torch.nn.Module, tmp_path: P
     with pytest.raises(ValueError, match="resources were made for"):
         attach(model, c, resources=other)
     assert hooks_installed(model) == 0
+
+
+def test_bf16_sae_runs_at_the_model_precision(model: torch.nn.Module, ids: Tensor, tmp_path: Path) -> None:
+    """A compressed bf16 release of an SAE steers an fp32 model exactly as its fp32 upcast does."""
+    sae = make_sae(tmp_path / "fp32")
+    low = get_architecture("relu")(sae.meta).to(torch.bfloat16)
+    low.load_state_dict({k: v.to(torch.bfloat16) for k, v in sae.state_dict().items()})
+    save_sae(low, tmp_path / "bf16", compress=True)
+    save_sae(low.to(torch.float32), tmp_path / "up")
+    edits = [{"feature": 3, "mode": "set", "value": 5.0}]
+    outs = []
+    for name in ("bf16", "up"):
+        with steer(model, cfg(tmp_path, {"op": "sae", "layer": 1, "sae": name, "edits": edits})) as handle:
+            assert handle.plan.ops[(1, "resid_post")][0].op.sae.W_enc.dtype == torch.float32  # type: ignore[attr-defined]
+            outs.append(hidden(model, ids)[-1])
+    assert torch.equal(outs[0], outs[1])

@@ -1,5 +1,9 @@
 """steerlib's own SAE format: a folder holding ``cfg.json`` (:class:`NativeSaeConfig`) and ``sae.safetensors``.
 
+The weights may instead be stored xz-compressed as ``sae.safetensors.xz`` (``save_sae(..., compress=True)``): the
+same safetensors bytes, about 70% of the size for bf16 weights (the exponent bytes compress, the mantissas do not),
+for SAEs shipped inside a repository or a wheel. Reading decompresses in memory; nothing is written.
+
 Tensors use steerlib's names and layouts (``W_enc`` (d_in, d_sae), ``W_dec`` (d_sae, d_out), ``W_skip`` (d_in, d_out),
 ``threshold``, ``b_gate``, ``r_mag``, ``b_mag``), so a save and a load give back the same SAE bit for bit.
 :func:`save_sae` writes into a temporary folder beside the target and renames it into place, so a reader never sees
@@ -9,6 +13,7 @@ a half-written SAE.
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import shutil
 import tempfile
@@ -18,13 +23,14 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 from steerlib.sae.base import Sae, SaeMeta
 from steerlib.sae.formats._common import SaeFormat, build_sae, read_json
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
+COMPRESSED_WEIGHTS_FILE = WEIGHTS_FILE + ".xz"
 FORMAT_VERSION = 1
 
 ThresholdKind = Literal["none", "global", "per_latent"]
@@ -80,8 +86,10 @@ def config_of(sae: Sae) -> NativeSaeConfig:
     )
 
 
-def save_sae(sae: Sae, folder: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def save_sae(sae: Sae, folder: str | os.PathLike[str], *, overwrite: bool = False, compress: bool = False) -> Path:
     """Write ``sae`` as ``folder/cfg.json`` + ``folder/sae.safetensors``; returns the folder.
+
+    ``compress`` writes ``sae.safetensors.xz`` instead (the same bytes, xz-compressed).
 
     An existing ``folder`` is an error unless ``overwrite``; then the old folder is moved aside, the new one renamed
     in and the old one deleted.
@@ -94,7 +102,11 @@ def save_sae(sae: Sae, folder: str | os.PathLike[str], *, overwrite: bool = Fals
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in sae.state_dict().items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "steerlib-sae"})
+        metadata = {"format": "steerlib-sae"}
+        if compress:
+            (tmp / COMPRESSED_WEIGHTS_FILE).write_bytes(lzma.compress(save(tensors, metadata=metadata), preset=9))
+        else:
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         (tmp / CFG_FILE).write_text(json.dumps(cfg.model_dump(), indent=2) + "\n")
         if target.exists():
             old = target.parent / f".{target.name}.{uuid.uuid4().hex}.old"
@@ -109,9 +121,25 @@ def save_sae(sae: Sae, folder: str | os.PathLike[str], *, overwrite: bool = Fals
     return target
 
 
+def _weights_file(folder: Path) -> Path | None:
+    found = [folder / name for name in (WEIGHTS_FILE, COMPRESSED_WEIGHTS_FILE) if (folder / name).is_file()]
+    if len(found) > 1:
+        raise ValueError(f"{folder} holds both {WEIGHTS_FILE} and {COMPRESSED_WEIGHTS_FILE}; keep one")
+    return found[0] if found else None
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.name == COMPRESSED_WEIGHTS_FILE:
+        try:
+            return load(lzma.decompress(path.read_bytes()))
+        except lzma.LZMAError as e:
+            raise ValueError(f"{path}: not a valid xz-compressed safetensors file: {e}") from None
+    return load_file(str(path))
+
+
 def _detect(folder: Path) -> bool:
-    cfg, weights = folder / CFG_FILE, folder / WEIGHTS_FILE
-    if not (cfg.is_file() and weights.is_file()):
+    cfg = folder / CFG_FILE
+    if not (cfg.is_file() and _weights_file(folder) is not None):
         return False
     try:
         return "format_version" in json.loads(cfg.read_text())
@@ -125,7 +153,10 @@ def _load(folder: Path, dtype: torch.dtype | None) -> Sae:
         cfg = NativeSaeConfig.model_validate(raw)
     except ValidationError as e:
         raise ValueError(f"{folder / CFG_FILE}: invalid steerlib SAE config:\n{e}") from None
-    tensors = load_file(str(folder / WEIGHTS_FILE))
+    weights = _weights_file(folder)
+    if weights is None:
+        raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} or {COMPRESSED_WEIGHTS_FILE}")
+    tensors = _read_weights(weights)
     if _threshold_kind(tensors) != cfg.threshold:
         raise ValueError(
             f"{folder}: cfg.json says threshold={cfg.threshold!r} but the weights hold {_threshold_kind(tensors)!r}"
@@ -150,7 +181,7 @@ def _load(folder: Path, dtype: torch.dtype | None) -> Sae:
 
 FORMAT = SaeFormat(
     name="steerlib",
-    files=f"{CFG_FILE} with format_version + {WEIGHTS_FILE}",
+    files=f"{CFG_FILE} with format_version + {WEIGHTS_FILE} (or {COMPRESSED_WEIGHTS_FILE})",
     detect=_detect,
     load=_load,
 )
