@@ -24,7 +24,9 @@ from torch import Tensor, nn
 
 from steerlib.config import SteeringConfig
 from steerlib.hf.hooks import steer
+from steerlib.hf.layout import get_layout
 from steerlib.hf.recording import record
+from steerlib.plan import Resources, spec_of
 from steerlib.sae import Sae, save_sae
 from steerlib.sites import parse_site
 
@@ -51,16 +53,38 @@ class SaeMetrics(NamedTuple):
     n_tokens: int
 
 
-def _ce_and_logprobs(model: nn.Module, ids_NT: Tensor, batch: int) -> tuple[float, Tensor]:
-    losses, logps = [], []
+def _logprobs(model: nn.Module, ids: Tensor) -> Tensor:
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1].float().log_softmax(-1)
+
+
+def _nll_sum(logp: Tensor, ids: Tensor) -> float:
+    return float(-logp.gather(-1, ids[:, 1:, None]).sum())
+
+
+def _downstream(
+    model: nn.Module, ids_NT: Tensor, batch: int, sae_cfg: SteeringConfig, zero_cfg: SteeringConfig
+) -> tuple[float, float, float, float]:
+    """Mean next-token CE clean, with the SAE, zero-ablated, and the mean KL(clean || SAE), batch by batch.
+
+    Each batch's three runs are compared and dropped at once: keeping every token's log-probabilities (vocabulary
+    49k on the embedded model) would take gigabytes for a few hundred contexts.
+    """
+    layout = get_layout(model)
+    res = Resources(spec_of(model, layout.n_layers, layout.d_model))
+    ce = torch.zeros(3, dtype=torch.float64)
+    kl = 0.0
     with torch.inference_mode():
         for s in range(0, ids_NT.shape[0], batch):
             ids = ids_NT[s : s + batch]
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1].float()
-            logp = logits.log_softmax(-1)
-            losses.append(-logp.gather(-1, ids[:, 1:, None]).squeeze(-1))
-            logps.append(logp)
-    return float(torch.cat(losses).mean()), torch.cat(logps)
+            clean = _logprobs(model, ids)
+            with steer(model, sae_cfg, resources=res):
+                spliced = _logprobs(model, ids)
+            with steer(model, zero_cfg, resources=res):
+                zeroed = _logprobs(model, ids)
+            ce += torch.tensor([_nll_sum(lp, ids) for lp in (clean, spliced, zeroed)], dtype=torch.float64)
+            kl += float((clean.exp() * (clean - spliced)).sum())
+    n = ids_NT[:, 1:].numel()
+    return float(ce[0]) / n, float(ce[1]) / n, float(ce[2]) / n, kl / n
 
 
 def _zero_like(sae: Sae) -> Sae:
@@ -119,14 +143,11 @@ def evaluate(
 ) -> SaeMetrics:
     """Metrics of ``sae`` on held-out contexts ``ids_NT`` (N, T) of ``model``."""
     l0, fvu, fvu_typical, outliers, dead, dense = _reconstruction(model, sae, ids_NT, skip_bos, batch, max_norm_factor)
-    ce_clean, logp_clean = _ce_and_logprobs(model, ids_NT, batch)
     with tempfile.TemporaryDirectory() as tmp:
         sae_dir, zero_dir = save_sae(sae, Path(tmp) / "sae"), save_sae(_zero_like(sae), Path(tmp) / "zero")
-        with steer(model, _replace_config(sae_dir, sae, skip_bos)):
-            ce_sae, logp_sae = _ce_and_logprobs(model, ids_NT, batch)
-        with steer(model, _replace_config(zero_dir, sae, skip_bos)):
-            ce_zero, _ = _ce_and_logprobs(model, ids_NT, batch)
-    kl = float((logp_clean.exp() * (logp_clean - logp_sae)).sum(-1).mean())
+        ce_clean, ce_sae, ce_zero, kl = _downstream(
+            model, ids_NT, batch, _replace_config(sae_dir, sae, skip_bos), _replace_config(zero_dir, sae, skip_bos)
+        )
     gap = ce_zero - ce_clean
     recovered = (ce_zero - ce_sae) / gap if gap > 0 else float("nan")
     return SaeMetrics(
