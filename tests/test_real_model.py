@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 import steerlib
+from sae_train.metrics import evaluate
 from steerlib.hf.generate import generate
 
 pytestmark = pytest.mark.real_model
@@ -84,3 +86,18 @@ def test_shipped_refusal_detector_answers_only_harmful_prompts(loaded: tuple[Any
     assert [g.text for g in out[2:]] == ["I'm sorry, but I can't help with that request."] * 2
     plain = generate(model, tok, DEMO_PROMPTS[:2], max_new_tokens=16)
     assert [g.text for g in out[:2]] == [g.text for g in plain]
+
+
+def test_shipped_reference_sae_reconstructs_unseen_text(loaded: tuple[Any, Any]) -> None:
+    """The released SAE (bf16, xz) spliced in at layer 15 keeps the model's predictions on text it never saw."""
+    model, tok = loaded
+    folder = Path(__file__).parents[1] / "servers" / "presets" / "saes" / "smollm2-l15-topk32"
+    sae = steerlib.load_sae(folder)
+    assert (sae.architecture, sae.d_sae, sae.meta.k) == ("topk", 4608, 32)
+    assert sae.meta.input_site == "blocks.15.hook_resid_post"
+    ids = tok((Path(__file__).parent / "data" / "declaration.txt").read_text(), return_tensors="pt").input_ids[0]
+    n, t = len(ids) // 63, 63
+    bos = torch.full((n, 1), tok.bos_token_id)
+    m = evaluate(model, sae.float(), torch.cat([bos, ids[: n * t].view(n, t)], 1), skip_bos=True)
+    assert n == 6 and m.l0 == 32.0  # exactly k latents on every token
+    assert m.fvu < 0.25 and m.ce_loss_recovered > 0.9  # measured: 0.221 and 0.930 (zero-ablation CE 15.4)
