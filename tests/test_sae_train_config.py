@@ -27,7 +27,7 @@ def test_the_reference_config_resolves() -> None:
     assert (sae.spec.d_sae, sae.spec.k, sae.name) == (4608, 32, "topk")
     assert not sae.spec.transcoder and sae.sae.subtract_b_dec
     plan = make_plan(cfg, sae.spec.d_sae, 400_000)
-    assert plan.steps == 220 and plan.lr == pytest.approx(3e-3)
+    assert plan.steps == 1200 and plan.lr == pytest.approx(1e-3)
 
 
 def test_mlp_in_to_mlp_out_is_a_transcoder() -> None:
