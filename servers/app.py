@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI, Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import nn
 
-from servers import features, routes_openai, routes_steering
+from servers import browser, features, routes_openai, routes_steering
 from servers.errors import ApiError, install_error_handlers
 from servers.metrics import Metrics
 from servers.settings import ServerSettings
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: ServerSettings, model: nn.Module, tokenizer: Any, model_name: str) -> FastAPI:
     """An app serving ``model``; the engine thread starts and stops with the app's lifespan."""
-    state = build_state(settings, model, tokenizer, model_name)
+    state, browser_state = browser.with_indexes(build_state(settings, model, tokenizer, model_name))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -46,6 +46,7 @@ def create_app(settings: ServerSettings, model: nn.Module, tokenizer: Any, model
     auth = [Depends(_require_key)]
     for router in (routes_openai.router, routes_steering.router, features.router):
         app.include_router(router, dependencies=auth)
+    browser.install(app, browser_state, auth)
     app.add_api_route("/health", _health, methods=["GET"])
     app.add_api_route("/metrics", _metrics, methods=["GET"])
     app.add_middleware(_CountRequests, metrics=state.metrics)

@@ -5,12 +5,14 @@ Unknown keys are errors at every level (a typo in ``server.yaml`` stops the serv
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -30,6 +32,14 @@ class ServerSettings(BaseSettings):
     default_presets: list[str] = Field(
         default_factory=list, description="Presets applied when a request has no `steering` field."
     )
+    features: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Feature index folders (from `python -m evals.autointerp index`) shown at /browser; each index's "
+        "SAE can be named in steering by the index's folder name. Several: separate with ':' in a flag or env.",
+    )
+    allow_preset_writes: bool = Field(
+        False, description="Let clients save presets into the presets folder (POST /v1/steering/presets)."
+    )
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port.")
     api_key: str | None = Field(None, description="If set, requests need `Authorization: Bearer <api_key>`.")
@@ -43,6 +53,14 @@ class ServerSettings(BaseSettings):
     shutdown_grace_s: float = Field(10.0, ge=0, description="On shutdown, in-flight requests get this long.")
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads; None leaves torch's default.")
     log_level: str = Field("info", description="Python logging level name.")
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _split_paths(cls, value: Any) -> Any:
+        """A flag or env value is one string: ``DIR`` or ``DIR1:DIR2`` (``os.pathsep``)."""
+        if isinstance(value, str | Path):
+            return [p for p in str(value).split(os.pathsep) if p]
+        return value
 
 
 def load_settings(flags: dict[str, Any], config_file: Path | None = None) -> ServerSettings:

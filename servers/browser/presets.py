@@ -1,0 +1,117 @@
+"""The preset registry as the feature browser needs it: feature-index SAEs by name, and saving presets.
+
+Each served feature index lends its SAE to steering under the index's name (``{"op": "sae", "sae": "<index>"}``),
+so the browser's "try it" needs no copy of the SAE in the presets folder. Those SAE paths are the only files outside
+the presets folder a preset may reach; they come from the operator's ``--features`` folders, never from a client.
+
+Saved presets are YAML files in the presets folder, written atomically, named like every preset (letters, digits,
+``_ - .``) and never overwritten unless the request says so. Paths inside the presets folder are stored relative to
+it; an index SAE is stored by absolute path, so such a preset loads only on a server given the same ``--features``
+(or once the SAE is copied into ``saes/``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from servers.registry import PresetError, PresetInfo, PresetRegistry, check_name
+from steerlib.config import SteeringConfig
+
+log = logging.getLogger(__name__)
+
+
+class PresetExistsError(PresetError):
+    """A preset of that name exists and the request did not ask to overwrite it."""
+
+
+class BrowserRegistry(PresetRegistry):
+    """Presets from ``root`` plus the SAEs of feature indexes (name -> resolved path); can save new presets."""
+
+    def __init__(self, root: Path | None, index_saes: dict[str, Path]) -> None:
+        # Set first: loading the folder's presets already goes through confine(), which reads it.
+        self.index_saes = {name: p.resolve() for name, p in index_saes.items()}
+        self._write_lock = threading.Lock()
+        super().__init__(root)
+        clash = sorted(set(index_saes) & set(super().available("sae")))
+        if clash:
+            raise PresetError(f"feature index names {clash} are also SAE names in the presets folder; rename one")
+
+    def sae(self, name: str) -> str:
+        if name in self.index_saes:
+            return str(self.index_saes[name])
+        return super().sae(name)
+
+    def available(self, kind: str) -> list[str]:
+        own = super().available(kind)
+        return sorted([*own, *self.index_saes]) if kind == "sae" else own
+
+    def confine(self, path: Path) -> Path:
+        resolved = path.resolve()
+        if any(resolved.is_relative_to(p) for p in self.index_saes.values()):
+            return resolved
+        return super().confine(path)
+
+    def save(self, name: str, description: str, config: SteeringConfig, *, overwrite: bool) -> PresetInfo:
+        """Write ``config`` (absolute, checked paths) as ``<root>/<name>.yaml`` and list it from now on."""
+        if self.root is None:
+            raise PresetError("the server has no presets folder to save presets in (start it with --presets DIR)")
+        check_name(name, "preset")
+        path = self.confine(self.root / f"{name}.yaml")
+        data = {"description": description, "interventions": [self._portable(iv) for iv in config.interventions]}
+        with self._write_lock:
+            others = [p for p in self.root.glob(f"{name}.y*ml") if p.stem == name]
+            if others and not overwrite:
+                raise PresetExistsError(f"preset {name!r} exists ({others[0].name}); set overwrite to replace it")
+            previous = path.read_bytes() if path.exists() else None
+            _write_atomic(path, yaml.safe_dump(data, sort_keys=False))
+            try:
+                preset = self._load(path)
+            except Exception:
+                _restore(path, previous)
+                raise
+            for p in others:
+                if p != path:
+                    p.unlink()  # a .yml of the same name would shadow the new file at the next start
+            self._presets[name] = preset
+        log.info("saved preset %r to %s", name, path)
+        return preset.info
+
+    def _portable(self, iv: Any) -> dict[str, Any]:
+        """An intervention as YAML data: defaults left out, paths inside the presets folder made relative."""
+        out: dict[str, Any] = iv.model_dump(mode="json", exclude_defaults=True)
+        for holder in (out, out.get("apply", {}).get("when") or {}):
+            for key in ("vector", "sae"):
+                if isinstance(holder.get(key), str):
+                    holder[key] = self._relative(Path(holder[key]))
+        return out
+
+    def _relative(self, path: Path) -> str:
+        assert self.root is not None
+        resolved = self.confine(path)
+        return resolved.relative_to(self.root).as_posix() if resolved.is_relative_to(self.root) else str(resolved)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _restore(path: Path, previous: bytes | None) -> None:
+    if previous is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_bytes(previous)
