@@ -62,13 +62,15 @@ def harvest(
 
     n = contexts_NT.shape[0]
     bar = tqdm(range(0, n, batch_size), desc="harvest", unit="batch", disable=not progress)
-    with torch.inference_mode(), record(model, list(sites), select=select, on_step=on_step, keep=False):
+    with record(model, list(sites), select=select, on_step=on_step, keep=False):
         # registered after record's hooks, so on the same module it runs after them
         stop = get_layout(model).layers[_last_layer(sites)].register_forward_hook(_stop_forward)
         try:
             for start in bar:
                 ids = contexts_NT[start : start + batch_size]
-                with contextlib.suppress(_StopForward):
+                # no_grad around the forward only: a mode entered around the yields would stay on in the caller's
+                # code (a streamed training step) while this generator is suspended
+                with torch.no_grad(), contextlib.suppress(_StopForward):
                     model(input_ids=ids, attention_mask=torch.ones_like(ids))
                 if not out:
                     raise RuntimeError(f"harvest: the forward pass recorded nothing at {list(sites)}")

@@ -39,6 +39,15 @@ class ActivationConfig(_Strict):
         "null: $STEERLIB_CACHE/activations/<fingerprint of model, data, sites and these settings>.",
     )
     dtype: Literal["float32", "float16"] = Field("float32", description="Storage dtype of the cache.")
+    cache: bool = Field(
+        True,
+        description="Harvest once into the on-disk activation cache and train from it (true), or stream: harvest "
+        "while training, through a shuffle buffer, writing nothing to disk (false; the model runs again for every "
+        "epoch and on resume).",
+    )
+    shuffle_buffer: int = Field(
+        65536, gt=0, description="Rows in the shuffle buffer when streaming (cache: false); at least 2x the batch."
+    )
     skip_bos: bool = Field(True, description="Leave each context's first token (BOS) out of training.")
     max_norm_factor: float | None = Field(
         10.0,
@@ -70,6 +79,12 @@ class SaeConfig(_Strict):
     skip: bool = Field(False, description="Skip transcoder: add a learned linear path x @ W_skip.")
     matryoshka_prefixes: list[int] | None = Field(
         None, description="Nested dictionary sizes ending at d_sae; null = d_sae/8, /4, /2, 1."
+    )
+    encoder_init_norm: float | None = Field(
+        None,
+        gt=0,
+        description="Norm of each latent's initial encoder column (the encoder starts as the decoder's transpose "
+        "times this); null = the architecture's default: 1/sqrt(3) for topk, 1 for the others.",
     )
     jumprelu_bandwidth: float = Field(0.001, gt=0, description="Width of the straight-through kernel (JumpReLU).")
     jumprelu_init_threshold: float = Field(0.001, gt=0, description="Initial threshold (JumpReLU).")
@@ -123,6 +138,11 @@ class TrainConfig(_Strict):
     def _k_needed(self) -> TrainConfig:
         if self.sae.architecture in ("topk", "batchtopk", "matryoshka") and self.sae.k is None:
             raise ValueError(f"sae.k is required for architecture {self.sae.architecture}")
+        if not self.activations.cache and self.activations.shuffle_buffer < 2 * self.optim.batch_size:
+            raise ValueError(
+                f"activations.shuffle_buffer={self.activations.shuffle_buffer} must be at least 2x "
+                f"optim.batch_size={self.optim.batch_size} when streaming (activations.cache: false)"
+            )
         return self
 
     @classmethod

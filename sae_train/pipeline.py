@@ -6,6 +6,9 @@ Output folder (``run.out_dir``):
 - ``saelens/``: the same SAE in SAELens' layout (when ``run.export_saelens``);
 - ``train_config.json``: the config that produced it; ``eval.json``: held-out metrics;
 - ``metrics.jsonl``: training metrics per interval; ``checkpoint.pt``: the last checkpoint (resume).
+
+Activations come from the on-disk cache (harvested once, reused by later runs) or, with ``activations.cache:
+false``, stream from the model through a shuffle buffer while training (:mod:`sae_train.stream`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from sae_train.dist import DistInfo, init_from_env
 from sae_train.export import export_saelens
 from sae_train.metrics import SaeMetrics, evaluate
 from sae_train.models import ArchSpec, TrainSae, get_train_architecture
+from sae_train.stream import Chunks, StreamBatches
 from sae_train.trainer import Trainer, TrainPlan
 from steerlib.hf.loading import cache_root, load_model
 from steerlib.sae import Sae, save_sae
@@ -46,7 +51,7 @@ class RunResult:
 
 def fingerprint(cfg: TrainConfig, sites: list[str]) -> str:
     key = {"model": cfg.model, "data": cfg.data.model_dump(), "sites": sites, **cfg.activations.model_dump()}
-    for training_only in ("cache_dir", "harvest_batch", "max_norm_factor"):
+    for training_only in ("cache_dir", "harvest_batch", "max_norm_factor", "cache", "shuffle_buffer"):
         key.pop(training_only)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -63,13 +68,30 @@ def build_cache(cfg: TrainConfig, model: torch.nn.Module, tok: Tokenizer, folder
     if found is not None:
         logger.info("reusing activation cache %s", folder)
         return found
+    a = cfg.activations
+    chunks = _harvester(cfg, model, tok, progress=True)()
+    return ActivationCache.write(folder, chunks, a.n_tokens, dtype=a.dtype, fingerprint=fp)
+
+
+def _harvester(cfg: TrainConfig, model: torch.nn.Module, tok: Tokenizer, progress: bool) -> Callable[[], Chunks]:
+    """A function that starts a harvest of the training contexts from the first one each time it is called."""
     a, d = cfg.activations, cfg.data
     per_ctx = d.ctx_len - int(a.skip_bos)
     ids = contexts(d.sources, tok, packing_for(tok, d.ctx_len, d.bos), "train",
                    heldout_fraction=d.heldout_fraction, max_contexts=math.ceil(a.n_tokens / per_ctx))  # fmt: skip
     runner = model if a.model_dtype == "float32" else copy.deepcopy(model).to(torch.bfloat16)
-    chunks = harvest(runner, ids, sites, batch_size=a.harvest_batch, skip_bos=a.skip_bos, progress=True)
-    return ActivationCache.write(folder, chunks, a.n_tokens, dtype=a.dtype, fingerprint=fp)
+    sites = sites_of(cfg)
+    return lambda: harvest(runner, ids, sites, batch_size=a.harvest_batch, skip_bos=a.skip_bos, progress=progress)
+
+
+def stream_source(cfg: TrainConfig, model: torch.nn.Module, tok: Tokenizer) -> StreamBatches:
+    """Batches harvested while training, through a shuffle buffer (``activations.cache: false``)."""
+    a = cfg.activations
+    return StreamBatches(
+        _harvester(cfg, model, tok, progress=False), cfg.sae.input_site, cfg.sae.output_site or cfg.sae.input_site,
+        batch_size=cfg.optim.batch_size, buffer_rows=a.shuffle_buffer, seed=cfg.optim.seed,
+        max_norm_factor=a.max_norm_factor, norm_sample=cfg.optim.init_sample,
+    )  # fmt: skip
 
 
 def make_sae(cfg: TrainConfig, d_in: int, d_out: int) -> TrainSae:
@@ -81,7 +103,7 @@ def make_sae(cfg: TrainConfig, d_in: int, d_out: int) -> TrainSae:
         d_in=d_in, d_sae=d_sae, d_out=d_out, k=s.k, transcoder=out_site != s.input_site, skip=s.skip,
         input_site=s.input_site, output_site=out_site, model=cfg.model or "SmolLM2-135M-Instruct",
         jumprelu_bandwidth=s.jumprelu_bandwidth, jumprelu_init_threshold=s.jumprelu_init_threshold,
-        matryoshka_prefixes=prefixes,
+        matryoshka_prefixes=prefixes, encoder_init_norm=s.encoder_init_norm,
     )  # fmt: skip
     return get_train_architecture(s.architecture)(spec)
 
@@ -107,23 +129,15 @@ def run(cfg: TrainConfig, base_dir: Path, info: DistInfo | None = None) -> RunRe
         torch.set_num_threads(cfg.run.threads)
     out = (base_dir / cfg.run.out_dir).resolve()
     model, tok = load_model(cfg.model)
-    cache_dir = (
-        base_dir / cfg.activations.cache_dir
-        if cfg.activations.cache_dir
-        else cache_root() / "activations" / fingerprint(cfg, sites_of(cfg))
-    )
-    if info.world > 1 and not info.is_main:
-        torch.distributed.barrier()  # rank 0 harvests; the others wait, then open the same cache
-    cache = build_cache(cfg, model, tok, cache_dir)
-    if info.world > 1 and info.is_main:
-        torch.distributed.barrier()
-    in_site, out_site = cfg.sae.input_site, cfg.sae.output_site or cfg.sae.input_site
-    train_sae = make_sae(cfg, cache.meta.d[in_site], cache.meta.d[out_site])
-    factor = cfg.activations.max_norm_factor
-    rows = CacheRows(cache, in_site, out_site, None if factor is None else typical_rows(cache, in_site, factor))
-    trainer = Trainer(train_sae, make_plan(cfg, train_sae.spec.d_sae, len(rows)), rows, out, info)
+    source, d_in, d_out, n_rows = _source(cfg, model, tok, base_dir, info)
+    train_sae = make_sae(cfg, d_in, d_out)
+    trainer = Trainer(train_sae, make_plan(cfg, train_sae.spec.d_sae, n_rows), source, out, info)
     t0 = time.perf_counter()
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        if isinstance(source, StreamBatches):
+            source.close()  # the harvest's recording hooks leave the model before it is evaluated
     seconds = time.perf_counter() - t0
     sae = trainer.export()
     metrics = None
@@ -134,6 +148,30 @@ def run(cfg: TrainConfig, base_dir: Path, info: DistInfo | None = None) -> RunRe
             export_saelens(sae, out / "saelens")
         metrics = _evaluate(cfg, model, tok, sae, out, seconds)
     return RunResult(out, sae, metrics, seconds)
+
+
+def _source(
+    cfg: TrainConfig, model: torch.nn.Module, tok: Tokenizer, base_dir: Path, info: DistInfo
+) -> tuple[CacheRows | StreamBatches, int, int, int]:
+    """The training rows (cached or streamed), the input and output widths, and the number of rows per epoch."""
+    in_site, out_site = cfg.sae.input_site, cfg.sae.output_site or cfg.sae.input_site
+    if not cfg.activations.cache:
+        stream = stream_source(cfg, model, tok)
+        d_in, d_out = stream.dims()
+        return stream, d_in, d_out, cfg.activations.n_tokens
+    cache_dir = (
+        base_dir / cfg.activations.cache_dir
+        if cfg.activations.cache_dir
+        else cache_root() / "activations" / fingerprint(cfg, sites_of(cfg))
+    )
+    if info.world > 1 and not info.is_main:
+        torch.distributed.barrier()  # rank 0 harvests; the others wait, then open the same cache
+    cache = build_cache(cfg, model, tok, cache_dir)
+    if info.world > 1 and info.is_main:
+        torch.distributed.barrier()
+    factor = cfg.activations.max_norm_factor
+    rows = CacheRows(cache, in_site, out_site, None if factor is None else typical_rows(cache, in_site, factor))
+    return rows, cache.meta.d[in_site], cache.meta.d[out_site], len(rows)
 
 
 def _evaluate(

@@ -29,6 +29,7 @@ from sae_train.dist import DistInfo, all_reduce_grads, any_over_ranks, broadcast
 from sae_train.models import TrainSae
 from sae_train.normalize import fold_scales, geometric_median, norm_scale
 from sae_train.schedule import lr_factor, sparsity_factor
+from sae_train.stream import StreamBatches
 from steerlib.sae import Sae
 
 logger = logging.getLogger(__name__)
@@ -71,13 +72,17 @@ class StepMetrics(NamedTuple):
 
 
 class Trainer:
-    """Trains ``model`` on ``source`` per ``plan``; checkpoints and logs into ``out_dir`` (None: neither)."""
+    """Trains ``model`` on ``source`` per ``plan``; checkpoints and logs into ``out_dir`` (None: neither).
+
+    ``source`` is rows in memory or in a cache (batch ``i`` = rows drawn from ``(seed, i)``) or a stream harvested
+    on the fly (:class:`~sae_train.stream.StreamBatches`, which makes batch ``i`` itself).
+    """
 
     def __init__(
         self,
         model: TrainSae,
         plan: TrainPlan,
-        source: RowSource,
+        source: RowSource | StreamBatches,
         out_dir: str | Path | None = None,
         info: DistInfo | None = None,
     ) -> None:
@@ -110,9 +115,12 @@ class Trainer:
 
     @torch.no_grad()
     def _initialize(self) -> None:
-        n = min(self.plan.init_sample, len(self.source))
         gen = torch.Generator().manual_seed(self.plan.seed)
-        x_in, x_out = self.source.rows(torch.randperm(len(self.source), generator=gen)[:n])
+        if isinstance(self.source, StreamBatches):
+            x_in, x_out = self.source.sample(self.plan.init_sample)
+        else:
+            n = min(self.plan.init_sample, len(self.source))
+            x_in, x_out = self.source.rows(torch.randperm(len(self.source), generator=gen)[:n])
         self.c_in, self.c_out = norm_scale(x_in), norm_scale(x_out)
         y = x_out * self.c_out
         init = self.plan.b_dec_init
@@ -175,8 +183,12 @@ class Trainer:
                            dead, lr)  # fmt: skip
 
     def _batch(self) -> tuple[Tensor, Tensor]:
-        idx = batch_indices(self.step, self.plan.batch_size, len(self.source), self.plan.seed)
-        x_in, x_out = self.source.rows(shard(idx, self.info.rank, self.info.world))
+        if isinstance(self.source, StreamBatches):
+            mine = shard(torch.arange(self.plan.batch_size), self.info.rank, self.info.world)
+            x_in, x_out = (x[mine] for x in self.source.batch(self.step))
+        else:
+            idx = batch_indices(self.step, self.plan.batch_size, len(self.source), self.plan.seed)
+            x_in, x_out = self.source.rows(shard(idx, self.info.rank, self.info.world))
         return x_in * self.c_in, x_out * self.c_out
 
     def _precision(self) -> contextlib.AbstractContextManager[object]:

@@ -37,3 +37,16 @@ def test_mlp_in_to_mlp_out_is_a_transcoder() -> None:
     sae = make_sae(cfg, 64, 64)
     assert sae.spec.transcoder and sae.sae.W_skip is not None and not sae.sae.subtract_b_dec
     assert make_plan(cfg, 512, 10_000).steps == 2  # one pass over the harvested tokens
+
+
+def test_streaming_settings_are_checked_and_do_not_change_the_cache_fingerprint() -> None:
+    from sae_train.pipeline import fingerprint, sites_of
+
+    with pytest.raises(
+        ValidationError, match=r"activations\.shuffle_buffer=4096 must be at least 2x optim\.batch_size"
+    ):
+        TrainConfig.model_validate({"activations": {"cache": False, "shuffle_buffer": 4096}})
+    base = TrainConfig()
+    streamed = TrainConfig.model_validate({"activations": {"cache": False, "shuffle_buffer": 1 << 20}})
+    assert base.activations.cache and not streamed.activations.cache
+    assert fingerprint(base, sites_of(base)) == fingerprint(streamed, sites_of(streamed))

@@ -37,7 +37,9 @@ def plan(arch: str, steps: int = 20) -> TrainPlan:
 @pytest.mark.parametrize("arch", sorted(TRAIN_ARCHITECTURES))
 def test_loss_falls_in_20_steps(arch: str) -> None:
     x = synthetic()
-    trainer = Trainer(get_train_architecture(arch)(spec()), plan(arch), TensorRows(x, x))
+    # unit encoder columns for every architecture: a start far enough from the data that 20 steps must cut the loss
+    # by a fifth (topk's smaller default starts lower: see the test below)
+    trainer = Trainer(get_train_architecture(arch)(spec(encoder_init_norm=1.0)), plan(arch), TensorRows(x, x))
     hist = trainer.fit()
     assert len(hist) == 20
     first, last = sum(m.loss for m in hist[:3]) / 3, sum(m.loss for m in hist[-3:]) / 3
@@ -85,3 +87,27 @@ def test_unknown_architecture_lists_valid_ones() -> None:
 def test_matryoshka_prefixes_must_end_at_d_sae() -> None:
     with pytest.raises(ValueError, match="end at d_sae=64"):
         get_train_architecture("matryoshka")(spec(matryoshka_prefixes=(8, 16)))
+
+
+@pytest.mark.parametrize(("arch", "norm", "want"), [("topk", None, 3**-0.5), ("relu", None, 1.0), ("topk", 0.25, 0.25)])
+def test_encoder_starts_as_the_decoder_transpose_at_the_encoder_init_norm(
+    arch: str, norm: float | None, want: float
+) -> None:
+    model = get_train_architecture(arch)(spec(encoder_init_norm=norm))
+    b_dec = torch.arange(D, dtype=torch.float32)
+    model.initialize(b_dec, torch.Generator().manual_seed(0))
+    sae = model.sae
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(F))
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.T * want)
+    assert torch.equal(sae.b_dec, b_dec)
+
+
+def test_topk_default_encoder_init_trains_to_a_lower_fvu_than_unit_columns() -> None:
+    x = synthetic()
+    fvu = {}
+    for norm in (None, 1.0):
+        torch.manual_seed(0)
+        trainer = Trainer(get_train_architecture("topk")(spec(encoder_init_norm=norm)), plan("topk"), TensorRows(x, x))
+        hist = trainer.fit()
+        fvu[norm] = [m.fvu for m in hist]
+    assert fvu[None][0] < fvu[1.0][0] and fvu[None][-1] < fvu[1.0][-1], fvu

@@ -83,3 +83,18 @@ def test_a_second_run_reuses_the_activation_cache(tmp_path: Path, tiny: list[Any
     assert main([str(cfg)]) == 0
     assert (tmp_path / "cache" / "meta.json").stat().st_mtime_ns == stamp
     assert load_sae(tmp_path / "out2" / "sae").architecture == "relu"
+
+
+def test_streaming_trains_without_an_activation_cache(
+    tmp_path: Path, tiny: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STEERLIB_CACHE", str(tmp_path / "steerlib-cache"))  # where a default cache would go
+    cfg = tmp_path / "cfg.yaml"
+    text = CONFIG.format(docs=_docs(tmp_path), arch="topk")
+    cfg.write_text(text.replace("cache_dir: cache}", "cache: false, shuffle_buffer: 400}"))
+    assert main([str(cfg)]) == 0
+    out = tmp_path / "out"
+    assert load_sae(out / "sae").architecture == "topk"
+    assert json.loads((out / "eval.json").read_text())["n_tokens"] == 4 * 15
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [4, 8, 12]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml", "docs", "out"]  # no cache folder at all

@@ -69,12 +69,14 @@ def test_resume_after_kill_continues_the_same_loss_curve(tmp_path: Path) -> None
     assert logged == sorted(set(logged))  # lines past the checkpoint were dropped, not duplicated
 
 
-def test_bfloat16_mixed_precision_trains() -> None:
+def test_bfloat16_mixed_precision_trains_like_fp32() -> None:
     x = synthetic()
     tr = Trainer(get_train_architecture("topk")(spec()), _plan(dtype="bfloat16"), TensorRows(x, x))
     hist = tr.fit()
-    assert hist[-1].loss < 0.7 * hist[0].loss
-    assert tr.model.sae.W_enc.dtype == torch.float32
+    ref = Trainer(get_train_architecture("topk")(spec()), _plan(), TensorRows(x, x)).fit()
+    assert hist[-1].loss < 0.85 * hist[0].loss  # measured 0.302 from 0.367 in 20 steps
+    assert abs(hist[-1].loss - ref[-1].loss) < 0.02 * ref[-1].loss  # fp32 ends at 0.303
+    assert tr.model.sae.W_enc.dtype == torch.float32  # autocast: weights and optimizer state stay fp32
 
 
 def test_folded_scales_reproduce_the_normalised_sae_on_raw_activations() -> None:

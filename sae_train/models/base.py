@@ -45,6 +45,8 @@ class ArchSpec:
     """Nested dictionary sizes, ascending, the last equal to d_sae."""
     threshold_momentum: float = 0.99
     """BatchTopK: weight of the running inference threshold's old value."""
+    encoder_init_norm: float | None = None
+    """Norm of each latent's encoder column at initialisation; None: the architecture's default."""
 
 
 class TrainOutput(NamedTuple):
@@ -70,6 +72,7 @@ class TrainSae(nn.Module, abc.ABC):
     inference_architecture: ClassVar[str]
     uses_auxk: ClassVar[bool] = False
     uses_sparsity_coefficient: ClassVar[bool] = False
+    default_encoder_init_norm: ClassVar[float] = 1.0
 
     def __init__(self, spec: ArchSpec) -> None:
         super().__init__()
@@ -92,16 +95,23 @@ class TrainSae(nn.Module, abc.ABC):
     # -- initialisation and constraints -----------------------------------------------------------
     @torch.no_grad()
     def initialize(self, b_dec_D: Tensor, generator: torch.Generator) -> None:
-        """Random unit decoder rows, encoder = decoder transpose (Gao et al. §2.3), ``b_dec`` given (a median)."""
+        """Random unit decoder rows, encoder = decoder transpose (Gao et al. §2.3) scaled to ``encoder_init_norm``,
+        ``b_dec`` given (a median)."""
         W = torch.randn(self.spec.d_sae, self.spec.d_out, generator=generator)
         W /= W.norm(dim=1, keepdim=True)
         self.sae.W_dec.copy_(W)
         if self.spec.d_in == self.spec.d_out:
-            self.sae.W_enc.copy_(W.T)
+            W_enc = W.T.clone()
         else:
             W_enc = torch.randn(self.spec.d_in, self.spec.d_sae, generator=generator)
-            self.sae.W_enc.copy_(W_enc / W_enc.norm(dim=0, keepdim=True))
+            W_enc /= W_enc.norm(dim=0, keepdim=True)
+        self.sae.W_enc.copy_(W_enc * self.encoder_init_norm)
         self.sae.b_dec.copy_(b_dec_D)
+
+    @property
+    def encoder_init_norm(self) -> float:
+        norm = self.spec.encoder_init_norm
+        return self.default_encoder_init_norm if norm is None else norm
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
