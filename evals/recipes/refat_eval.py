@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     from steerlib import load_model
 
     rows_path = args.rows or args.out.with_suffix(".rows.jsonl")
+    for folder in {rows_path.parent, args.out.parent}:
+        folder.mkdir(parents=True, exist_ok=True)
     steering_path = args.steering or default_steering()
     steering = load_preset(steering_path)
     steer_name = "steer"
