@@ -50,18 +50,19 @@ log = logging.getLogger(__name__)
 PRESETS = Path(__file__).resolve().parents[2] / "servers" / "presets"
 
 
-def load_preset(path: Path) -> SteeringConfig:
-    """A steering config file, or a server preset (a config with a ``description`` beside it)."""
-    data = yaml.safe_load(path.read_text())
-    if isinstance(data, dict):
-        data.pop("description", None)
-    return SteeringConfig.from_dict(data, base_dir=path.parent)
-
-
 def default_steering() -> Path:
     """The newest ``refusal_steering*.yaml`` preset when one exists, else ``conditional_refusal.yaml``."""
     found = sorted(PRESETS.glob("refusal_steering*.yaml"), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else PRESETS / "conditional_refusal.yaml"
+
+
+def load_preset(path: Path) -> SteeringConfig:
+    """A server preset file as a config (its ``description`` is the server registry's, not part of the config)."""
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a preset is a mapping with 'interventions'")
+    data.pop("description", None)
+    return SteeringConfig.from_dict(data, base_dir=path.resolve().parent)
 
 
 def heldout_sets(n_harmful: int, n_harmless: int) -> list[PromptSet]:
