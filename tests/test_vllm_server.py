@@ -108,3 +108,11 @@ def test_server_rejects_a_bad_config_with_400(server: str) -> None:
     assert status == 400, body
     assert "vectr" in json.dumps(body)
     assert _complete(server, [1, 2, 3], None)[0] == 200
+
+
+def test_server_answers_a_config_that_does_not_fit_the_model_with_an_error(server: str) -> None:
+    """Layer 99 of a 30-layer model passes the front end's schema check; the engine rejects that request alone."""
+    bad = json.dumps({"interventions": [{"op": "add", "layer": 99, "vector": _unit(0, 4.0)}]})
+    status, body = _complete(server, [1, 2, 3], {"steering": bad})
+    assert status == 500 and body["error"]["type"] == "InternalServerError", body
+    assert _complete(server, [1, 2, 3], None)[0] == 200

@@ -19,6 +19,7 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed here: see steer
 
 import steerlib  # noqa: E402
 from steerlib.sae import ReluSae, SaeMeta, save_sae  # noqa: E402
+from steerlib.vectors import SteeringVector  # noqa: E402
 from steerlib.vllm import engine_kwargs, steering_args  # noqa: E402
 
 pytestmark = pytest.mark.real_model
@@ -207,6 +208,30 @@ def test_bad_config_is_rejected_before_it_runs(llm: Any, hf: tuple[Any, Any]) ->
         llm.generate([{"prompt_token_ids": ids[0]}], [bad], use_tqdm=False)
     # The engine is still serving.
     assert len(vllm_greedy(llm, ids, [None])[0].token_ids) > 0
+
+
+def test_config_that_does_not_fit_the_model_fails_alone(
+    llm: Any, hf: tuple[Any, Any], configs: dict[str, Any], tmp_path: Path
+) -> None:
+    """Well-formed configs the model cannot take (layer 99 of 30, a 7-wide vector, a missing file) finish with
+    ``finish_reason="error"`` and no tokens; the requests batched with them get their own outputs; the engine lives."""
+    ids = [prompt_ids(hf[1], p) for p in PROMPTS]
+    narrow = tmp_path / "narrow.safetensors"
+    SteeringVector.single(torch.ones(7)).save(narrow)
+    bad = [
+        {"interventions": [{"op": "add", "layer": 99, "vector": _unit(1, 4.0)}]},
+        {"interventions": [{"op": "add", "layer": 3, "vector": str(narrow)}]},
+        {"interventions": [{"op": "add", "layer": 3, "vector": str(tmp_path / "missing.safetensors")}]},
+    ]
+    alone = [vllm_greedy(llm, [ids[0]], [configs["add"]])[0], vllm_greedy(llm, [ids[1]], [None])[0]]
+    outs = vllm_greedy(llm, [ids[0], ids[0], ids[1], ids[1], ids[0]], [bad[0], configs["add"], bad[1], None, bad[2]])
+    assert [o.finish_reason for o in (outs[0], outs[2], outs[4])] == ["error"] * 3
+    assert [len(o.token_ids) for o in (outs[0], outs[2], outs[4])] == [0, 0, 0]
+    assert list(outs[1].token_ids) == list(alone[0].token_ids)
+    assert list(outs[3].token_ids) == list(alone[1].token_ids)
+    # A bad request on its own also finishes (nothing else is scheduled in its step), and the engine goes on.
+    assert vllm_greedy(llm, [ids[0]], [bad[0]])[0].finish_reason == "error"
+    assert list(vllm_greedy(llm, [ids[0]], [configs["add"]])[0].token_ids) == list(alone[0].token_ids)
 
 
 def test_import_steerlib_does_not_import_vllm() -> None:

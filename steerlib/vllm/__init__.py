@@ -8,7 +8,14 @@ Importing this package does not import vLLM; its modules that do are loaded by v
 - ``tracker.StepTracker`` (a vLLM logits processor that leaves logits alone): follows which request sits in which
   row of vLLM's persistent batch, with its ``SamplingParams.extra_args["steering"]`` (``state``).
 - ``scheduler.SteeringScheduler``: salts steered requests' prefix-cache keys with a hash of their steering, so KV
-  blocks computed under one steering are never reused under another (or none).
+  blocks computed under one steering are never reused under another (or none); and resolves each distinct config
+  against the served model, so one that does not fit it (layer out of range, wrong vector width, missing file)
+  finishes alone with ``finish_reason="error"`` instead of reaching the workers (the log names the field).
+
+Bad configs: a malformed one is rejected by the front end (``VLLMValidationError`` offline, HTTP 400 from the
+server, naming the field); one that is well formed but does not fit the model finishes with ``"error"`` (HTTP 500
+from vLLM's server, which does not pass the engine's reason on; the engine log has it). Either way the engine keeps
+serving the other requests.
 
 Offline (set ``VLLM_USE_V2_MODEL_RUNNER=0``: the tracker uses the V1 logits-processor interface)::
 

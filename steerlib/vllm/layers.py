@@ -18,10 +18,9 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
-from steerlib.plan import ModelSpec
 from steerlib.sites import SITES
 from steerlib.vllm import state as steering_state
-from steerlib.vllm.state import SteeringState
+from steerlib.vllm.state import SteeringState, model_spec
 
 _SITE_ID = {name: i for i, name in enumerate(SITES)}
 
@@ -83,14 +82,7 @@ class SteerableLlamaForCausalLM(LlamaForCausalLM):
     def __init__(self, *, vllm_config: Any, prefix: str = "", **kwargs: Any) -> None:
         kwargs.setdefault("layer_type", SteerableLlamaDecoderLayer)
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        hf = vllm_config.model_config.hf_config
-        spec = ModelSpec(
-            n_layers=hf.num_hidden_layers,
-            d_model=hf.hidden_size,
-            device=torch.device(vllm_config.device_config.device),
-            dtype=vllm_config.model_config.dtype,
-            name=vllm_config.model_config.model,
-        )
+        spec = model_spec(vllm_config, torch.device(vllm_config.device_config.device))
         steering_state.install(SteeringState(spec, vllm_config.scheduler_config.max_num_seqs))
 
     def forward(

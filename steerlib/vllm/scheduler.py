@@ -1,43 +1,125 @@
-"""vLLM's scheduler with steering-aware prefix caching (``scheduler_cls=steerlib.vllm.scheduler.SteeringScheduler``).
+"""vLLM's scheduler with steering-aware prefix caching and model checks (``scheduler_cls=...SteeringScheduler``).
 
-vLLM keys cached KV blocks by their tokens and a per-request ``cache_salt`` (folded into the first block's hash, so
-it reaches every later block). Before a steered request is queued its salt is replaced by one derived from its
-steering (``steerlib.vllm.params.cache_salt``) and its block hashes recomputed: steered and unsteered requests,
-or two different steerings, never share a block. Runs in vLLM's engine-core process. ``SteeringAsyncScheduler``
-is the same over vLLM's asynchronous scheduler (GPU engines with async scheduling on).
+Runs in vLLM's engine-core process, where every request passes before it is scheduled. Two jobs:
+
+- **Prefix caching.** vLLM keys cached KV blocks by their tokens and a per-request ``cache_salt`` (folded into the
+  first block's hash, so it reaches every later block). A steered request's salt is replaced by one derived from
+  its steering (``steerlib.vllm.params.cache_salt``) and its block hashes recomputed: steered and unsteered
+  requests, or two different steerings, never share a block.
+- **Checks against the served model.** The front end (``StepTracker.validate_params``) rejects malformed configs
+  but does not know the model; a layer out of range, a vector of the wrong width or an SAE for another model is
+  found here, by resolving the config against the model as the workers will. Such a request is never scheduled:
+  it finishes at once with ``finish_reason="error"`` (vLLM's OpenAI server answers it with an error, the log names
+  the field) and the engine goes on serving the others. Verdicts are kept per distinct config.
+
+``SteeringAsyncScheduler`` is the same over vLLM's asynchronous scheduler (GPU engines with async scheduling on).
 """
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
 from typing import Any
 
+import torch
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+from vllm.v1.request import RequestStatus
 
-from steerlib.vllm.params import cache_salt, parse_steering
+from steerlib.config import SteeringConfig
+from steerlib.plan import ModelSpec, build_plan
+from steerlib.vllm.params import cache_salt, config_key, parse_steering
+from steerlib.vllm.state import model_spec
+
+log = logging.getLogger(__name__)
+
+MAX_VERDICTS = 1024
+"""Distinct configs whose check result is remembered (a config is resolved once, not once per request)."""
 
 
-def salt_request(request: Any) -> None:
-    """Key a steered request's prefix-cache blocks by its steering (unsteered requests are left as they are)."""
+def salt_request(request: Any) -> SteeringConfig | None:
+    """Key a steered request's prefix-cache blocks by its steering; returns its config (None: unsteered)."""
     params = request.sampling_params
     cfg = parse_steering(None if params is None else params.extra_args)
     if cfg is not None:
         request.cache_salt = cache_salt(cfg, request.request_id, request.cache_salt)
         request.block_hashes = []
         request.update_block_hashes()
+    return cfg
 
 
-class SteeringScheduler(Scheduler):
-    """``Scheduler`` whose ``add_request`` salts steered requests' prefix-cache keys."""
+class ModelCheck:
+    """Resolves configs against the served model (on the CPU, then dropped) and remembers the verdicts."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.verdicts: OrderedDict[str, str | None] = OrderedDict()
+
+    def error(self, cfg: SteeringConfig) -> str | None:
+        """Why ``cfg`` cannot steer this model (the message names the field), or None if it can."""
+        key = config_key(cfg)
+        if key not in self.verdicts:
+            try:
+                build_plan(cfg, self.spec)
+                self.verdicts[key] = None
+            except Exception as e:  # any failure to resolve (bad field, unreadable file) rejects the config
+                self.verdicts[key] = f"{type(e).__name__}: {e}"
+            if len(self.verdicts) > MAX_VERDICTS:
+                self.verdicts.popitem(last=False)
+        self.verdicts.move_to_end(key)
+        return self.verdicts[key]
+
+
+class _SteeringMixin:
+    """``add_request`` salts and checks; a request that fails the check is finished with an error, unscheduled."""
+
+    vllm_config: Any
+
+    def _steering_init(self) -> None:
+        self._check = ModelCheck(model_spec(self.vllm_config, torch.device("cpu")))
+        self._failed: dict[str, str] = {}
+        self._rejected: list[Any] = []
 
     def add_request(self, request: Any) -> None:
-        salt_request(request)
-        super().add_request(request)
+        try:
+            cfg = salt_request(request)
+            err = None if cfg is None else self._check.error(cfg)
+        except ValueError as e:  # only reached when the front end's validation was bypassed
+            err = str(e)
+        super().add_request(request)  # type: ignore[misc]
+        if err is not None:
+            log.error("steerlib: request %s rejected, its steering does not fit the model: %s", request.request_id, err)
+            self._failed[request.request_id] = err
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        if self._failed:
+            ids = list(self._failed)
+            self._failed.clear()
+            self._rejected += self.finish_requests(ids, RequestStatus.FINISHED_ERROR)  # type: ignore[attr-defined]
+        return super().schedule(*args, **kwargs)  # type: ignore[misc]
+
+    def update_from_output(self, *args: Any, **kwargs: Any) -> dict[int, EngineCoreOutputs]:
+        outputs: dict[int, EngineCoreOutputs] = super().update_from_output(*args, **kwargs)  # type: ignore[misc]
+        for request in self._rejected:
+            out = outputs.setdefault(request.client_index, EngineCoreOutputs())
+            reason = request.get_finished_reason()
+            out.outputs.append(EngineCoreOutput(request_id=request.request_id, new_token_ids=[], finish_reason=reason))
+        self._rejected = []
+        return outputs
 
 
-class SteeringAsyncScheduler(AsyncScheduler):
-    """``AsyncScheduler`` whose ``add_request`` salts steered requests' prefix-cache keys."""
+class SteeringScheduler(_SteeringMixin, Scheduler):
+    """vLLM's ``Scheduler`` with steering-keyed prefix caching and model checks."""
 
-    def add_request(self, request: Any) -> None:
-        salt_request(request)
-        super().add_request(request)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._steering_init()
+
+
+class SteeringAsyncScheduler(_SteeringMixin, AsyncScheduler):
+    """vLLM's ``AsyncScheduler`` with steering-keyed prefix caching and model checks."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._steering_init()

@@ -210,6 +210,18 @@ class SteeringState:
         return out.clone() if out is x_ND else out
 
 
+def model_spec(vllm_config: Any, device: torch.device) -> ModelSpec:
+    """What a plan is checked against, from vLLM's config of the served model."""
+    hf = vllm_config.model_config.hf_config
+    return ModelSpec(
+        n_layers=hf.num_hidden_layers,
+        d_model=hf.hidden_size,
+        device=device,
+        dtype=vllm_config.model_config.dtype,
+        name=vllm_config.model_config.model,
+    )
+
+
 _STATE: list[SteeringState] = []
 """The worker's state (one engine per worker process); a list so nothing is rebound at module level."""
 
