@@ -92,6 +92,37 @@ def test_prompt_scoped_gate_holds_per_request_and_resets_for_a_new_one() -> None
     assert st.run(1, "resid_post", torch.zeros(1, D), None)[0, 0] == 0.0
 
 
+class _CharTokenizer:
+    """One token per character (ids = code points), end-of-turn 0: enough to check which ids get forced."""
+
+    eos_token_id = 0
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [ord(c) for c in text]
+
+
+def test_refuse_forces_the_message_on_flagged_rows_once_the_prompt_is_read() -> None:
+    refuse = {"op": "refuse", "layer": 1, "message": "No.", "apply": {"when": {"vector": _onehot(7), "above": 0.5}}}
+    refuse["apply"]["when"]["scope"] = "prompt"
+    st = SteeringState(SPEC, capacity=3, load_tokenizer=_CharTokenizer)
+    for row in (0, 1):
+        st.add(row, {"steering": {"interventions": [refuse]}}, prompt_len=3)
+    st.add(2, None, prompt_len=1)
+    assert st.refusing()
+    _step(st, [0, 1, 0, 1, 0], [0, 2, 4, 5])  # a first chunk of both prompts: nothing decided yet
+    st.run(1, "resid_post", torch.zeros(5, D), None)
+    assert st.forced_tokens() == {}
+    x = torch.zeros(3, D)
+    x[0, 7] = 1.0  # row 0's last prompt token fires the detector, row 1's does not
+    _step(st, [2, 2, 1], [0, 1, 2, 3])
+    st.run(1, "resid_post", x, None)
+    assert st.forced_tokens() == {0: ord("N")}
+    got = [st.forced_tokens() for _ in range(4)]
+    assert got == [{0: ord("o")}, {0: ord(".")}, {0: 0}, {0: 0}]  # the message, then end-of-turn
+    st.remove(0)
+    assert st.refusing() and st.forced_tokens() == {}  # row 1 still refuses nothing
+
+
 def test_cache_salt_separates_steerings_and_isolates_unstable_ones() -> None:
     a = parse_steering(_add(_onehot(0)))
     b = parse_steering(_add(_onehot(1)))

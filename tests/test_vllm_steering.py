@@ -18,6 +18,7 @@ import torch
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed here: see steerlib/vllm/install.sh")
 
 import steerlib  # noqa: E402
+from steerlib.hf.refusal import ForcedRefusal  # noqa: E402
 from steerlib.sae import ReluSae, SaeMeta, save_sae  # noqa: E402
 from steerlib.vectors import SteeringVector  # noqa: E402
 from steerlib.vllm import engine_kwargs, steering_args  # noqa: E402
@@ -90,6 +91,13 @@ def configs(tmp_path_factory: pytest.TempPathFactory, hf: tuple[Any, Any]) -> di
                 {"op": "sae", "layer": 8, "sae": str(folder), "edits": [{"feature": 5, "mode": "set", "value": 6.0}]}
             ]
         },
+        "match": {"interventions": [{**add, "coefficient": 2.0, "apply": {"match": ["the", "a", "to", "you"]}}]},
+        "refuse": {
+            "interventions": [
+                {**add, "coefficient": 0.5},
+                {"op": "refuse", "layer": 12, "message": "Sorry, no.", "apply": {"when": _fires_on_first_prompt(hf)}},
+            ]
+        },
         "sites": {
             "interventions": [
                 {"op": "add", "layer": 4, "site": "attn_out", "vector": _unit(1, 12.0)},
@@ -98,6 +106,19 @@ def configs(tmp_path_factory: pytest.TempPathFactory, hf: tuple[Any, Any]) -> di
             ]
         },
     }
+
+
+def _fires_on_first_prompt(hf: tuple[Any, Any], layer: int = 12) -> dict[str, Any]:
+    """A prompt-scoped condition that fires on the first prompt (chat template) and not on the second."""
+    model, tok = hf
+    last = []
+    for p in PROMPTS:
+        with torch.no_grad():
+            h = model(torch.tensor([prompt_ids(tok, p)]), output_hidden_states=True).hidden_states[layer + 1]
+        last.append(h[0, -1])
+    v = last[0] - last[1]
+    mid = float((last[0] @ v + last[1] @ v) / 2)
+    return {"vector": v.tolist(), "metric": "dot", "above": mid, "scope": "prompt"}
 
 
 def _mean_direction(hf: tuple[Any, Any], layer: int) -> list[float]:
@@ -122,8 +143,11 @@ def hf_greedy(hf: tuple[Any, Any], ids: list[int], cfg: dict[str, Any] | None) -
         if cfg is None:
             out = model.generate(x, max_new_tokens=N_NEW, do_sample=False, pad_token_id=tok.pad_token_id)
         else:
-            with steerlib.steer(model, steerlib.SteeringConfig.from_dict(cfg), tokenizer=tok):
-                out = model.generate(x, max_new_tokens=N_NEW, do_sample=False, pad_token_id=tok.pad_token_id)
+            with steerlib.steer(model, steerlib.SteeringConfig.from_dict(cfg), tokenizer=tok) as handle:
+                forced = [ForcedRefusal(handle.plan, tok)]
+                out = model.generate(
+                    x, max_new_tokens=N_NEW, do_sample=False, pad_token_id=tok.pad_token_id, logits_processor=forced
+                )
     return [int(t) for t in out[0, len(ids) :]]
 
 
@@ -144,7 +168,7 @@ def vllm_requests(llm: Any, prompts: list[list[int]], cfgs: list[dict[str, Any] 
     return list(llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False))
 
 
-NAMES = ["add", "add_prompt", "add_generated", "ablate", "sae", "sites"]
+NAMES = ["add", "add_prompt", "add_generated", "ablate", "sae", "sites", "match", "refuse"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -240,3 +264,11 @@ def test_import_steerlib_does_not_import_vllm() -> None:
 
     code = "import sys, steerlib, steerlib.vllm; assert 'vllm' not in sys.modules, 'vllm imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_refuse_answers_a_flagged_prompt_with_its_message(llm: Any, hf: tuple[Any, Any], configs: Any) -> None:
+    ids = [prompt_ids(hf[1], p) for p in PROMPTS]
+    flagged, passed = vllm_greedy(llm, ids, [configs["refuse"]] * 2)
+    assert (flagged.text, flagged.finish_reason) == ("Sorry, no.", "stop")
+    steered_only = {"interventions": configs["refuse"]["interventions"][:1]}
+    assert list(passed.token_ids) == list(vllm_greedy(llm, [ids[1]], [steered_only])[0].token_ids)

@@ -5,8 +5,9 @@ Importing this package does not import vLLM; its modules that do are loaded by v
 
 - ``plugin.register`` (entry point ``vllm.general_plugins``): registers steerable Llama-family model classes with
   vLLM's ``ModelRegistry``, so every decoder layer calls ``torch.ops.steerlib.site`` at each site (``layers``).
-- ``tracker.StepTracker`` (a vLLM logits processor that leaves logits alone): follows which request sits in which
-  row of vLLM's persistent batch, with its ``SamplingParams.extra_args["steering"]`` (``state``).
+- ``tracker.StepTracker`` (a vLLM logits processor): follows which request sits in which row of vLLM's persistent
+  batch, with its ``SamplingParams.extra_args["steering"]`` (``state``); it touches logits only to force the
+  message of a ``refuse`` op on requests whose prompt fired it.
 - ``scheduler.SteeringScheduler``: salts steered requests' prefix-cache keys with a hash of their steering, so KV
   blocks computed under one steering are never reused under another (or none); and resolves each distinct config
   against the served model, so one that does not fit it (layer out of range, wrong vector width, missing file)

@@ -20,7 +20,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 from steerlib.sites import SITES
 from steerlib.vllm import state as steering_state
-from steerlib.vllm.state import SteeringState, model_spec
+from steerlib.vllm.state import SteeringState, model_spec, tokenizer_loader
 
 _SITE_ID = {name: i for i, name in enumerate(SITES)}
 
@@ -83,7 +83,8 @@ class SteerableLlamaForCausalLM(LlamaForCausalLM):
         kwargs.setdefault("layer_type", SteerableLlamaDecoderLayer)
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         spec = model_spec(vllm_config, torch.device(vllm_config.device_config.device))
-        steering_state.install(SteeringState(spec, vllm_config.scheduler_config.max_num_seqs))
+        capacity = vllm_config.scheduler_config.max_num_seqs
+        steering_state.install(SteeringState(spec, capacity, load_tokenizer=tokenizer_loader(vllm_config)))
 
     def forward(
         self,

@@ -17,7 +17,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from steerlib.config import ApplyPolicy, RefuseOp, SteeringConfig, TokenSelector
+from steerlib.config import ApplyPolicy, SteeringConfig, TokenSelector
 
 STEERING_KEY = "steering"
 """Key of the steering config (a dict, as in a YAML/JSON config file) in ``SamplingParams.extra_args``."""
@@ -42,13 +42,7 @@ def parse_steering(extra_args: Mapping[str, Any] | None) -> SteeringConfig | Non
         data = json.loads(data)
     if not isinstance(data, dict):
         raise ValueError(f"extra_args[{STEERING_KEY!r}] must be a steering config (a mapping), got {type(data)}")
-    cfg = SteeringConfig.from_dict(data, base_dir=extra_args.get(BASE_DIR_KEY))
-    for i, iv in enumerate(cfg.interventions):
-        if isinstance(iv, RefuseOp):
-            raise ValueError(f"interventions[{i}]: op refuse is not supported on vLLM; use add/ablate/sae/replace")
-        if iv.apply.match is not None or (iv.apply.exclude is not None and iv.apply.exclude.match is not None):
-            raise ValueError(f"interventions[{i}].apply.match: token matching is not supported on vLLM yet")
-    return cfg
+    return SteeringConfig.from_dict(data, base_dir=extra_args.get(BASE_DIR_KEY))
 
 
 def config_key(config: SteeringConfig) -> str:

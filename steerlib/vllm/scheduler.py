@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from vllm.v1.request import RequestStatus
 from steerlib.config import SteeringConfig
 from steerlib.plan import ModelSpec, build_plan
 from steerlib.vllm.params import cache_salt, config_key, parse_steering
-from steerlib.vllm.state import model_spec
+from steerlib.vllm.state import model_spec, tokenizer_loader
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,10 @@ def salt_request(request: Any) -> SteeringConfig | None:
 class ModelCheck:
     """Resolves configs against the served model (on the CPU, then dropped) and remembers the verdicts."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, load_tokenizer: Callable[[], Any]) -> None:
         self.spec = spec
+        self.load_tokenizer = load_tokenizer
+        self.tokenizer: Any = None
         self.verdicts: OrderedDict[str, str | None] = OrderedDict()
 
     def error(self, cfg: SteeringConfig) -> str | None:
@@ -61,7 +64,9 @@ class ModelCheck:
         key = config_key(cfg)
         if key not in self.verdicts:
             try:
-                build_plan(cfg, self.spec)
+                if self.tokenizer is None:  # token matching resolves against the vocabulary
+                    self.tokenizer = self.load_tokenizer()
+                build_plan(cfg, self.spec, self.tokenizer)
                 self.verdicts[key] = None
             except Exception as e:  # any failure to resolve (bad field, unreadable file) rejects the config
                 self.verdicts[key] = f"{type(e).__name__}: {e}"
@@ -77,7 +82,7 @@ class _SteeringMixin:
     vllm_config: Any
 
     def _steering_init(self) -> None:
-        self._check = ModelCheck(model_spec(self.vllm_config, torch.device("cpu")))
+        self._check = ModelCheck(model_spec(self.vllm_config, torch.device("cpu")), tokenizer_loader(self.vllm_config))
         self._failed: dict[str, str] = {}
         self._rejected: list[Any] = []
 

@@ -10,15 +10,17 @@ keeps its per-request verdict in a slot that the request holds from its first st
 from __future__ import annotations
 
 import logging
+import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from steerlib.plan import BoundOp, ModelSpec, Plan, TokenizerLike, build_plan
+from steerlib.ops import RefuseDetector
+from steerlib.plan import BoundOp, ModelSpec, Plan, build_plan
 from steerlib.runner import run_site
 from steerlib.tokens import TokenBatch
 from steerlib.vllm.params import config_key, parse_steering
@@ -36,12 +38,17 @@ class _Row:
     owner: object = None
     """The request's live output-token list (vLLM passes the same object whenever the request re-enters)."""
     new: bool = True
+    forced: list[int] | None = None
+    """Tokens a ``refuse`` detector makes this request emit ([] when none fired; None until its prompt is read)."""
+    n_forced: int = 0
 
 
 @dataclass
 class _Shared:
     plan: Plan
     users: int = 0
+    refuses: bool = False
+    """The config has a ``refuse`` op (its rows are checked after their prompt is read)."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,9 @@ class SteeringState:
 
     spec: ModelSpec
     capacity: int
-    tokenizer: TokenizerLike | None = None
+    tokenizer: Any = None
+    """The model's tokenizer (token matching, refusal messages); loaded by ``load_tokenizer`` on first need."""
+    load_tokenizer: Callable[[], Any] | None = None
     rows: dict[int, _Row] = field(default_factory=dict)
     parked: dict[int, _Row] = field(default_factory=dict)
     """Requests out of the batch for now (vLLM drops unscheduled requests from it), by ``id(owner)``, oldest first."""
@@ -88,13 +97,19 @@ class SteeringState:
             return
         key = config_key(cfg)
         if key not in self.plans:
-            self.plans[key] = _Shared(build_plan(cfg, self.spec, self.tokenizer))
+            plan = build_plan(cfg, self.spec, self._tokenizer())
+            self.plans[key] = _Shared(plan, refuses=bool(plan.detectors()))
         self.plans[key].users += 1
         while not self._free_slots and self.parked:
             self._release(self.parked.pop(next(iter(self.parked))))
         if not self._free_slots:
             raise RuntimeError(f"steerlib: more than {self.capacity} steered requests in one batch (max_num_seqs)")
         self.rows[index] = _Row(key, prompt_len, self._free_slots.pop(), owner)
+
+    def _tokenizer(self) -> Any:
+        if self.tokenizer is None and self.load_tokenizer is not None:
+            self.tokenizer = self.load_tokenizer()
+        return self.tokenizer
 
     def remove(self, index: int) -> None:
         """Row ``index`` left the batch: finished, or only unscheduled this step (then it is parked)."""
@@ -209,6 +224,44 @@ class SteeringState:
             return x_ND + (out - base)
         return out.clone() if out is x_ND else out
 
+    # -- detector-gated refusal (from the tracker, after each forward) -------------------------------------------
+
+    def refusing(self) -> bool:
+        """True if some request in the batch has a ``refuse`` op."""
+        return any(self.plans[row.key].refuses for row in self.rows.values())
+
+    def forced_tokens(self) -> dict[int, int]:
+        """Batch row -> the token it must emit this step: its refusal message, then end-of-turn.
+
+        A ``refuse`` op's gate decides while the prompt is read; from the step that reads the prompt's last token on,
+        a flagged request emits the first detector's message token by token (as ``steerlib.hf.refusal`` does on HF).
+        """
+        out: dict[int, int] = {}
+        for index, row in self.rows.items():
+            if not self.plans[row.key].refuses:
+                continue
+            if row.forced is None:
+                row.forced = self._refusal(row)
+            if row.forced:
+                out[index] = row.forced[min(row.n_forced, len(row.forced) - 1)]
+                row.n_forced += 1
+        return out
+
+    def _refusal(self, row: _Row) -> list[int] | None:
+        """The row's message ids + end-of-turn if a detector fired, [] if none did, None if not decided yet."""
+        for b in self.plans[row.key].plan.detectors():
+            decided = None if b.policy.gate is None else b.policy.gate.decided()
+            if decided is None or math.isnan(float(decided[1][row.slot])):
+                return None
+            if bool(decided[0][row.slot]):
+                tok = self._tokenizer()
+                if tok is None:
+                    raise RuntimeError("steerlib: op refuse needs the model's tokenizer in the vLLM worker")
+                assert isinstance(b.op, RefuseDetector)
+                ids: list[int] = tok.encode(b.op.message, add_special_tokens=False)
+                return [*ids, tok.eos_token_id]
+        return []
+
 
 def model_spec(vllm_config: Any, device: torch.device) -> ModelSpec:
     """What a plan is checked against, from vLLM's config of the served model."""
@@ -220,6 +273,20 @@ def model_spec(vllm_config: Any, device: torch.device) -> ModelSpec:
         dtype=vllm_config.model_config.dtype,
         name=vllm_config.model_config.model,
     )
+
+
+def tokenizer_loader(vllm_config: Any) -> Callable[[], Any]:
+    """Loads the served model's tokenizer (transformers), the first time steering needs it."""
+    mc = vllm_config.model_config
+
+    def load() -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(
+            mc.tokenizer, revision=mc.tokenizer_revision, trust_remote_code=mc.trust_remote_code
+        )
+
+    return load
 
 
 _STATE: list[SteeringState] = []

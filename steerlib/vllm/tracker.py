@@ -1,9 +1,10 @@
-"""A vLLM logits processor that never touches logits: it follows requests through vLLM's persistent batch.
+"""A vLLM logits processor that follows requests through vLLM's persistent batch (and forces refusals).
 
 vLLM tells logits processors, before every forward step, which requests were added to, removed from or moved
 within its persistent batch, with their ``SamplingParams``. That is exactly what per-request steering needs, through
 a public interface (``logits_processors=[...]``) instead of a patched model runner. ``validate_params`` runs in the
 front end when a request arrives, so a malformed steering config is rejected there (HTTP 400 on the server).
+Logits are left alone except for requests whose prompt fired a ``refuse`` op: they get its message, then end-of-turn.
 Needs vLLM's V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``); the V2 runner refuses V1 logits processors at start.
 """
 
@@ -29,9 +30,17 @@ class StepTracker(LogitsProcessor):
         self.device = device
 
     def is_argmax_invariant(self) -> bool:
-        return True
+        return False  # rows answered by a ``refuse`` detector get their message forced, greedy or not
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        st = steering_state.current()
+        if st is None or not st.refusing():
+            return logits
+        forced = st.forced_tokens()
+        if forced:
+            rows = torch.tensor(list(forced), device=logits.device)
+            logits[rows] = -torch.inf
+            logits[rows, torch.tensor(list(forced.values()), device=logits.device)] = 0.0
         return logits
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
