@@ -31,7 +31,8 @@ Server (vLLM's own OpenAI API; the config travels as a JSON string in ``vllm_xar
     # request body: {"prompt": "...", "vllm_xargs": {"steering": "<the config as a JSON string>"}}
 
 Tensor parallelism: every rank builds the same steerable layers, runs its own tracker and applies the same ops to
-the (replicated) residual stream, so steering applies on every rank; untested here (one CPU device).
+the (replicated) residual stream, so steering applies on every rank. ``tests/test_vllm_tensor_parallel.py`` checks
+it with three CPU ranks against steerlib-on-HF (a rank that skipped the ops would feed its shard another input).
 """
 
 from __future__ import annotations
