@@ -14,13 +14,16 @@ from servers.settings import ServerSettings, load_settings
 
 log = logging.getLogger("servers")
 
+LIST_FIELDS = ("default_presets", "features")
+"""Settings that take several values after their flag (``--features DIR1 DIR2``)."""
+
 
 def parse_args(argv: list[str] | None = None) -> tuple[dict[str, Any], Path | None]:
     p = argparse.ArgumentParser(prog="python -m servers", description="OpenAI-compatible steered generation server")
     p.add_argument("--config", type=Path, help="YAML settings file (keys as the long flags, with underscores)")
     for name, f in ServerSettings.model_fields.items():
-        if name == "default_presets":
-            p.add_argument("--default-presets", nargs="*", help=f.description)
+        if name in LIST_FIELDS:
+            p.add_argument(f"--{name.replace('_', '-')}", nargs="*", help=f.description)
         else:
             p.add_argument(f"--{name.replace('_', '-')}", help=f.description)
     args = vars(p.parse_args(argv))

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: ServerSettings, model: nn.Module, tokenizer: Any, model_name: str) -> FastAPI:
     """An app serving ``model``; the engine thread starts and stops with the app's lifespan."""
-    state, browser_state = browser.with_indexes(build_state(settings, model, tokenizer, model_name))
+    registry, browser_state = browser.registry_and_indexes(settings)
+    state = build_state(settings, model, tokenizer, model_name, registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

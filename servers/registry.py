@@ -66,8 +66,14 @@ class PresetRegistry:
             if not self.root.is_dir():
                 raise PresetError(f"presets folder not found: {root}")
             for path in sorted(self.root.glob("*.y*ml")):
-                self._presets[path.stem] = self._load(path)
+                self.add(path)
             log.info("loaded %d presets from %s: %s", len(self._presets), self.root, ", ".join(self._presets))
+
+    def add(self, path: Path) -> Preset:
+        """Load the preset file ``path`` and list it under its stem (replacing one of that name)."""
+        preset = self._load(path)
+        self._presets[preset.info.name] = preset
+        return preset
 
     @property
     def names(self) -> list[str]:

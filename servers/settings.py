@@ -35,7 +35,8 @@ class ServerSettings(BaseSettings):
     features: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Feature index folders (from `python -m evals.autointerp index`) shown at /browser; each index's "
-        "SAE can be named in steering by the index's folder name. Several: separate with ':' in a flag or env.",
+        "SAE can be named in steering by the index's folder name. Several: list them after the flag, or separate them "
+        "with ':' in the environment variable.",
     )
     allow_preset_writes: bool = Field(
         False, description="Let clients save presets into the presets folder (POST /v1/steering/presets)."
@@ -57,7 +58,7 @@ class ServerSettings(BaseSettings):
     @field_validator("features", mode="before")
     @classmethod
     def _split_paths(cls, value: Any) -> Any:
-        """A flag or env value is one string: ``DIR`` or ``DIR1:DIR2`` (``os.pathsep``)."""
+        """An environment value is one string: ``DIR`` or ``DIR1:DIR2`` (``os.pathsep``)."""
         if isinstance(value, str | Path):
             return [p for p in str(value).split(os.pathsep) if p]
         return value

@@ -40,9 +40,16 @@ class ServerState:
         return self._saes[name]
 
 
-def build_state(settings: ServerSettings, model: nn.Module, tokenizer: Any, model_name: str) -> ServerState:
+def build_state(
+    settings: ServerSettings,
+    model: nn.Module,
+    tokenizer: Any,
+    model_name: str,
+    registry: PresetRegistry | None = None,
+) -> ServerState:
+    """The server's state; ``registry`` defaults to the presets of ``settings.presets``."""
     layout = get_layout(model)
-    registry = PresetRegistry(settings.presets)
+    registry = registry if registry is not None else PresetRegistry(settings.presets)
     resolver = SteeringResolver(
         registry, spec_of(model, layout.n_layers, layout.d_model), tokenizer, settings.default_presets
     )

@@ -37,3 +37,10 @@ def test_command_line_flags(tmp_path: Path) -> None:
     assert load_settings(flags).port == 1234
     with pytest.raises(SystemExit):
         parse_args(["--no-such-flag", "1"])
+
+
+def test_several_feature_indexes_by_flag_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    flags, _ = parse_args(["--features", "idx/a", "idx/b"])
+    assert load_settings(flags).features == [Path("idx/a"), Path("idx/b")]
+    monkeypatch.setenv("STEERLIB_SERVER_FEATURES", "idx/c:idx/d")
+    assert load_settings({}).features == [Path("idx/c"), Path("idx/d")]

@@ -8,7 +8,6 @@ Dashboards of this kind follow Bricken et al., "Towards Monosemanticity" (2023) 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from fastapi import FastAPI
@@ -17,19 +16,16 @@ from fastapi.staticfiles import StaticFiles
 from servers.browser.index import FeatureIndex, load_indexes
 from servers.browser.presets import BrowserRegistry
 from servers.browser.routes import STATIC, BrowserState, page_router, router
-from servers.state import ServerState
-from servers.steering import SteeringResolver
+from servers.settings import ServerSettings
 
-__all__ = ["FeatureIndex", "install", "with_indexes"]
+__all__ = ["FeatureIndex", "install", "registry_and_indexes"]
 
 
-def with_indexes(state: ServerState) -> tuple[ServerState, BrowserState]:
-    """``state`` with a registry that also knows the SAEs of ``settings.features`` and can save presets."""
-    settings = state.settings
+def registry_and_indexes(settings: ServerSettings) -> tuple[BrowserRegistry, BrowserState]:
+    """The presets registry that also knows the SAEs of ``settings.features`` and can save presets, and the indexes."""
     indexes = load_indexes(list(settings.features))
     registry = BrowserRegistry(settings.presets, {name: ix.sae_path for name, ix in indexes.items()})
-    resolver = SteeringResolver(registry, state.resolver.spec, state.tokenizer, settings.default_presets)
-    return dataclasses.replace(state, registry=registry, resolver=resolver), BrowserState(indexes)
+    return registry, BrowserState(indexes)
 
 
 def install(app: FastAPI, browser: BrowserState, dependencies: list[Any]) -> None:

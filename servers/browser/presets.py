@@ -72,14 +72,13 @@ class BrowserRegistry(PresetRegistry):
             previous = path.read_bytes() if path.exists() else None
             _write_atomic(path, yaml.safe_dump(data, sort_keys=False))
             try:
-                preset = self._load(path)
+                preset = self.add(path)
             except Exception:
                 _restore(path, previous)
                 raise
             for p in others:
                 if p != path:
                     p.unlink()  # a .yml of the same name would shadow the new file at the next start
-            self._presets[name] = preset
         log.info("saved preset %r to %s", name, path)
         return preset.info
 
