@@ -150,3 +150,31 @@ def test_saved_adapter_loads_through_load_model_and_changes_outputs(tmp_path: Pa
         loss_merged, _ = batch_loss(merged, b)
         loss_fresh, _ = batch_loss(fresh, b)
     assert float(loss_merged) < float(loss_fresh)
+
+
+def test_eval_arms_include_the_random_ablation_control_and_the_base_direction_attack() -> None:
+    from evals.recipes.refat_eval import ModelArms, arms_of, transfer_arm
+    from steerlib.config import SteeringConfig
+
+    d = 16  # arms only read the models' directions
+    refat = ModelArms("refat", nn.Identity(), torch.arange(1.0, d + 1))
+    base = ModelArms("base", nn.Identity(), torch.ones(d))
+    steer = SteeringConfig.model_validate({"interventions": [{"op": "add", "layer": 1, "vector": [1.0] * d}]})
+    arms = arms_of(refat, steer, "steer")
+    assert sorted(arms) == sorted(
+        ["refat", "refat+attack", "refat+steer", "refat+steer+attack", "refat+random_ablation"]
+    )
+    assert [harmful_only for _, harmful_only in arms.values()] == [False, True, False, True, True]
+
+    def ablated(cfg: object) -> torch.Tensor:
+        assert isinstance(cfg, SteeringConfig)
+        return torch.tensor(cfg.interventions[0].vector)  # type: ignore[union-attr,arg-type]
+
+    rand = ablated(arms["refat+random_ablation"][0].steering)
+    assert (
+        torch.isclose(rand.norm(), refat.direction.norm())
+        and abs(float(torch.cosine_similarity(rand, refat.direction, 0))) < 0.5
+    )
+    arm, harmful_only = transfer_arm(refat, base)
+    assert arm.name == "refat+base_attack" and harmful_only
+    assert torch.equal(ablated(arm.steering), base.direction)

@@ -6,12 +6,13 @@ or not.
 Arms, for the base model and for the ReFAT model (the adapter merged, as :func:`steerlib.load_model` loads it):
 unsteered, under a refusal steering preset, and each of them under the refusal-feature-ablation attack
 (:mod:`evals.attack`; Arditi et al., arXiv 2406.11717), whose direction is recomputed *from the model under attack*
-on training prompts, so the attack adapts to the fine-tune as in ReFAT (Yu et al., arXiv 2409.20089). Refusal is
-judged by substring on held-out prompts, and a refusal in degenerate text (:mod:`evals.coherence`, perplexity under
-the unsteered base model) does not count. Attacked arms run on the harmful sets only: an attack that removes refusal
-cannot raise over-refusal. Capability cost: CE on fixed benign text and KL(base || arm), and MMLU accuracy
-(:mod:`evals.capability`). Rows are appended to a JSONL file as they are made and a re-run skips finished
-(set, arm) pairs; the summary JSON is rewritten after each arm, so a stopped run leaves usable results.
+on training prompts, so the attack adapts to the fine-tune as in ReFAT (Yu et al., arXiv 2409.20089). Controls: each
+model with a random direction ablated the same way, and the ReFAT model attacked with the base model's direction.
+Refusal is judged by substring on held-out prompts, and a refusal in degenerate text (:mod:`evals.coherence`,
+perplexity under the unsteered base model) does not count. Attacked arms run on the harmful sets only: an attack
+that removes refusal cannot raise over-refusal. Capability cost: CE on fixed benign text and KL(base || arm), and
+MMLU accuracy (:mod:`evals.capability`). Rows are appended to a JSONL file as they are made and a re-run skips
+finished (set, arm) pairs; the summary JSON is rewritten after each arm, so a stopped run leaves usable results.
 """
 
 from __future__ import annotations
@@ -93,16 +94,30 @@ class ModelArms:
     """Refusal direction of this model (middle layer), the attack's."""
 
 
+def random_direction(like: Tensor, seed: int = 0) -> Tensor:
+    """A seeded random direction of the same width and norm (ablation only uses its direction)."""
+    v = torch.randn(like.shape[-1], generator=torch.Generator().manual_seed(seed))
+    return v / v.norm() * like.float().norm()
+
+
 def arms_of(m: ModelArms, steering: SteeringConfig, steering_name: str) -> dict[str, tuple[Arm, bool]]:
-    """Arm name -> (arm, harmful sets only)."""
+    """Arm name -> (arm, harmful sets only). ``+random_ablation`` is the attack's control: the same ablation of a
+    random direction. If it moves refusal as much as the attack, the model reacts to ablation, not to losing its
+    refusal direction."""
     attack = ablation_attack(m.direction)
     arms = [
         (Arm(m.name, None), False),
         (Arm(f"{m.name}+attack", attack), True),
         (Arm(f"{m.name}+{steering_name}", steering), False),
         (Arm(f"{m.name}+{steering_name}+attack", combine(steering, attack)), True),
+        (Arm(f"{m.name}+random_ablation", ablation_attack(random_direction(m.direction))), True),
     ]
     return {a.name: (a, harmful_only) for a, harmful_only in arms}
+
+
+def transfer_arm(target: ModelArms, source: ModelArms) -> tuple[Arm, bool]:
+    """``target`` attacked with ``source``'s refusal direction (the ReFAT model under the base model's attack)."""
+    return Arm(f"{target.name}+{source.name}_attack", ablation_attack(source.direction)), True
 
 
 ORDER = (
@@ -116,6 +131,9 @@ ORDER = (
     "refat+steer+attack",
     "base+attack",
     "capability_steered",
+    "refat+random_ablation",
+    "refat+base_attack",
+    "base+random_ablation",
 )
 """Most informative first, so a run stopped at a deadline has the headline numbers."""
 
@@ -288,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
 
     done = done_pairs(rows_path)
     arms = {name: (m, *a) for m in models for name, a in arms_of(m, steering, steer_name).items()}
+    transfer, harmful_only = transfer_arm(models[0], models[1])
+    arms[transfer.name] = (models[0], transfer, harmful_only)
     for step in ORDER:
         if step.startswith("capability"):
             if args.mmlu and step not in result:
