@@ -1,15 +1,8 @@
 """A feature index folder as the browser reads it, and search over it.
 
-The folder is written by ``python -m evals.autointerp index``; the server only reads it (``servers`` never imports
-``evals``), so its three file formats are declared here again, strictly:
-
-    meta.json            {"sae", "site", "model", "d_sae", "n_tokens", "sources"}
-    features.jsonl       one line per latent: frequency, mean/max activation, histogram, top contexts, vocab top/bottom
-    explanations.jsonl   optional: one natural-language explanation per latent with its detection/fuzzing scores
-
-The per-latent fields are those of SAE dashboards (Bricken et al., "Towards Monosemanticity", 2023); explanations and
-their detection/fuzzing scores follow Paulo et al., "Automatically Interpreting Millions of Features in LLMs"
-(arXiv 2410.13928).
+The folder is written by ``python -m evals.autointerp index``; its file formats are ``steerlib.feature_index``'s
+(``servers`` never imports ``evals``). The browser reads them strictly: any bad line, the last one included, is an
+error naming the file and line, so a half-written index is never served as if complete.
 """
 
 from __future__ import annotations
@@ -20,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from servers.registry import check_name
+from steerlib.feature_index import EXPLANATIONS_FILE, FEATURES_FILE, META_FILE, FeatureRecord, IndexMeta
+from steerlib.feature_index import ExplanationRecord as Explanation
 from steerlib.sites import parse_site
 
 log = logging.getLogger(__name__)
@@ -32,55 +27,6 @@ M = TypeVar("M", bound=BaseModel)
 
 class FeatureIndexError(ValueError):
     """A feature index folder that cannot be served; the message names the file and what is wrong."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class IndexMeta(_Strict):
-    """``meta.json``."""
-
-    sae: str = Field(description="Path of the SAE folder the index describes.")
-    site: str = Field(description="TransformerLens site the SAE reads, e.g. blocks.3.hook_resid_post.")
-    model: str = Field(description="The model the statistics were read from.")
-    d_sae: int = Field(ge=1, description="Number of latents.")
-    n_tokens: int = Field(ge=0, description="Tokens read for the statistics.")
-    sources: list[str] = Field(description="Text sources read.")
-
-
-class Histogram(_Strict):
-    edges: list[float] = Field(description="Bin edges (one more than counts).")
-    counts: list[int] = Field(description="Non-zero activations per bin.")
-
-
-class ContextRow(_Strict):
-    tokens: list[str] = Field(description="Token strings around a top activation.")
-    activations: list[float] = Field(description="The latent's activation on each token.")
-
-
-class FeatureRecord(_Strict):
-    """One line of ``features.jsonl``."""
-
-    feature: int = Field(ge=0, description="Latent index.")
-    frequency: float = Field(description="Fraction of tokens on which the latent is active.")
-    mean_activation: float = Field(description="Mean activation over all tokens.")
-    max_activation: float = Field(description="Largest activation seen.")
-    histogram: Histogram = Field(description="Histogram of non-zero activations.")
-    top_contexts: list[ContextRow] = Field(description="Max-activating contexts, strongest first.")
-    vocab_top: list[tuple[str, float]] = Field(description="Tokens the decoder row promotes most.")
-    vocab_bottom: list[tuple[str, float]] = Field(description="Tokens the decoder row suppresses most.")
-
-
-class Explanation(_Strict):
-    """One line of ``explanations.jsonl``."""
-
-    feature: int = Field(ge=0, description="Latent index.")
-    explanation: str = Field(description="What the latent responds to, in words.")
-    detection: float | None = Field(description="Detection score (balanced accuracy), if scored.")
-    fuzzing: float | None = Field(description="Fuzzing score, if scored.")
-    explainer: str = Field(description="Model or method that wrote the explanation.")
-    n_examples: int = Field(ge=0, description="Examples the explainer saw.")
 
 
 class Hit(NamedTuple):
@@ -169,7 +115,7 @@ def load_index(folder: Path) -> FeatureIndex:
     if not folder.is_dir():
         raise FeatureIndexError(f"feature index folder not found: {folder}")
     name = check_name(folder.name, "feature index")
-    meta_file = folder / "meta.json"
+    meta_file = folder / META_FILE
     if not meta_file.is_file():
         raise FeatureIndexError(
             f"{folder}: no meta.json (is it a folder written by `python -m evals.autointerp index`?)"
@@ -180,8 +126,8 @@ def load_index(folder: Path) -> FeatureIndex:
         raise FeatureIndexError(
             f"{folder / 'meta.json'}: site {meta.site!r} names no layer (want blocks.<L>.hook_<site>)"
         )
-    features = {r.feature: r for r in _lines(FeatureRecord, folder / "features.jsonl", required=True)}
-    explanations = {e.feature: e for e in _lines(Explanation, folder / "explanations.jsonl", required=False)}
+    features = {r.feature: r for r in _lines(FeatureRecord, folder / FEATURES_FILE, required=True)}
+    explanations = {e.feature: e for e in _lines(Explanation, folder / EXPLANATIONS_FILE, required=False)}
     for f in [*features, *explanations]:
         if f >= meta.d_sae:
             raise FeatureIndexError(f"{folder}: feature {f} out of range for d_sae={meta.d_sae}")
