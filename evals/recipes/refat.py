@@ -345,12 +345,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=None, help="HF hub id or local folder (default: the embedded model)")
     ap.add_argument("--minutes", type=float, default=18.0, help="training time budget")
     ap.add_argument("--steps", type=int, default=400, help="maximum optimiser steps")
+    ap.add_argument("--batch-harmless", type=int, default=4, help="harmless retention pairs per batch")
+    ap.add_argument("--extra-harmless", type=int, default=80, help="MMLU questions added to the harmless prompts")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(args.threads)
-    cfg = RefatConfig(steps=args.steps, time_budget_s=args.minutes * 60, seed=args.seed)
+    cfg = RefatConfig(
+        steps=args.steps,
+        time_budget_s=args.minutes * 60,
+        batch_harmless=args.batch_harmless,
+        extra_harmless=args.extra_harmless,
+        seed=args.seed,
+    )
     summary = run(args.out, cfg, args.model)
     log.info("trained %d steps in %.0f s; last losses %s", summary["steps"], summary["seconds"], summary["losses"][-5:])
 
