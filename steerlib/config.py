@@ -224,12 +224,19 @@ class RefuseOp(_InterventionBase):
     """Detector-gated refusal: when ``apply.when`` fires on a row's prompt, that row answers with ``message``.
 
     The activation is left as it is; the verdict is read once per row from the prompt (``when.scope`` must be
-    ``prompt``) and generation for a flagged row is replaced by the fixed message (see ``steerlib.hf.refusal``).
+    ``prompt``) and generation for a flagged row is replaced by the fixed message, or in ``prefill`` mode starts with
+    it (see ``steerlib.hf.refusal``).
     """
 
     op: Literal["refuse"]
     message: str = Field(DEFAULT_REFUSAL, min_length=1, description="The reply given instead of generating.")
     name: str | None = Field(None, description="Name reported when this detector fires (default: its position).")
+    mode: Literal["message", "prefill"] = Field(
+        "message",
+        description="message: a flagged row answers with exactly `message`, then end-of-turn. prefill: a flagged row "
+        "is forced to start its reply with `message` (no end-of-turn) and the model, still steered by the other ops, "
+        "writes the rest.",
+    )
 
     @model_validator(mode="after")
     def _needs_prompt_condition(self) -> RefuseOp:

@@ -12,6 +12,7 @@ kept (Templeton et al., "Scaling Monosemanticity", 2024).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -104,10 +105,12 @@ class SaeReplace:
 @dataclass(frozen=True)
 class RefuseDetector:
     """Leaves the activation alone: its gate's per-row verdict is read by the generation layer, which answers a
-    flagged row with ``message`` instead of generating (``steerlib.hf.refusal``)."""
+    flagged row with ``message`` instead of generating, or (``mode="prefill"``) makes ``message`` the start of its
+    reply (``steerlib.hf.refusal``)."""
 
     name: str
     message: str
+    mode: Literal["message", "prefill"] = "message"
 
     def __call__(self, x_ND: Tensor, cache: LatentCache, mask_N: Tensor) -> Tensor:
         return x_ND

@@ -251,7 +251,7 @@ def _make_op(iv: Intervention, cfg: SteeringConfig, layer: int, sae: Sae | None,
             raise SteeringConfigError(f"{where}.vector: cannot ablate a zero direction")
         return AblateDirections(orthonormal_rows(v))
     if isinstance(iv, RefuseOp):
-        return RefuseDetector(iv.name or where, iv.message)
+        return RefuseDetector(iv.name or where, iv.message, iv.mode)
     assert sae is not None
     if isinstance(iv, SaeOp):
         for j, e in enumerate(iv.edits):

@@ -3,7 +3,9 @@
 A ``refuse`` op's gate decides per row while the prompt is read (the prefill step). :func:`refusals` reports which
 detector fired for which row and on what score; :class:`ForcedRefusal` is a logits processor that makes ``generate``
 emit exactly the message (then end-of-turn) for those rows, in the same single pass, while the other rows
-generate normally. ``steerlib.hf.generate.generate`` adds it by itself; callers of ``model.generate`` pass
+generate normally. A ``prefill``-mode detector forces the message without end-of-turn and then lets the row generate:
+the reply opens with the refusal and the model (still steered by the config's other ops) continues it.
+``steerlib.hf.generate.generate`` adds it by itself; callers of ``model.generate`` pass
 ``logits_processor=[ForcedRefusal(handle.plan, tokenizer)]``.
 """
 
@@ -28,6 +30,8 @@ class Refusal:
     detector: str
     message: str
     score: float
+    mode: str = "message"
+    """``message``: the reply is the message; ``prefill``: the reply starts with it and the model continues."""
 
 
 def refusals(plan: Plan) -> dict[int, Refusal]:
@@ -43,29 +47,35 @@ def refusals(plan: Plan) -> dict[int, Refusal]:
             in_rows = b.policy.rows is None or (row < len(b.policy.rows) and b.policy.rows[row])
             if in_rows and row not in out:
                 assert isinstance(b.op, RefuseDetector)
-                out[row] = Refusal(row, b.op.name, b.op.message, float(score_R[row]))
+                out[row] = Refusal(row, b.op.name, b.op.message, float(score_R[row]), b.op.mode)
     return out
 
 
 class ForcedRefusal(LogitsProcessor):
-    """Force each flagged row's refusal message, token by token, then the end-of-turn token."""
+    """Force each flagged row's refusal message, token by token, then the end-of-turn token (``message`` mode) or
+    nothing more (``prefill`` mode: once the message is out, the row's logits pass through untouched)."""
 
     def __init__(self, plan: Plan, tokenizer: Any) -> None:
         self.plan = plan
         self.tokenizer = tokenizer
         self.step = 0
         self.flagged: dict[int, list[int]] | None = None
+        self.prefill: set[int] = set()
 
-    def _message_ids(self, message: str) -> list[int]:
-        ids: list[int] = self.tokenizer.encode(message, add_special_tokens=False)
-        return [*ids, self.tokenizer.eos_token_id]
+    def _message_ids(self, refusal: Refusal) -> list[int]:
+        ids: list[int] = self.tokenizer.encode(refusal.message, add_special_tokens=False)
+        return ids if refusal.mode == "prefill" else [*ids, self.tokenizer.eos_token_id]
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if self.flagged is None:  # first call: the prefill has just run, verdicts are in
-            self.flagged = {r.row: self._message_ids(r.message) for r in refusals(self.plan).values()}
-        if self.flagged:
+            found = refusals(self.plan).values()
+            self.flagged = {r.row: self._message_ids(r) for r in found}
+            self.prefill = {r.row for r in found if r.mode == "prefill"}
+        rows = [r for r in self.flagged if r not in self.prefill or self.step < len(self.flagged[r])]
+        if rows:
             scores = scores.clone()
-            for row, ids in self.flagged.items():
+            for row in rows:
+                ids = self.flagged[row]
                 token = ids[min(self.step, len(ids) - 1)]
                 scores[row] = -torch.inf
                 scores[row, token] = 0.0
