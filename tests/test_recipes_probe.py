@@ -38,9 +38,24 @@ def test_probe_recovers_a_planted_direction() -> None:
     assert abs(float(probe.scores(offset[None])[0])) < 0.5
 
 
+def test_negative_weights_move_the_boundary_towards_the_upweighted_negatives() -> None:
+    g = torch.Generator().manual_seed(2)
+    pos = torch.randn(200, 4, generator=g) + torch.tensor([2.0, 0, 0, 0])
+    easy = torch.randn(200, 4, generator=g) - torch.tensor([2.0, 0, 0, 0])
+    hard = torch.randn(20, 4, generator=g) + torch.tensor([1.0, 0, 0, 0])  # negatives that look positive
+    neg = torch.cat([easy, hard])
+    plain = fit_probe(pos, neg)
+    up = fit_probe(pos, neg, neg_weight_N=torch.cat([torch.ones(200), 20 * torch.ones(20)]))
+    assert rate_above(up.scores(hard), 0.0) < rate_above(plain.scores(hard), 0.0)
+    same = fit_probe(pos, neg, neg_weight_N=torch.full((220,), 3.0))  # only relative weights matter
+    torch.testing.assert_close(same.weight_D, plain.weight_D, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="neg_weight_N must be 220 non-negative"):
+        fit_probe(pos, neg, neg_weight_N=-torch.ones(220))
+
+
 def test_detector_choice_picks_the_informative_layer_and_an_honest_threshold() -> None:
     from evals.datasets import Prompt
-    from evals.recipes.detector import Sets, choose
+    from evals.recipes.detector import NEG_WEIGHTS, Sets, choose, fold_of
     from evals.recipes.probe import out_of_fold_scores
 
     g = torch.Generator().manual_seed(1)
@@ -50,14 +65,17 @@ def test_detector_choice_picks_the_informative_layer_and_an_honest_threshold() -
     sets = Sets({"h": harmful}, {"b": harmless})
     d = torch.randn(16, generator=g)
     noise = {layer: (torch.randn(n, 16, generator=g), torch.randn(n, 16, generator=g)) for layer in (3, 7)}
-    acts_pos = {3: noise[3][0], 7: noise[7][0] + 1.5 * d}  # only layer 7 carries the signal
-    acts_neg = {3: noise[3][1], 7: noise[7][1] - 1.5 * d}
+    acts_pos = {"last": {3: noise[3][0], 7: noise[7][0] + 1.5 * d}}  # only layer 7 carries the signal
+    acts_neg = {"last": {3: noise[3][1], 7: noise[7][1] - 1.5 * d}}
     choice, grid = choose(acts_pos, acts_neg, sets, max_fpr=0.05)
-    assert choice.layer == 7 and choice.auc > 0.95
-    assert max(v for k, v in grid.items() if k.startswith("layer 3")) < 0.75
-    from evals.recipes.detector import fold_of
-
+    assert choice.layer == 7 and choice.pool == "last" and choice.auc > 0.95
+    assert max(v["auc"] for k, v in grid.items() if ", layer 3," in k) < 0.75
+    # the choice is the best true-positive rate in the grid, and its facts are the ones recorded there
+    assert choice.tpr == max(v["tpr"]["all"] for v in grid.values()) == grid[choice.key]["tpr"]["all"]
     fp = torch.tensor([fold_of(p.text, 5) for p in harmful])
     fn = torch.tensor([fold_of(p.text, 5) for p in harmless])
-    _, s_neg = out_of_fold_scores(acts_pos[7], acts_neg[7], fp, fn, l2=choice.l2, folds=5)
+    weights = NEG_WEIGHTS[choice.weights](sets.names("harmless"))
+    s_pos, s_neg = out_of_fold_scores(acts_pos["last"][7], acts_neg["last"][7], fp, fn, l2=choice.l2, folds=5,
+                                      neg_weight_N=weights)  # fmt: skip
     assert rate_above(s_neg, choice.threshold) <= 0.05
+    assert rate_above(s_pos, choice.threshold) == choice.tpr

@@ -1,4 +1,5 @@
-"""Activations at the last prompt token of chat-rendered prompts, at several layers in one pass per batch.
+"""Activations of chat-rendered prompts at several layers in one pass per batch: the last prompt token's, or the
+mean over the prompt's tokens (what a ``when: {scope: prompt, aggregate: mean}`` gate averages over).
 
 Results can be cached on disk (keyed by the model, site, layers, system prompt and prompt texts), so a recipe
 that is re-run with other probe settings does not run the model again.
@@ -11,7 +12,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,8 @@ from tqdm import tqdm
 
 from steerlib.hf.generate import render_prompts
 from steerlib.hf.recording import record
+
+Pool = Literal["last", "mean"]
 
 
 def last_token_activations(
@@ -31,17 +34,31 @@ def last_token_activations(
     system: str | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    pool: Pool = "last",
 ) -> dict[int, Tensor]:
-    """``{layer: (N, D)}``: each prompt's activation at its last token (where the reply is about to start)."""
+    """``{layer: (N, D)}``: each prompt's activation at its last token (where the reply is about to start).
+
+    With ``pool="mean"``: the mean over all of the prompt's (non-padding) tokens instead, chat template included.
+    """
     texts = render_prompts(tokenizer, prompts, system=system)
     chunks: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     starts = range(0, len(texts), batch_size)
+    select = {"positions": [-1]} if pool == "last" else None
     for start in tqdm(starts, desc="activations", disable=not progress):
-        enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        with record(model, [(layer, site) for layer in layers], select={"positions": [-1]}) as rec, torch.no_grad():
+        batch = texts[start : start + batch_size]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        with record(model, [(layer, site) for layer in layers], select=select) as rec, torch.no_grad():
             model(**enc)
         for layer in layers:
-            chunks[layer].append(rec[(layer, site)])
+            acts_nD = rec[(layer, site)]
+            if pool == "mean":
+                rows_n = rec.rows.to(acts_nD.device)
+                sums_BD = torch.zeros(len(batch), acts_nD.shape[1], dtype=torch.float64).index_add(
+                    0, rows_n, acts_nD.double()
+                )
+                counts_B = torch.bincount(rows_n, minlength=len(batch)).clamp_min(1)
+                acts_nD = (sums_BD / counts_B[:, None]).to(acts_nD.dtype)
+            chunks[layer].append(acts_nD)
     return {layer: torch.cat(c) for layer, c in chunks.items()}
 
 
@@ -62,6 +79,8 @@ def cached_last_token_activations(
             kwargs.get("site"),
             kwargs.get("system"),
         ]
+        # mean-pooled caches get their own key; last-token keys stay as they were, so old caches still match
+        + ([kwargs["pool"]] if kwargs.get("pool", "last") != "last" else [])
     )
     path = cache_dir / f"{hashlib.sha256(key_src.encode()).hexdigest()[:24]}.pt"
     if path.is_file():

@@ -3,11 +3,13 @@
     python -m evals.recipes.detector --out steerlib_presets/refusal_detector [--model NAME] [--max-fpr 0.02]
 
 Steps (all on the ``train`` halves of the benchmark splits, so every reported number is on prompts the detector
-never saw): record the last-prompt-token activation at several layers, fit a logistic probe per layer on a
-fitting part, pick the layer with the best AUC on a validation part, refit on all training prompts, and set the
-threshold so that at most ``max_fpr`` of each training harmless set (benign, paired-benign, over-refusal) fires,
-scored out of fold. The config answers a flagged prompt with a fixed refusal (``op: refuse``); ``report.json``
-holds the held-out ROC AUC and the true / false positive rates per dataset at the shipped threshold.
+never saw): record each prompt's activation at several layers, at its last token and averaged over its tokens;
+score every candidate (pooling, layer, L2, weighting of the harmless sets) out of fold (5 folds by prompt hash);
+give each candidate the lowest threshold at which at most ``max_fpr`` of each scored harmless training set
+(benign, paired-benign, over-refusal) fires; keep the candidate that then flags the most training harmful prompts
+(ties: higher AUC); refit it on all training prompts. Only that one detector is scored on the held-out halves. The
+config answers a flagged prompt with a fixed refusal (``op: refuse``); ``report.json`` holds the out-of-fold grid,
+the held-out ROC AUC and the true / false positive rates per dataset at the shipped threshold.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import argparse
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from evals.datasets import Prompt, in_train, load_dataset, load_mmlu, split
-from evals.recipes.activations import cached_last_token_activations
+from evals.recipes.activations import Pool, cached_last_token_activations
 from evals.recipes.probe import LinearProbe, fit_probe, out_of_fold_scores, rate_above, roc_auc, threshold_at_fpr
 from steerlib.config import DEFAULT_REFUSAL
 from steerlib.vectors import SteeringVector
@@ -36,7 +39,18 @@ HARMLESS = ("harmless_probes", "rho_benign", "rho_overrefusal")
 EXTRA_HARMLESS_TRAIN = ("mmlu_questions",)
 """Benign questions added to the harmless training prompts only (never scored): more varied benign text."""
 LAYERS = (6, 9, 12, 15, 18, 21)
-L2_GRID = (1e-3, 1e-2, 1e-1)
+POOLS: tuple[Pool, ...] = ("last", "mean")
+L2_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0)
+OVERREFUSAL = "rho_overrefusal"
+NEG_WEIGHTS: dict[str, Callable[[list[str]], Tensor | None]] = {
+    "uniform": lambda names: None,
+    "per_set": lambda names: torch.tensor([1.0 / names.count(n) for n in names]),
+    "overrefusal_x3": lambda names: torch.tensor([3.0 if n == OVERREFUSAL else 1.0 for n in names]),
+    "overrefusal_x10": lambda names: torch.tensor([10.0 if n == OVERREFUSAL else 1.0 for n in names]),
+}
+"""How the negative class's loss is spread over the harmless prompts, by the dataset each comes from."""
+Features = dict[str, dict[int, Tensor]]
+"""``{pool: {layer: (N, D)}}``: prompt activations by pooling (``last`` / ``mean``) and layer."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,10 @@ class Sets:
 
     def texts(self, kind: str) -> list[str]:
         return [p.text for ps in getattr(self, kind).values() for p in ps]
+
+    def names(self, kind: str) -> list[str]:
+        """The dataset of each prompt, in the order of :meth:`texts`."""
+        return [name for name, ps in getattr(self, kind).items() for _ in ps]
 
 
 def load_sets(part: str, cap: int | None, *, extra_harmless: int = 0) -> Sets:
@@ -69,39 +87,71 @@ def fold_of(text: str, folds: int) -> int:
 
 @dataclass(frozen=True)
 class Choice:
+    pool: str
     layer: int
     l2: float
+    weights: str
+    """A key of :data:`NEG_WEIGHTS`."""
     auc: float
+    """Out of fold, all training harmful against all training harmless prompts."""
     threshold: float
-    """At most ``max_fpr`` of the out-of-fold harmless training scores are above it."""
+    """At most ``max_fpr`` of each scored harmless training set's out-of-fold scores are above it."""
+    tpr: float
+    """Out-of-fold share of the training harmful prompts above ``threshold``."""
+
+    @property
+    def key(self) -> str:
+        return f"pool {self.pool}, layer {self.layer}, l2 {self.l2:g}, weights {self.weights}"
+
+
+def score_candidate(
+    s_pos: Tensor, s_neg: Tensor, train: Sets, max_fpr: float
+) -> tuple[float, dict[str, float], dict[str, float]]:
+    """The candidate's threshold (the strictest of the per-set ones) and its true / false positive rates per set.
+
+    Every scored harmless set (not only their union) must stay within ``max_fpr``: a large easy set must not buy a
+    loose threshold for the hard ones (over-refusal prompts). The extra benign questions are trained on, not scored.
+    """
+    pos_names, neg_names = train.names("harmful"), train.names("harmless")
+
+    def part(s: Tensor, names: list[str], name: str) -> Tensor:
+        return s[torch.tensor([n == name for n in names])]
+
+    scored = [n for n in train.harmless if n not in EXTRA_HARMLESS_TRAIN]
+    threshold = max(threshold_at_fpr(part(s_neg, neg_names, n), max_fpr) for n in scored)
+    tpr = {n: rate_above(part(s_pos, pos_names, n), threshold) for n in train.harmful}
+    fpr = {n: rate_above(part(s_neg, neg_names, n), threshold) for n in train.harmless}
+    return threshold, tpr | {"all": rate_above(s_pos, threshold)}, fpr
 
 
 def choose(
-    acts_pos: dict[int, Tensor], acts_neg: dict[int, Tensor], train: Sets, max_fpr: float, folds: int = 5
-) -> tuple[Choice, dict[str, float]]:
-    """Layer and regularisation by out-of-fold AUC on the training prompts; threshold from out-of-fold scores.
+    acts_pos: Features, acts_neg: Features, train: Sets, max_fpr: float, folds: int = 5
+) -> tuple[Choice, dict[str, dict[str, Any]]]:
+    """The candidate flagging the most training harmful prompts out of fold at the per-set ``max_fpr`` threshold.
 
-    The threshold keeps every scored harmless set (not only their union) within ``max_fpr``: a large easy set
-    (the extra benign questions) must not buy a loose threshold for the hard ones (over-refusal prompts).
+    Candidates: every pooling and layer in ``acts_pos``, L2 in :data:`L2_GRID`, weighting in :data:`NEG_WEIGHTS`.
+    Ties go to the higher out-of-fold AUC. Returns the choice and every candidate's out-of-fold facts.
     """
     fp = torch.tensor([fold_of(t, folds) for t in train.texts("harmful")])
     fn = torch.tensor([fold_of(t, folds) for t in train.texts("harmless")])
-    set_of = [name for name, ps in train.harmless.items() for _ in ps]
-    grid: dict[str, float] = {}
+    neg_names = train.names("harmless")
+    grid: dict[str, dict[str, Any]] = {}
     best: Choice | None = None
-    for layer in acts_pos:
-        for l2 in L2_GRID:
-            s_pos, s_neg = out_of_fold_scores(acts_pos[layer], acts_neg[layer], fp, fn, l2=l2, folds=folds)
-            auc = roc_auc(s_pos, s_neg)
-            grid[f"layer {layer}, l2 {l2}"] = auc
-            if best is None or auc > best.auc:
-                per_set = [
-                    threshold_at_fpr(s_neg[torch.tensor([n == name for n in set_of])], max_fpr)
-                    for name in train.harmless
-                    if name not in EXTRA_HARMLESS_TRAIN
-                ]
-                best = Choice(layer, l2, auc, max(per_set))
-    assert best is not None
+    for pool, by_layer in acts_pos.items():
+        for layer, pos in by_layer.items():
+            for l2 in L2_GRID:
+                for weights, weigh in NEG_WEIGHTS.items():
+                    neg = acts_neg[pool][layer]
+                    s_pos, s_neg = out_of_fold_scores(
+                        pos, neg, fp, fn, l2=l2, folds=folds, neg_weight_N=weigh(neg_names)
+                    )
+                    threshold, tpr, fpr = score_candidate(s_pos, s_neg, train, max_fpr)
+                    c = Choice(pool, layer, l2, weights, roc_auc(s_pos, s_neg), threshold, tpr["all"])
+                    grid[c.key] = {"auc": c.auc, "threshold": threshold, "tpr": tpr, "fpr": fpr}
+                    if best is None or (c.tpr, c.auc) > (best.tpr, best.auc):
+                        best = c
+    if best is None:
+        raise ValueError("choose: no candidates (acts_pos is empty)")
     return best, grid
 
 
@@ -109,20 +159,20 @@ def heldout_report(
     model: nn.Module,
     tok: Any,
     probe: LinearProbe,
-    layer: int,
-    threshold: float,
+    choice: Choice,
     held: Sets,
     cache: Path,
     batch_size: int,
 ) -> dict[str, Any]:
     def scores(prompts: list[Prompt]) -> Tensor:
         texts = [p.text for p in prompts]
-        acts = cached_last_token_activations(model, tok, texts, LAYERS, cache, batch_size=batch_size)
-        return probe.scores(acts[layer])
+        acts = cached_last_token_activations(model, tok, texts, LAYERS, cache, batch_size=batch_size, pool=choice.pool)
+        return probe.scores(acts[choice.layer])
 
     pos = {n: scores(ps) for n, ps in held.harmful.items()}
     neg = {n: scores(ps) for n, ps in held.harmless.items()}
     all_pos, all_neg = torch.cat(list(pos.values())), torch.cat(list(neg.values()))
+    threshold = choice.threshold
     return {
         "roc_auc": roc_auc(all_pos, all_neg),
         "true_positive_rate": {n: rate_above(s, threshold) for n, s in pos.items()}
@@ -133,9 +183,10 @@ def heldout_report(
     }
 
 
+VECTOR_FILE = "vectors/harm_detector_v2_l{layer}.safetensors"
 CONFIG = """\
-# Detector-gated refusal, built by `python -m evals.recipes.detector`: a logistic probe on the last prompt token at
-# layer {layer} flags harmful requests; a flagged request is answered with a fixed refusal instead of generating.
+# Detector-gated refusal, built by `python -m evals.recipes.detector`: a logistic probe on the prompt's activation
+# ({pool} token{s}) after layer {layer} flags harmful requests; a flagged request is answered with a fixed refusal.
 # Held-out ROC AUC {auc:.4f}; see report.json for true / false positive rates per dataset.
 interventions:
   - layer: {layer}
@@ -143,7 +194,7 @@ interventions:
     name: harm-probe-l{layer}
     message: "{message}"
     apply:
-      when: {{vector: vectors/harm_probe_l{layer}.safetensors, metric: dot, above: {above:.6f}, scope: prompt}}
+      when: {{vector: {vector}, metric: dot, above: {above:.6f}, scope: prompt, aggregate: {pool}}}
 """
 
 
@@ -153,28 +204,56 @@ def build(
     train, held = load_sets("train", cap, extra_harmless=extra_harmless), load_sets("heldout", cap)
     cache = out / ".activations"
     kw: dict[str, Any] = {"batch_size": batch_size, "progress": True}
-    acts_pos = cached_last_token_activations(model, tok, train.texts("harmful"), LAYERS, cache, **kw)
-    acts_neg = cached_last_token_activations(model, tok, train.texts("harmless"), LAYERS, cache, **kw)
+    acts_pos: Features = {}
+    acts_neg: Features = {}
+    for pool in POOLS:
+        acts_pos[pool] = cached_last_token_activations(
+            model, tok, train.texts("harmful"), LAYERS, cache, pool=pool, **kw
+        )
+        acts_neg[pool] = cached_last_token_activations(
+            model, tok, train.texts("harmless"), LAYERS, cache, pool=pool, **kw
+        )
     choice, grid = choose(acts_pos, acts_neg, train, max_fpr)
-    layer, threshold = choice.layer, choice.threshold
-    probe = fit_probe(acts_pos[layer], acts_neg[layer], l2=choice.l2)
-    heldout = heldout_report(model, tok, probe, layer, threshold, held, cache, batch_size)
+    log.info("chose %s: out-of-fold TPR %.4f at threshold %.4f", choice.key, choice.tpr, choice.threshold)
+    pos, neg = acts_pos[choice.pool][choice.layer], acts_neg[choice.pool][choice.layer]
+    probe = fit_probe(pos, neg, l2=choice.l2, neg_weight_N=NEG_WEIGHTS[choice.weights](train.names("harmless")))
+    heldout = heldout_report(model, tok, probe, choice, held, cache, batch_size)
     report: dict[str, Any] = {
-        "layer": layer,
+        "choice": asdict(choice),
+        "rule": "threshold: the lowest at which out-of-fold FPR <= max_train_fpr on each scored harmless training set; "
+        "detector: the candidate with the highest out-of-fold TPR on all training harmful prompts (ties: AUC)",
+        "layer": choice.layer,
+        "pool": choice.pool,
         "l2": choice.l2,
-        "out_of_fold_auc": grid,
-        "threshold": threshold,
+        "weights": choice.weights,
+        "threshold": choice.threshold,
         "max_train_fpr": max_fpr,
-        "train_sizes": {"harmful": len(acts_pos[layer]), "harmless": len(acts_neg[layer])},
+        "out_of_fold": grid[choice.key],
+        "train_sizes": {n: len(ps) for n, ps in (train.harmful | train.harmless).items()},
         "heldout": heldout,
+        "out_of_fold_grid": {
+            "columns": ["auc", "tpr", "threshold"],
+            **{k: [round(v["auc"], 4), round(v["tpr"]["all"], 4), round(v["threshold"], 4)] for k, v in grid.items()},
+        },
     }
-    (out / "vectors").mkdir(parents=True, exist_ok=True)
+    vector = VECTOR_FILE.format(layer=choice.layer)
     SteeringVector.single(
-        probe.weight_D, method="logistic_probe", layer=layer, bias=probe.bias, site="resid_post"
-    ).save(out / f"vectors/harm_probe_l{layer}.safetensors")
+        probe.weight_D,
+        method="logistic_probe",
+        layer=choice.layer,
+        bias=probe.bias,
+        site="resid_post",
+        pool=choice.pool,
+    ).save(out / vector)
     (out / "refuse.yaml").write_text(
         CONFIG.format(
-            layer=layer, message=DEFAULT_REFUSAL, above=threshold - probe.bias, auc=report["heldout"]["roc_auc"]
+            layer=choice.layer,
+            pool=choice.pool,
+            s="" if choice.pool == "last" else "s, averaged",
+            vector=vector,
+            message=DEFAULT_REFUSAL,
+            above=choice.threshold - probe.bias,
+            auc=heldout["roc_auc"],
         )
     )
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -185,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--out", type=Path, required=True, help="folder for refuse.yaml, vectors/ and report.json")
     ap.add_argument("--model", default=None, help="HF hub id or local folder (default: the embedded model)")
-    ap.add_argument("--max-fpr", type=float, default=0.04, help="false-positive budget per harmless training set")
+    ap.add_argument("--max-fpr", type=float, default=0.02, help="false-positive budget per harmless training set")
     ap.add_argument("--cap", type=int, default=None, help="at most this many prompts per dataset and split")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--extra-harmless", type=int, default=300, help="MMLU questions added to harmless training")

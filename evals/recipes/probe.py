@@ -22,11 +22,20 @@ class LinearProbe:
         return x_ND.float() @ self.weight_D + self.bias
 
 
-def fit_probe(pos_ND: Tensor, neg_ND: Tensor, *, l2: float = 1e-2, steps: int = 200) -> LinearProbe:
-    """Logistic regression of positives (label 1) against negatives (label 0), classes weighted equally."""
+def fit_probe(
+    pos_ND: Tensor, neg_ND: Tensor, *, l2: float = 1e-2, steps: int = 200, neg_weight_N: Tensor | None = None
+) -> LinearProbe:
+    """Logistic regression of positives (label 1) against negatives (label 0), classes weighted equally.
+
+    ``neg_weight_N`` (optional, non-negative) spreads the negative class's half of the loss unevenly over the
+    negatives, e.g. to give each harmless dataset the same weight however many prompts it has.
+    """
     x = torch.cat([pos_ND, neg_ND]).double()
     y = torch.cat([torch.ones(len(pos_ND)), torch.zeros(len(neg_ND))]).double()
-    weights = torch.where(y > 0, 0.5 / len(pos_ND), 0.5 / len(neg_ND))
+    w_neg = torch.ones(len(neg_ND), dtype=torch.float64) if neg_weight_N is None else neg_weight_N.double()
+    if w_neg.shape != (len(neg_ND),) or bool((w_neg < 0).any()) or float(w_neg.sum()) <= 0:
+        raise ValueError(f"neg_weight_N must be {len(neg_ND)} non-negative weights with a positive sum")
+    weights = torch.cat([torch.full((len(pos_ND),), 0.5 / len(pos_ND), dtype=torch.float64), 0.5 * w_neg / w_neg.sum()])
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mu) / sd
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
@@ -66,12 +75,20 @@ def rate_above(scores: Tensor, threshold: float) -> float:
 
 
 def out_of_fold_scores(
-    pos_ND: Tensor, neg_ND: Tensor, fold_pos: Tensor, fold_neg: Tensor, *, l2: float, folds: int
+    pos_ND: Tensor,
+    neg_ND: Tensor,
+    fold_pos: Tensor,
+    fold_neg: Tensor,
+    *,
+    l2: float,
+    folds: int,
+    neg_weight_N: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Every example scored by a probe fitted without its fold: honest scores to pick settings and thresholds on."""
     s_pos, s_neg = torch.empty(len(pos_ND)), torch.empty(len(neg_ND))
     for k in range(folds):
-        probe = fit_probe(pos_ND[fold_pos != k], neg_ND[fold_neg != k], l2=l2)
+        w = None if neg_weight_N is None else neg_weight_N[fold_neg != k]
+        probe = fit_probe(pos_ND[fold_pos != k], neg_ND[fold_neg != k], l2=l2, neg_weight_N=w)
         s_pos[fold_pos == k] = probe.scores(pos_ND[fold_pos == k])
         s_neg[fold_neg == k] = probe.scores(neg_ND[fold_neg == k])
     return s_pos, s_neg

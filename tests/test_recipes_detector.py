@@ -1,0 +1,90 @@
+"""The detector recipe's activations and shipped config: the deployed `refuse` gate makes the probe's decision.
+
+Tiny random model for the mechanics (last-token and mean-pooled activations, gate == probe on every row); the real
+embedded model for the shipped preset (its verdicts on held-out prompts are exactly the probe's and the report's).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from tiny_models import tiny_model, word_tokenizer
+
+from evals.recipes.activations import Pool, last_token_activations
+from steerlib import SteeringConfig
+from steerlib.hf.generate import generate
+
+PROMPTS = ["w10 w11 w12 w13 w14 w15", "w50 w60 w70", "w90", "w20 w21 w22 w23", "w33 w34", "w5 w6 w7 w8 w9 w40 w41"]
+REPO = Path(__file__).parents[1]
+PRESETS = REPO / "servers" / "presets"
+REPORT = REPO / "evals" / "recipes" / "results" / "refusal_detector_smollm2.json"
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[Any, Any]:
+    return tiny_model("llama", n_layers=3), word_tokenizer()
+
+
+def test_mean_pooling_is_the_mean_over_every_prompt_token_whatever_the_padding(tiny: tuple[Any, Any]) -> None:
+    model, tok = tiny
+    batched = last_token_activations(model, tok, PROMPTS, [1], batch_size=4, pool="mean")[1]
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in PROMPTS]  # fmt: skip
+    for i, text in enumerate(texts):
+        enc = tok(text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            hidden_TD = model(**enc, output_hidden_states=True).hidden_states[2][0]  # after block 1
+        torch.testing.assert_close(batched[i], hidden_TD.mean(0), atol=1e-5, rtol=1e-5)
+        last = last_token_activations(model, tok, [PROMPTS[i]], [1])[1][0]
+        torch.testing.assert_close(last, hidden_TD[-1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["last", "mean"])
+def test_refuse_gate_makes_the_probes_decision_on_every_row(tiny: tuple[Any, Any], pool: Pool) -> None:
+    model, tok = tiny
+    w = torch.randn(64, generator=torch.Generator().manual_seed(5))
+    scores = last_token_activations(model, tok, PROMPTS, [1], pool=pool)[1] @ w
+    s = scores.sort().values
+    above = float((s[2] + s[3]) / 2)  # half of the rows fire
+    cfg = SteeringConfig.model_validate({"interventions": [{
+        "op": "refuse", "layer": 1, "message": "w100", "name": "probe",
+        "apply": {"when": {"vector": w.tolist(), "above": above, "scope": "prompt", "aggregate": pool}}}]})  # fmt: skip
+    out = generate(model, tok, PROMPTS, cfg, max_new_tokens=1, min_new_tokens=0, batch_size=4)
+    assert [g.refused_by == "probe" for g in out] == [bool(x > above) for x in scores]
+    assert sum(g.refused_by is not None for g in out) == 3
+
+
+@pytest.mark.real_model
+def test_shipped_detector_config_reproduces_the_probe_and_the_reported_overrefusal_rate() -> None:
+    """Held-out over-refusal prompts and some harmful ones through the preset: verdicts == probe > threshold."""
+    import steerlib
+    from evals.datasets import load_dataset, split
+    from steerlib.vectors import load_vector
+
+    data = yaml.safe_load((PRESETS / "refusal_detector.yaml").read_text())
+    data.pop("description")
+    cfg = SteeringConfig.from_dict(data, base_dir=PRESETS)
+    (op,) = data["interventions"]
+    when = op["apply"]["when"]
+    report = json.loads(REPORT.read_text())
+    vec = load_vector(PRESETS / when["vector"])
+    w, bias = vec.by_layer[None], float(vec.metadata["bias"])
+    assert (op["layer"], when.get("aggregate", "last")) == (report["layer"], report["pool"])
+    assert when["above"] == pytest.approx(report["threshold"] - bias, abs=1e-5)
+
+    model, tok = steerlib.load_model()
+    over = [p.text for p in split(load_dataset("rho_overrefusal"), "heldout")]
+    harmful = [p.text for p in split(load_dataset("harmful_probes"), "heldout")[:12]]
+    prompts = over + harmful
+    acts = last_token_activations(model, tok, prompts, [op["layer"]], pool=report["pool"])[op["layer"]]
+    probe_fires = [bool(s > when["above"]) for s in acts @ w]
+    out = generate(model, tok, prompts, cfg, max_new_tokens=1, min_new_tokens=0, batch_size=8)
+    assert [g.refused_by == op["name"] for g in out] == probe_fires
+    held = report["heldout"]
+    assert len(over) == held["n"]["rho_overrefusal"]
+    assert sum(probe_fires[: len(over)]) == round(held["false_positive_rate"]["rho_overrefusal"] * len(over))
