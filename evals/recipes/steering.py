@@ -230,15 +230,21 @@ def heldout(
     batch_size: int,
     max_new_tokens: int,
     out: Path,
+    arms: Sequence[Arm] | None = None,
 ) -> dict[str, Any]:
-    """The gated config, the unsteered model and a same-norm random vector under the same gate, on held-out sets."""
+    """The gated config, the unsteered model and a same-norm random vector under the same gate, on held-out sets.
+
+    ``arms`` replaces those three (each arm with a config gets its benign-text cost, each that is not a control its
+    MMLU accuracy next to the unsteered model's); the rows go to ``out/heldout_rows.jsonl``.
+    """
     sets = [PromptSet(n, "harmful", subset(split(load_dataset(n), "heldout"), cap)) for n in HARMFUL]
     sets += [PromptSet(n, "harmless", subset(split(load_dataset(n), "heldout"), cap)) for n in HARMLESS]
-    control = random_control(config, seed=0)
-    arms = [Arm("baseline", None), Arm("recipe", config), Arm("random(recipe)", control, control_of="recipe")]
+    if arms is None:
+        control = random_control(config, seed=0)
+        arms = [Arm("baseline", None), Arm("recipe", config), Arm("random(recipe)", control, control_of="recipe")]
     scorer = Scorer(perplexity=perplexity_scorer(model, tok))
     target = InProcessTarget(model, tok, batch_size=batch_size)
-    rows = run(target, sets, arms, max_new_tokens=max_new_tokens, scorer=scorer, progress=True)
+    rows = run(target, sets, list(arms), max_new_tokens=max_new_tokens, scorer=scorer, progress=True)
     with (out / "heldout_rows.jsonl").open("w") as f:
         f.writelines(json.dumps(r.as_dict()) + "\n" for r in rows)
     per_set = {
@@ -258,12 +264,16 @@ def heldout(
             "harmless": rate_json(pooled(rows, a.name, "harmless")),
             "degenerate_among_refusals": rate_json(rate([r.degenerate for r in counted])),
         }
-    for name, cfg in (("recipe", config), ("random(recipe)", control)):
-        report.setdefault("benign_text_ce", {})[name] = asdict(text_cost(model, tok, BENIGN_PARAGRAPHS, cfg))
+    for a in arms:
+        if isinstance(a.steering, SteeringConfig):
+            report.setdefault("benign_text_ce", {})[a.name] = asdict(
+                text_cost(model, tok, BENIGN_PARAGRAPHS, a.steering)
+            )
     questions = [q for q in load_mmlu() if not in_train(q.question)][:mmlu_n]
+    scored: list[tuple[str, SteeringConfig | None]] = [("baseline", None)]
+    scored += [(a.name, a.steering) for a in arms if isinstance(a.steering, SteeringConfig) and not a.control_of]
     report["mmlu"] = {
-        name: rate_json(mmlu_accuracy(model, tok, questions, cfg, batch_size=batch_size))
-        for name, cfg in (("baseline", None), ("recipe", config))
+        name: rate_json(mmlu_accuracy(model, tok, questions, cfg, batch_size=batch_size)) for name, cfg in scored
     }
     return report
 
