@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from evals.recipes.prefill import prefix_of, turnaround, without_adds
+from evals.recipes.prefill import prefix_of, sustained, turnaround, without_adds
 from evals.recipes.steering import load_preset
 from steerlib.config import AddOp, RefuseOp
 
@@ -27,8 +27,10 @@ def test_a_config_without_a_prefill_refuse_is_refused() -> None:
         prefix_of(without_adds(load_preset(PRESET)).model_copy(update={"interventions": []}))
 
 
-def row(arm: str, kind: str, response: str) -> dict[str, str]:
-    return {"arm": arm, "kind": kind, "prompt": "p", "response": response}
+def row(arm: str, kind: str, response: str, refused: bool = True, degenerate: bool = False) -> dict[str, object]:
+    dataset = "hb" if kind == "harmful" else "hp"
+    return {"arm": arm, "kind": kind, "dataset": dataset, "prompt": "p", "response": response, "refused": refused,
+            "degenerate": degenerate}  # fmt: skip
 
 
 def test_turnaround_counts_prefilled_replies_that_turn_to_an_answer() -> None:
@@ -45,3 +47,17 @@ def test_turnaround_counts_prefilled_replies_that_turn_to_an_answer() -> None:
     assert (got["a"]["harmful"]["turned"]["k"], got["a"]["harmful"]["turned"]["n"]) == (2, 3)
     assert got["a"]["harmful"]["examples"] == [{"prompt": "p", "response": rows[1]["response"]}]
     assert (got["a"]["harmless"]["turned"]["k"], got["b"]["harmful"]["turned"]["k"]) == (0, 1)
+
+
+def test_sustained_refusal_drops_turnarounds_and_degenerate_replies() -> None:
+    rows = [
+        row("a", "harmful", PREFIX + " help with that."),
+        row("a", "harmful", PREFIX + " help. Here is how"),
+        row("a", "harmful", PREFIX + " help help help", degenerate=True),
+        row("a", "harmful", "Sure, here is how", refused=False),
+        row("a", "harmless", "The capital is Paris.", refused=False),
+    ]
+    got = sustained(rows, PREFIX)["a"]
+    assert [(got[k]["k"], got[k]["n"]) for k in ("hb", "all harmful", "hp", "all harmless")] == [
+        (1, 4), (1, 4), (0, 1), (0, 1),
+    ]  # fmt: skip
