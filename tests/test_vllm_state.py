@@ -123,6 +123,19 @@ def test_refuse_forces_the_message_on_flagged_rows_once_the_prompt_is_read() -> 
     assert st.refusing() and st.forced_tokens() == {}  # row 1 still refuses nothing
 
 
+def test_refuse_in_prefill_mode_forces_the_message_without_end_of_turn() -> None:
+    when = {"vector": _onehot(7), "above": 0.5, "scope": "prompt"}
+    refuse = {"op": "refuse", "layer": 1, "message": "No.", "mode": "prefill", "apply": {"when": when}}
+    st = SteeringState(SPEC, capacity=1, load_tokenizer=_CharTokenizer)
+    st.add(0, {"steering": {"interventions": [refuse]}}, prompt_len=2)
+    x = torch.zeros(2, D)
+    x[1, 7] = 1.0
+    _step(st, [0, 1], [0, 2])
+    st.run(1, "resid_post", x, None)
+    got = [st.forced_tokens() for _ in range(5)]
+    assert got == [{0: ord("N")}, {0: ord("o")}, {0: ord(".")}, {}, {}]  # then the model writes on
+
+
 def test_cache_salt_separates_steerings_and_isolates_unstable_ones() -> None:
     a = parse_steering(_add(_onehot(0)))
     b = parse_steering(_add(_onehot(1)))

@@ -98,6 +98,15 @@ def configs(tmp_path_factory: pytest.TempPathFactory, hf: tuple[Any, Any]) -> di
                 {"op": "refuse", "layer": 12, "message": "Sorry, no.", "apply": {"when": _fires_on_first_prompt(hf)}},
             ]
         },
+        "refuse_prefill": {
+            "interventions": [
+                {**add, "coefficient": 0.5},
+                {
+                    "op": "refuse", "layer": 12, "message": "Sorry, no.", "mode": "prefill",
+                    "apply": {"when": _fires_on_first_prompt(hf)},
+                },
+            ]
+        },  # fmt: skip
         "sites": {
             "interventions": [
                 {"op": "add", "layer": 4, "site": "attn_out", "vector": _unit(1, 12.0)},
@@ -168,7 +177,7 @@ def vllm_requests(llm: Any, prompts: list[list[int]], cfgs: list[dict[str, Any] 
     return list(llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False))
 
 
-NAMES = ["add", "add_prompt", "add_generated", "ablate", "sae", "sites", "match", "refuse"]
+NAMES = ["add", "add_prompt", "add_generated", "ablate", "sae", "sites", "match", "refuse", "refuse_prefill"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -271,4 +280,18 @@ def test_refuse_answers_a_flagged_prompt_with_its_message(llm: Any, hf: tuple[An
     flagged, passed = vllm_greedy(llm, ids, [configs["refuse"]] * 2)
     assert (flagged.text, flagged.finish_reason) == ("Sorry, no.", "stop")
     steered_only = {"interventions": configs["refuse"]["interventions"][:1]}
+    assert list(passed.token_ids) == list(vllm_greedy(llm, [ids[1]], [steered_only])[0].token_ids)
+
+
+def test_refuse_prefill_opens_with_the_message_and_the_steered_model_goes_on(
+    llm: Any, hf: tuple[Any, Any], configs: Any
+) -> None:
+    ids = [prompt_ids(hf[1], p) for p in PROMPTS]
+    flagged, passed = vllm_greedy(llm, ids, [configs["refuse_prefill"]] * 2)
+    message = hf[1].encode("Sorry, no.", add_special_tokens=False)
+    assert list(flagged.token_ids[: len(message)]) == message and len(flagged.token_ids) == N_NEW
+    # after the message, the row is the add-steered model continuing prompt + message
+    steered_only = {"interventions": configs["refuse_prefill"]["interventions"][:1]}
+    rest = vllm_greedy(llm, [ids[0] + message], [steered_only])[0].token_ids
+    assert list(flagged.token_ids[len(message) :]) == list(rest[: N_NEW - len(message)])
     assert list(passed.token_ids) == list(vllm_greedy(llm, [ids[1]], [steered_only])[0].token_ids)

@@ -41,6 +41,8 @@ class _Row:
     forced: list[int] | None = None
     """Tokens a ``refuse`` detector makes this request emit ([] when none fired; None until its prompt is read)."""
     n_forced: int = 0
+    prefill: bool = False
+    """The detector that fired is in ``prefill`` mode: once its message is out, the request generates freely."""
 
 
 @dataclass
@@ -235,6 +237,7 @@ class SteeringState:
 
         A ``refuse`` op's gate decides while the prompt is read; from the step that reads the prompt's last token on,
         a flagged request emits the first detector's message token by token (as ``steerlib.hf.refusal`` does on HF).
+        A ``prefill``-mode detector's message gets no end-of-turn: after it, the row is left to the (steered) model.
         """
         out: dict[int, int] = {}
         for index, row in self.rows.items():
@@ -242,13 +245,14 @@ class SteeringState:
                 continue
             if row.forced is None:
                 row.forced = self._refusal(row)
-            if row.forced:
+            if row.forced and (not row.prefill or row.n_forced < len(row.forced)):
                 out[index] = row.forced[min(row.n_forced, len(row.forced) - 1)]
                 row.n_forced += 1
         return out
 
     def _refusal(self, row: _Row) -> list[int] | None:
-        """The row's message ids + end-of-turn if a detector fired, [] if none did, None if not decided yet."""
+        """The row's message ids (+ end-of-turn unless in prefill mode) if a detector fired, [] if none did, None if
+        not decided yet."""
         for b in self.plans[row.key].plan.detectors():
             decided = None if b.policy.gate is None else b.policy.gate.decided()
             if decided is None or math.isnan(float(decided[1][row.slot])):
@@ -259,7 +263,8 @@ class SteeringState:
                     raise RuntimeError("steerlib: op refuse needs the model's tokenizer in the vLLM worker")
                 assert isinstance(b.op, RefuseDetector)
                 ids: list[int] = tok.encode(b.op.message, add_special_tokens=False)
-                return [*ids, tok.eos_token_id]
+                row.prefill = b.op.mode == "prefill"
+                return ids if row.prefill else [*ids, tok.eos_token_id]
         return []
 
 

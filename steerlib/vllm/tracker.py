@@ -4,7 +4,8 @@ vLLM tells logits processors, before every forward step, which requests were add
 within its persistent batch, with their ``SamplingParams``. That is exactly what per-request steering needs, through
 a public interface (``logits_processors=[...]``) instead of a patched model runner. ``validate_params`` runs in the
 front end when a request arrives, so a malformed steering config is rejected there (HTTP 400 on the server).
-Logits are left alone except for requests whose prompt fired a ``refuse`` op: they get its message, then end-of-turn.
+Logits are left alone except for requests whose prompt fired a ``refuse`` op: they get its message, then
+end-of-turn (``prefill`` mode: no end-of-turn, the model continues after the message).
 Needs vLLM's V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``); the V2 runner refuses V1 logits processors at start.
 """
 
