@@ -106,7 +106,7 @@ def configs(tmp_path_factory: pytest.TempPathFactory, hf: tuple[Any, Any]) -> di
                     "apply": {"when": _fires_on_first_prompt(hf)},
                 },
             ]
-        },  # fmt: skip
+        },
         "sites": {
             "interventions": [
                 {"op": "add", "layer": 4, "site": "attn_out", "vector": _unit(1, 12.0)},
