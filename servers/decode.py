@@ -9,10 +9,12 @@ batch (its outputs are ignored) because steerlib's per-row plan is bound to the 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +74,14 @@ class _Row:
         self.req.emit(Finished("".join(self.text), reason, len(self.req.prompt_ids), self.n_new, self.refused_by))
 
 
+def kv_cache(model: nn.Module, out: Any) -> dict[str, Any]:
+    """The KV cache of ``out`` as the keyword the model takes it by: ``cache`` from transformers 5.25 on, else
+    ``past_key_values``."""
+    if "cache" in inspect.signature(model.forward).parameters:
+        return {"cache": out["cache"]}
+    return {"past_key_values": out["past_key_values"]}
+
+
 def run_batch(
     model: nn.Module,
     tokenizer: TokenizerLike,
@@ -111,6 +121,6 @@ def run_batch(
                 input_ids=torch.tensor(next_B, device=device)[:, None],
                 attention_mask=mask_BT,
                 position_ids=pos_BT,
-                past_key_values=out.past_key_values,
                 use_cache=True,
+                **kv_cache(model, out),
             )

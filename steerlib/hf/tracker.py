@@ -1,9 +1,9 @@
 """Which token is which in an HF forward step: a pre-hook on the decoder stack fills a :class:`StepState`.
 
 The stack (``model.model``, ``model.transformer``, ...) is called once per step with ``input_ids``,
-``attention_mask`` and the KV cache. A step that starts with an empty cache starts new sequences: its tokens are
-the prompt. Later steps (decoding with the cache) carry generated tokens. Left padding is read from the attention
-mask, so positions count real tokens only.
+``attention_mask`` and the KV cache (``past_key_values``; ``cache`` from transformers 5.25 on). A step that starts
+with an empty cache starts new sequences: its tokens are the prompt. Later steps (decoding with the cache) carry
+generated tokens. Left padding is read from the attention mask, so positions count real tokens only.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def stack_pre_hook(base: nn.Module, state: StepState) -> Callable[..., None]:
         if ref is None:
             raise RuntimeError("steering needs input_ids or inputs_embeds to describe the step's tokens")
         batch, n_new = int(ref.shape[0]), int(ref.shape[1])
-        past = past_length(get("past_key_values"))
+        cache = get("past_key_values")
+        past = past_length(cache if cache is not None else get("cache"))  # transformers >= 5.25 passes ``cache``
         if past == 0 or state.prompt_len_B is None or state.prompt_len_B.shape[0] != batch:
             state.prompt_len_B = None  # a new sequence starts: its tokens in this step are the prompt
         state.tokens = from_padded(get("attention_mask"), batch, n_new, past, state.prompt_len_B, ids, ref.device)
