@@ -12,7 +12,7 @@ kept (Templeton et al., "Scaling Monosemanticity", 2024).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -114,6 +114,23 @@ class RefuseDetector:
 
     def __call__(self, x_ND: Tensor, cache: LatentCache, mask_N: Tensor) -> Tensor:
         return x_ND
+
+
+def refusal_ids(tokenizer: Any, message: str, mode: str) -> list[int]:
+    """The tokens a row flagged by a ``refuse`` op is made to emit: ``message``, then end-of-turn (``message`` mode)
+    or nothing more (``prefill`` mode: the row generates on from there)."""
+    ids: list[int] = tokenizer.encode(message, add_special_tokens=False)
+    return ids if mode == "prefill" else [*ids, tokenizer.eos_token_id]
+
+
+def forced_token(ids: list[int], step: int, prefill: bool) -> int | None:
+    """The token a flagged row must emit at generation ``step`` (0-based), None once it is free to generate.
+
+    A ``message`` reply repeats its last token (end-of-turn) until the engine stops the row; a ``prefill`` reply is
+    free after its last token."""
+    if not ids or (prefill and step >= len(ids)):
+        return None
+    return ids[min(step, len(ids) - 1)]
 
 
 def orthonormal_rows(v_KD: Tensor) -> Tensor:

@@ -3,6 +3,7 @@ planted reply, the gate is read from a detector config and the preset round-trip
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,36 @@ def test_choose_coefficient_takes_the_smallest_that_reaches_the_target() -> None
     assert choose_coefficient(harmful, harmless, 0.995) == 0.5  # none reaches it: best margin (0.8 vs 0.76, 0.69)
     with pytest.raises(ValueError, match="no coefficients"):
         choose_coefficient({}, {}, 0.9)
+
+
+def test_measure_runs_the_given_preset_on_the_heldout_sets_and_builds_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import steerlib
+    from evals.recipes import steering
+
+    (tmp_path / "vectors").mkdir()
+    SteeringVector.single(torch.ones(64)).save(tmp_path / "vectors/probe.safetensors")
+    SteeringVector.single(torch.full((64,), 0.5)).save(tmp_path / "vectors/refusal_learned_l2.safetensors")
+    (tmp_path / "det.yaml").write_text(DETECTOR)
+    preset = write_preset(tmp_path, read_gate(tmp_path / "det.yaml"), 0.75, keep=False)
+    calls: list[dict[str, object]] = []
+
+    def fake_heldout(model: object, tok: object, config: SteeringConfig, **kw: object) -> dict[str, object]:
+        calls.append({"config": config, **kw})
+        return {"pooled": {"recipe": "measured"}}
+
+    monkeypatch.setattr(steering, "heldout", fake_heldout)
+    monkeypatch.setattr(steering, "build", lambda *a: pytest.fail("--measure must not build"))
+    monkeypatch.setattr(steerlib, "load_model", lambda name: ("model", "tok"))
+    out = tmp_path / "out"
+    steering.main(["--out", str(out), "--measure", str(preset), "--heldout-cap", "96", "--mmlu", "7"])
+    (call,) = calls
+    assert call["config"] == load_preset(preset) and call["cap"] == 96 and call["mmlu_n"] == 7 and call["out"] == out
+    report = json.loads((out / "report.json").read_text())
+    assert report == {
+        "preset": str(preset),
+        "heldout_cap": 96,
+        "max_new_tokens": 48,
+        "heldout": {"pooled": {"recipe": "measured"}},
+    }

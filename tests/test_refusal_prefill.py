@@ -13,6 +13,7 @@ from transformers import LogitsProcessorList
 from steerlib import SteeringConfig, hooks_installed, steer
 from steerlib.hf.generate import generate
 from steerlib.hf.refusal import ForcedRefusal, refusals
+from steerlib.ops import forced_token, refusal_ids
 
 D = 64
 PROMPTS = ["w10 w11 w12 w13", "w50 w60 w70", "w90 w91"]
@@ -113,3 +114,14 @@ def test_refusals_report_the_mode(model: torch.nn.Module) -> None:
 def test_unknown_mode_names_the_field_and_the_choices() -> None:
     with pytest.raises(ValidationError, match=r"(?s)mode.*'message' or 'prefill'"):
         cfg(refuse("prefix"))
+
+
+def test_the_forced_tokens_rule_shared_by_hf_and_vllm() -> None:
+    tok = word_tokenizer()
+    assert refusal_ids(tok, PREFIX, "prefill") == PREFIX_IDS
+    assert refusal_ids(tok, PREFIX, "message") == [*PREFIX_IDS, EOS_ID]
+    # a message reply repeats end-of-turn until the engine stops the row; a prefill reply is free after its message
+    message = [forced_token([*PREFIX_IDS, EOS_ID], s, prefill=False) for s in range(6)]
+    assert message == [100, 101, 102, EOS_ID, EOS_ID, EOS_ID]
+    assert [forced_token(PREFIX_IDS, s, prefill=True) for s in range(5)] == [100, 101, 102, None, None]
+    assert forced_token([], 0, prefill=False) is None

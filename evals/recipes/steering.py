@@ -1,6 +1,7 @@
 """Conditional refusal steering for a model: a learned refusal vector added only where a harm probe fires.
 
     python -m evals.recipes.steering --out DIR [--model NAME] [--gate servers/presets/refusal_detector.yaml]
+    python -m evals.recipes.steering --out DIR --measure servers/presets/refusal_steering.yaml [--heldout-cap N]
 
 Conditional activation steering (Lee et al., arXiv 2409.05907): a behaviour vector is added to the residual stream
 of a row only when a condition read from its prompt fires. Here the condition is a harmfulness probe (by default the
@@ -342,6 +343,27 @@ def build(model: nn.Module, tok: Any, out: Path, args: argparse.Namespace) -> di
     return report
 
 
+def measure(model: nn.Module, tok: Any, preset: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """An existing gated config on the held-out sets, against the unsteered model and its random control."""
+    report: dict[str, Any] = {
+        "preset": str(preset),
+        "heldout_cap": args.heldout_cap,
+        "max_new_tokens": args.max_new_tokens,
+        "heldout": heldout(
+            model,
+            tok,
+            load_preset(preset),
+            cap=args.heldout_cap,
+            mmlu_n=args.mmlu,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            out=args.out,
+        ),
+    }
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--out", type=Path, required=True, help="folder for refusal_steering.yaml, vectors/, report.json")
@@ -365,6 +387,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--no-heldout", action="store_true", help="build only; skip the held-out measurement")
+    ap.add_argument(
+        "--measure",
+        type=Path,
+        default=None,
+        metavar="PRESET",
+        help="build nothing: measure this gated config (e.g. the shipped preset) on the held-out sets",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -375,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tok = load_model(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = build(model, tok, args.out, args)
+    report = build(model, tok, args.out, args) if args.measure is None else measure(model, tok, args.measure, args)
     logging.getLogger(__name__).info("report: %s", json.dumps(report.get("heldout", {}).get("pooled", {}), indent=2))
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessor
 
-from steerlib.ops import RefuseDetector
+from steerlib.ops import RefuseDetector, forced_token, refusal_ids
 from steerlib.plan import Plan
 
 
@@ -62,22 +62,17 @@ class ForcedRefusal(LogitsProcessor):
         self.flagged: dict[int, list[int]] | None = None
         self.prefill: set[int] = set()
 
-    def _message_ids(self, refusal: Refusal) -> list[int]:
-        ids: list[int] = self.tokenizer.encode(refusal.message, add_special_tokens=False)
-        return ids if refusal.mode == "prefill" else [*ids, self.tokenizer.eos_token_id]
-
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if self.flagged is None:  # first call: the prefill has just run, verdicts are in
             found = refusals(self.plan).values()
-            self.flagged = {r.row: self._message_ids(r) for r in found}
+            self.flagged = {r.row: refusal_ids(self.tokenizer, r.message, r.mode) for r in found}
             self.prefill = {r.row for r in found if r.mode == "prefill"}
-        rows = [r for r in self.flagged if r not in self.prefill or self.step < len(self.flagged[r])]
-        if rows:
+        forced = {row: forced_token(ids, self.step, row in self.prefill) for row, ids in self.flagged.items()}
+        if any(t is not None for t in forced.values()):
             scores = scores.clone()
-            for row in rows:
-                ids = self.flagged[row]
-                token = ids[min(self.step, len(ids) - 1)]
-                scores[row] = -torch.inf
-                scores[row, token] = 0.0
+            for row, token in forced.items():
+                if token is not None:
+                    scores[row] = -torch.inf
+                    scores[row, token] = 0.0
         self.step += 1
         return scores

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from steerlib.ops import RefuseDetector
+from steerlib.ops import RefuseDetector, forced_token, refusal_ids
 from steerlib.plan import BoundOp, ModelSpec, Plan, build_plan
 from steerlib.runner import run_site
 from steerlib.tokens import TokenBatch
@@ -245,8 +245,9 @@ class SteeringState:
                 continue
             if row.forced is None:
                 row.forced = self._refusal(row)
-            if row.forced and (not row.prefill or row.n_forced < len(row.forced)):
-                out[index] = row.forced[min(row.n_forced, len(row.forced) - 1)]
+            token = None if row.forced is None else forced_token(row.forced, row.n_forced, row.prefill)
+            if token is not None:
+                out[index] = token
                 row.n_forced += 1
         return out
 
@@ -262,9 +263,8 @@ class SteeringState:
                 if tok is None:
                     raise RuntimeError("steerlib: op refuse needs the model's tokenizer in the vLLM worker")
                 assert isinstance(b.op, RefuseDetector)
-                ids: list[int] = tok.encode(b.op.message, add_special_tokens=False)
                 row.prefill = b.op.mode == "prefill"
-                return ids if row.prefill else [*ids, tok.eos_token_id]
+                return refusal_ids(tok, b.op.message, b.op.mode)
         return []
 
 
