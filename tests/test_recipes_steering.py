@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -107,19 +108,27 @@ def test_measure_runs_the_given_preset_on_the_heldout_sets_and_builds_nothing(
     SteeringVector.single(torch.full((64,), 0.5)).save(tmp_path / "vectors/refusal_learned_l2.safetensors")
     (tmp_path / "det.yaml").write_text(DETECTOR)
     preset = write_preset(tmp_path, read_gate(tmp_path / "det.yaml"), 0.75, keep=False)
-    calls: list[dict[str, object]] = []
+    calls: list[dict[str, Any]] = []
 
-    def fake_heldout(model: object, tok: object, config: SteeringConfig, **kw: object) -> dict[str, object]:
+    def fake_heldout(model: object, tok: object, config: SteeringConfig, **kw: Any) -> dict[str, object]:
         calls.append({"config": config, **kw})
         return {"pooled": {"recipe": "measured"}}
 
+    model = tiny_model("llama", n_layers=4)
     monkeypatch.setattr(steering, "heldout", fake_heldout)
     monkeypatch.setattr(steering, "build", lambda *a: pytest.fail("--measure must not build"))
-    monkeypatch.setattr(steerlib, "load_model", lambda name: ("model", "tok"))
+    monkeypatch.setattr(steerlib, "load_model", lambda name: (model, word_tokenizer()))
+    monkeypatch.setattr(steering, "attack_prompts", lambda n: (["w1 w2", "w5 w6"][:n], ["w30 w40", "w7"][:n]))
     out = tmp_path / "out"
     steering.main(["--out", str(out), "--measure", str(preset), "--heldout-cap", "96", "--mmlu", "7"])
-    (call,) = calls
-    assert call["config"] == load_preset(preset) and call["cap"] == 96 and call["mmlu_n"] == 7 and call["out"] == out
+    steering.main(["--out", str(out / "attacked"), "--measure", str(preset), "--attack", "2"])
+    plain, attacked = calls
+    assert plain["config"] == load_preset(preset) and plain["cap"] == 96 and plain["mmlu_n"] == 7
+    assert [a.name for a in plain["arms"]] == ["baseline", "recipe", "random(recipe)"]
+    assert plain["arms"][1].steering == load_preset(preset) and plain["arms"][2].control_of == "recipe"
+    assert [a.name for a in attacked["arms"]] == ["baseline", "recipe", "random(recipe)", "recipe+attack"]
+    ops = [(iv.op, iv.layer, iv.site) for iv in attacked["arms"][3].steering.interventions]
+    assert ops == [("add", 2, "resid_post")] + [("ablate", "all", s) for s in ("resid_pre", "attn_out", "mlp_out")]
     report = json.loads((out / "report.json").read_text())
     assert report == {
         "preset": str(preset),
@@ -127,3 +136,4 @@ def test_measure_runs_the_given_preset_on_the_heldout_sets_and_builds_nothing(
         "max_new_tokens": 48,
         "heldout": {"pooled": {"recipe": "measured"}},
     }
+    assert "from 2+2 training prompts" in json.loads((out / "attacked/report.json").read_text())["attack"]

@@ -35,13 +35,15 @@ import torch
 import yaml
 from torch import nn
 
+from evals.attack import ablation_attack, middle_layer, refusal_direction
 from evals.benign_text import BENIGN_PARAGRAPHS
 from evals.capability import mmlu_accuracy, text_cost
-from evals.controls import random_control
+from evals.controls import combine, random_control
 from evals.datasets import Prompt, in_train, load_dataset, load_mmlu, split, subset
 from evals.metrics import Rate, rate
 from evals.recipes.detector import HARMFUL, HARMLESS, Sets, fold_of, load_sets
 from evals.recipes.learned_vector import Example, TrainSettings, train_vector
+from evals.recipes.refat_eval import attack_prompts
 from evals.runner import Arm, PromptSet, Row, Scorer, perplexity_scorer, run, summarise
 from evals.targets import InProcessTarget
 from steerlib.config import RefuseOp, SteeringConfig
@@ -344,22 +346,31 @@ def build(model: nn.Module, tok: Any, out: Path, args: argparse.Namespace) -> di
 
 
 def measure(model: nn.Module, tok: Any, preset: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """An existing gated config on the held-out sets, against the unsteered model and its random control."""
-    report: dict[str, Any] = {
-        "preset": str(preset),
-        "heldout_cap": args.heldout_cap,
-        "max_new_tokens": args.max_new_tokens,
-        "heldout": heldout(
-            model,
-            tok,
-            load_preset(preset),
-            cap=args.heldout_cap,
-            mmlu_n=args.mmlu,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            out=args.out,
-        ),
-    }
+    """An existing gated config on the held-out sets, against the unsteered model and its random control; with
+    ``--attack N`` also under the refusal-feature-ablation attack (the model's refusal direction from ``N`` training
+    prompts of each kind, ablated at every layer, :mod:`evals.attack`)."""
+    config = load_preset(preset)
+    control = random_control(config, seed=0)
+    arms = [Arm("baseline", None), Arm("recipe", config), Arm("random(recipe)", control, control_of="recipe")]
+    report: dict[str, Any] = {"preset": str(preset), "heldout_cap": args.heldout_cap}
+    report["max_new_tokens"] = args.max_new_tokens
+    if args.attack:
+        harmful_train, harmless_train = attack_prompts(args.attack)
+        attack = ablation_attack(refusal_direction(model, tok, harmful_train, harmless_train))
+        arms.append(Arm("recipe+attack", combine(config, attack)))
+        report["attack"] = f"refusal direction (layer {middle_layer(model)}) from {args.attack}+{args.attack} training "
+        report["attack"] += "prompts, ablated at every layer (resid_pre, attn_out, mlp_out), all tokens"
+    report["heldout"] = heldout(
+        model,
+        tok,
+        config,
+        cap=args.heldout_cap,
+        mmlu_n=args.mmlu,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        out=args.out,
+        arms=arms,
+    )
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -393,6 +404,13 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         metavar="PRESET",
         help="build nothing: measure this gated config (e.g. the shipped preset) on the held-out sets",
+    )
+    ap.add_argument(
+        "--attack",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --measure: also under the refusal-feature-ablation attack (direction from N+N training prompts)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
