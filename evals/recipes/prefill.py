@@ -29,7 +29,7 @@ import torch
 
 from evals.controls import random_control
 from evals.metrics import rate
-from evals.recipes.steering import heldout, load_preset, rate_json
+from evals.recipes.steering import heldout_as_told, load_preset, rate_json
 from evals.runner import Arm
 from steerlib.config import AddOp, RefuseOp, SteeringConfig
 
@@ -117,17 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     model, tok = load_model(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = heldout(
-        model,
-        tok,
-        config,
-        cap=args.heldout_cap,
-        mmlu_n=args.mmlu,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        out=args.out,
-        arms=arms,
-    )
+    report = heldout_as_told(model, tok, config, args, arms)
     lines = (args.out / "heldout_rows.jsonl").read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line) for line in lines if line]
     report["turnaround"] = turnaround(rows, prefix)

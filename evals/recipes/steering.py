@@ -223,6 +223,12 @@ def choose_coefficient(harmful: dict[float, float], harmless: dict[float, float]
     return max(harmful, key=lambda c: harmful[c] - harmless[c])
 
 
+def default_arms(config: SteeringConfig) -> list[Arm]:
+    """The unsteered model, the recipe, and a same-norm random vector under the same gate (the recipe's control)."""
+    control = random_control(config, seed=0)
+    return [Arm("baseline", None), Arm("recipe", config), Arm("random(recipe)", control, control_of="recipe")]
+
+
 def heldout(
     model: nn.Module,
     tok: Any,
@@ -243,8 +249,7 @@ def heldout(
     sets = [PromptSet(n, "harmful", subset(split(load_dataset(n), "heldout"), cap)) for n in HARMFUL]
     sets += [PromptSet(n, "harmless", subset(split(load_dataset(n), "heldout"), cap)) for n in HARMLESS]
     if arms is None:
-        control = random_control(config, seed=0)
-        arms = [Arm("baseline", None), Arm("recipe", config), Arm("random(recipe)", control, control_of="recipe")]
+        arms = default_arms(config)
     scorer = Scorer(perplexity=perplexity_scorer(model, tok))
     target = InProcessTarget(model, tok, batch_size=batch_size)
     rows = run(target, sets, list(arms), max_new_tokens=max_new_tokens, scorer=scorer, progress=True)
@@ -279,6 +284,24 @@ def heldout(
         name: rate_json(mmlu_accuracy(model, tok, questions, cfg, batch_size=batch_size)) for name, cfg in scored
     }
     return report
+
+
+def heldout_as_told(
+    model: nn.Module, tok: Any, config: SteeringConfig, args: argparse.Namespace, arms: Sequence[Arm] | None = None
+) -> dict[str, Any]:
+    """:func:`heldout` with the command line's ``--heldout-cap``, ``--mmlu``, ``--batch-size``, ``--max-new-tokens``
+    and ``--out``."""
+    return heldout(
+        model,
+        tok,
+        config,
+        cap=args.heldout_cap,
+        mmlu_n=args.mmlu,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        out=args.out,
+        arms=arms,
+    )
 
 
 def build(model: nn.Module, tok: Any, out: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -331,16 +354,7 @@ def build(model: nn.Module, tok: Any, out: Path, args: argparse.Namespace) -> di
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     if not args.no_heldout:
-        report["heldout"] = heldout(
-            model,
-            tok,
-            config,
-            cap=args.heldout_cap,
-            mmlu_n=args.mmlu,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            out=out,
-        )
+        report["heldout"] = heldout_as_told(model, tok, config, args)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -350,8 +364,7 @@ def measure(model: nn.Module, tok: Any, preset: Path, args: argparse.Namespace) 
     ``--attack N`` also under the refusal-feature-ablation attack (the model's refusal direction from ``N`` training
     prompts of each kind, ablated at every layer, :mod:`evals.attack`)."""
     config = load_preset(preset)
-    control = random_control(config, seed=0)
-    arms = [Arm("baseline", None), Arm("recipe", config), Arm("random(recipe)", control, control_of="recipe")]
+    arms = default_arms(config)
     report: dict[str, Any] = {"preset": str(preset), "heldout_cap": args.heldout_cap}
     report["max_new_tokens"] = args.max_new_tokens
     if args.attack:
@@ -360,17 +373,7 @@ def measure(model: nn.Module, tok: Any, preset: Path, args: argparse.Namespace) 
         arms.append(Arm("recipe+attack", combine(config, attack)))
         report["attack"] = f"refusal direction (layer {middle_layer(model)}) from {args.attack}+{args.attack} training "
         report["attack"] += "prompts, ablated at every layer (resid_pre, attn_out, mlp_out), all tokens"
-    report["heldout"] = heldout(
-        model,
-        tok,
-        config,
-        cap=args.heldout_cap,
-        mmlu_n=args.mmlu,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        out=args.out,
-        arms=arms,
-    )
+    report["heldout"] = heldout_as_told(model, tok, config, args, arms)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
