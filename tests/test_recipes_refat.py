@@ -15,6 +15,7 @@ from evals.recipes.refat import (
     Example,
     RefatConfig,
     ablated,
+    base_logits_of,
     batch_loss,
     encode,
     refusal_features,
@@ -117,6 +118,36 @@ def test_an_ablated_batch_has_another_loss_than_the_same_batch_unablated() -> No
     assert logs[0.0].ablated == [False] and logs[1.0].ablated == [True]
     # same seed, same batch: only the ablation differs, and it changes the harmful rows' loss
     assert abs(logs[0.0].harmful_losses[0] - logs[1.0].harmful_losses[0]) > 1e-4
+
+
+def test_kl_retention_starts_at_zero_and_holds_harmless_rows_closer_to_the_base_than_ce() -> None:
+    tok = word_tokenizer()
+    batch = encode(tok, [HARMFUL[0], HARMLESS[0], HARMLESS[1]], CPU)
+    fresh = lora_model()  # LoRA's B starts at zero: the adapted model is the base
+    with torch.no_grad():
+        loss, harm = batch_loss(fresh, batch, base_logits_of(fresh, batch))
+    assert abs(float(loss) - float(harm)) < 1e-5  # the KL term is zero, the loss is the refusal CE alone
+
+    def harmless_kl(model: nn.Module) -> float:
+        b = encode(tok, HARMLESS, CPU)
+        with torch.no_grad():
+            base = base_logits_of(model, b)
+            loss, _ = batch_loss(model, b, base)  # harmless rows only: the loss is their mean KL
+        return float(loss)
+
+    trained = {}
+    for retain in ("ce", "kl"):
+        model = lora_model()
+        log = train(model, tok, HARMFUL, HARMLESS, cfg(steps=20, p_ablate=0.0, retain=retain))
+        assert log.harmful_losses[-1] < log.harmful_losses[0]  # both learn the refusals
+        trained[retain] = harmless_kl(model)
+    assert 0 < trained["kl"] < 0.7 * trained["ce"]  # seeded: 0.018 vs 0.030
+
+
+def test_kl_retention_needs_a_peft_model() -> None:
+    model = tiny_model("llama", n_layers=2)
+    with pytest.raises(ValueError, match="retain='kl' needs a peft model"):
+        train(model, word_tokenizer(), HARMFUL, HARMLESS, cfg(retain="kl"))
 
 
 def test_training_without_adapters_is_an_error() -> None:

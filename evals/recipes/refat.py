@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -75,6 +75,11 @@ class RefatConfig(BaseModel):
     max_prompt_tokens: int = Field(96, ge=8, description="longer rendered prompts are skipped")
     target_tokens: int = Field(32, ge=1, description="greedy tokens of the base model's answer to harmless prompts")
     extra_harmless: int = Field(80, ge=0, description="MMLU questions (train split) added to the harmless prompts")
+    retain: Literal["ce", "kl"] = Field(
+        "ce",
+        description="loss on harmless rows: cross-entropy on the base model's greedy answer (ce), or KL divergence "
+        "from the base model's next-token distributions over the whole prompt and answer (kl; needs peft adapters)",
+    )
     seed: int = Field(0, description="seed of batch sampling, ablation draws and LoRA init")
 
 
@@ -192,16 +197,36 @@ def ablated(model: nn.Module, features_LD: Tensor, rows_B: Tensor) -> Iterator[N
             handle.remove()
 
 
-def batch_loss(model: nn.Module, batch: TrainBatch) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy over all target tokens, and over the harmful rows' target tokens (for logging)."""
+def batch_loss(model: nn.Module, batch: TrainBatch, base_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The training loss and the harmful rows' mean target cross-entropy (for logging).
+
+    Without ``base_logits``: mean cross-entropy over every row's target tokens. With them (the base model's logits
+    on the same batch, ``retain="kl"``): the harmful rows' mean target cross-entropy plus the harmless rows' mean
+    KL(base || model) over all their real tokens, so harmless behaviour is held to the base distribution rather
+    than fitted to one greedy answer.
+    """
     logits = _forward(model, batch.ids_BT, batch.mask_BT).logits[:, :-1].float()
     labels = batch.labels_BT[:, 1:]
     ce_BT = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
     scored = labels != -100
-    loss = ce_BT.sum() / scored.sum()
     harm = scored & batch.harmful_B[:, None]
-    harm_loss = ce_BT[harm].mean() if harm.any() else torch.zeros(())
-    return loss, harm_loss.detach()
+    harm_loss = ce_BT[harm].mean() if harm.any() else torch.zeros((), device=logits.device)
+    if base_logits is None:
+        return ce_BT.sum() / scored.sum(), harm_loss.detach()
+    keep = batch.mask_BT[:, 1:].bool() & ~batch.harmful_B[:, None]
+    base = base_logits[:, :-1].float().log_softmax(-1)
+    kl_BT = (base.exp() * (base - logits.log_softmax(-1))).sum(-1)
+    kl = kl_BT[keep].mean() if keep.any() else torch.zeros((), device=logits.device)
+    return harm_loss + kl, harm_loss.detach()
+
+
+def base_logits_of(model: nn.Module, batch: TrainBatch) -> Tensor:
+    """The base model's logits on ``batch``: the same peft model with its adapters switched off, no gradient."""
+    disable = getattr(model, "disable_adapter", None)
+    if disable is None:
+        raise ValueError("retain='kl' needs a peft model (its base is the model with the adapters disabled)")
+    with torch.no_grad(), disable():
+        return _forward(model, batch.ids_BT, batch.mask_BT).logits.float()
 
 
 def train(
@@ -244,8 +269,9 @@ def train(
         batch = encode(tokenizer, examples, device)
         ablate = rng.random() < cfg.p_ablate
         rows = batch.harmful_B if ablate else torch.zeros_like(batch.harmful_B)
+        base = base_logits_of(model, batch) if cfg.retain == "kl" else None
         with ablated(model, features, rows):
-            loss, harm_loss = batch_loss(model, batch)
+            loss, harm_loss = batch_loss(model, batch, base)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -347,6 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=400, help="maximum optimiser steps")
     ap.add_argument("--batch-harmless", type=int, default=4, help="harmless retention pairs per batch")
     ap.add_argument("--extra-harmless", type=int, default=80, help="MMLU questions added to the harmless prompts")
+    ap.add_argument(
+        "--retain", choices=("ce", "kl"), default="ce", help="harmless rows: CE on base answers, or KL from the base"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -357,6 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         time_budget_s=args.minutes * 60,
         batch_harmless=args.batch_harmless,
         extra_harmless=args.extra_harmless,
+        retain=args.retain,
         seed=args.seed,
     )
     summary = run(args.out, cfg, args.model)
