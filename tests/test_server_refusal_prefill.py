@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
-from test_server_support import MODEL_NAME, make_app, make_presets, serving, words
-from tiny_models import tiny_model
+from test_server_support import MODEL_NAME, serving_guard, words
 
 PREFIX = "w100 w101 w102"
 
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root = make_presets(tmp_path_factory.mktemp("presets"))
-    guard = {
-        "description": "open every reply with a refusal prefix (a probe with an unreachable threshold)",
-        "interventions": [{
-            "op": "refuse", "layer": 1, "name": "always", "message": PREFIX, "mode": "prefill",
-            "apply": {"when": {"vector": "vectors/push.safetensors", "above": -1.0e9, "scope": "prompt"}},
-        }],
-    }  # fmt: skip
-    (Path(root) / "guard.yaml").write_text(yaml.safe_dump(guard))
-    with serving(make_app(root, tiny_model("llama", 3))) as base:
+    with serving_guard(tmp_path_factory.mktemp("presets"), PREFIX, mode="prefill") as base:
         yield base
 
 

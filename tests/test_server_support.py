@@ -92,3 +92,20 @@ def serving(app: FastAPI) -> Iterator[str]:
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+@contextmanager
+def serving_guard(root: Path, message: str, mode: str = "message", **settings: Any) -> Iterator[str]:
+    """A tiny-model server whose presets include ``guard``: a ``refuse`` op named ``always`` that fires on every
+    prompt (a probe with an unreachable threshold) and answers with ``message`` in ``mode``."""
+    make_presets(root)
+    guard = {
+        "description": f"refuse every prompt ({mode} mode; a probe with an unreachable threshold)",
+        "interventions": [{
+            "op": "refuse", "layer": 1, "name": "always", "message": message, "mode": mode,
+            "apply": {"when": {"vector": "vectors/push.safetensors", "above": -1.0e9, "scope": "prompt"}},
+        }],
+    }  # fmt: skip
+    (root / "guard.yaml").write_text(yaml.safe_dump(guard))
+    with serving(make_app(root, tiny_model("llama", 3), **settings)) as base:
+        yield base
