@@ -102,7 +102,10 @@ def configs(tmp_path_factory: pytest.TempPathFactory, hf: tuple[Any, Any]) -> di
             "interventions": [
                 {**add, "coefficient": 0.5},
                 {
-                    "op": "refuse", "layer": 12, "message": "Sorry, no.", "mode": "prefill",
+                    "op": "refuse",
+                    "layer": 12,
+                    "message": "Sorry, no.",
+                    "mode": "prefill",
                     "apply": {"when": _fires_on_first_prompt(hf)},
                 },
             ]
