@@ -58,6 +58,14 @@ def refusal_direction(
     return d
 
 
+def describe_attack(layer: int, n_harmful: int, n_harmless: int, sites: Sequence[str] = ATTACK_SITES) -> str:
+    """What :func:`ablation_attack` on a :func:`refusal_direction` does, for reports."""
+    return (
+        f"ablate the attacked model's own refusal direction (layer {layer}, resid_post) at every layer "
+        f"({', '.join(sites)}), from {n_harmful}+{n_harmless} training prompts"
+    )
+
+
 def ablation_attack(direction: Tensor, sites: Sequence[str] = ATTACK_SITES) -> SteeringConfig:
     """Project ``direction`` out at every layer and each of ``sites`` (all tokens)."""
     if float(direction.norm()) == 0.0:

@@ -14,7 +14,6 @@ import logging
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -74,12 +73,10 @@ class _Row:
         self.req.emit(Finished("".join(self.text), reason, len(self.req.prompt_ids), self.n_new, self.refused_by))
 
 
-def kv_cache(model: nn.Module, out: Any) -> dict[str, Any]:
-    """The KV cache of ``out`` as the keyword the model takes it by: ``cache`` from transformers 5.25 on, else
-    ``past_key_values``."""
-    if "cache" in inspect.signature(model.forward).parameters:
-        return {"cache": out["cache"]}
-    return {"past_key_values": out["past_key_values"]}
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword the model takes its KV cache by (and names it by in its output): ``cache`` from transformers 5.25
+    on, else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def run_batch(
@@ -96,6 +93,7 @@ def run_batch(
     ids_BT, mask_BT = left_pad([r.prompt_ids for r in reqs], pad_id, device)
     configs = [r.steering for r in reqs]
     steps = 0
+    cache_kw = cache_keyword(model)
     forced: ForcedRefusal | None = None
     with ExitStack() as stack, torch.no_grad():
         if any(c is not None for c in configs):
@@ -122,5 +120,5 @@ def run_batch(
                 attention_mask=mask_BT,
                 position_ids=pos_BT,
                 use_cache=True,
-                **kv_cache(model, out),
+                **{cache_kw: out[cache_kw]},
             )

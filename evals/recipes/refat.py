@@ -201,9 +201,9 @@ def batch_loss(model: nn.Module, batch: TrainBatch, base_logits: Tensor | None =
     """The training loss and the harmful rows' mean target cross-entropy (for logging).
 
     Without ``base_logits``: mean cross-entropy over every row's target tokens. With them (the base model's logits
-    on the same batch, ``retain="kl"``): the harmful rows' mean target cross-entropy plus the harmless rows' mean
-    KL(base || model) over all their real tokens, so harmless behaviour is held to the base distribution rather
-    than fitted to one greedy answer.
+    on the batch's harmless rows, :func:`base_logits_of`; ``retain="kl"``): the harmful rows' mean target
+    cross-entropy plus the harmless rows' mean KL(base || model) over all their real tokens, so harmless behaviour is
+    held to the base distribution rather than fitted to one greedy answer.
     """
     logits = _forward(model, batch.ids_BT, batch.mask_BT).logits[:, :-1].float()
     labels = batch.labels_BT[:, 1:]
@@ -213,20 +213,23 @@ def batch_loss(model: nn.Module, batch: TrainBatch, base_logits: Tensor | None =
     harm_loss = ce_BT[harm].mean() if harm.any() else torch.zeros((), device=logits.device)
     if base_logits is None:
         return ce_BT.sum() / scored.sum(), harm_loss.detach()
-    keep = batch.mask_BT[:, 1:].bool() & ~batch.harmful_B[:, None]
+    harmless = ~batch.harmful_B
+    keep = batch.mask_BT[harmless, 1:].bool()
     base = base_logits[:, :-1].float().log_softmax(-1)
-    kl_BT = (base.exp() * (base - logits.log_softmax(-1))).sum(-1)
+    kl_BT = (base.exp() * (base - logits[harmless].log_softmax(-1))).sum(-1)
     kl = kl_BT[keep].mean() if keep.any() else torch.zeros((), device=logits.device)
     return harm_loss + kl, harm_loss.detach()
 
 
 def base_logits_of(model: nn.Module, batch: TrainBatch) -> Tensor:
-    """The base model's logits on ``batch``: the same peft model with its adapters switched off, no gradient."""
+    """The base model's logits on ``batch``'s harmless rows (the only ones the KL term reads): the same peft model
+    with its adapters switched off, no gradient."""
     disable = getattr(model, "disable_adapter", None)
     if disable is None:
         raise ValueError("retain='kl' needs a peft model (its base is the model with the adapters disabled)")
+    harmless = ~batch.harmful_B
     with torch.no_grad(), disable():
-        return _forward(model, batch.ids_BT, batch.mask_BT).logits.float()
+        return _forward(model, batch.ids_BT[harmless], batch.mask_BT[harmless]).logits.float()
 
 
 def train(

@@ -35,7 +35,7 @@ import torch
 import yaml
 from torch import nn
 
-from evals.attack import ablation_attack, middle_layer, refusal_direction
+from evals.attack import ablation_attack, describe_attack, middle_layer, refusal_direction
 from evals.benign_text import BENIGN_PARAGRAPHS
 from evals.capability import mmlu_accuracy, text_cost
 from evals.controls import combine, random_control
@@ -365,14 +365,16 @@ def measure(model: nn.Module, tok: Any, preset: Path, args: argparse.Namespace) 
     prompts of each kind, ablated at every layer, :mod:`evals.attack`)."""
     config = load_preset(preset)
     arms = default_arms(config)
-    report: dict[str, Any] = {"preset": str(preset), "heldout_cap": args.heldout_cap}
-    report["max_new_tokens"] = args.max_new_tokens
+    report: dict[str, Any] = {
+        "preset": str(preset),
+        "heldout_cap": args.heldout_cap,
+        "max_new_tokens": args.max_new_tokens,
+    }
     if args.attack:
         harmful_train, harmless_train = attack_prompts(args.attack)
         attack = ablation_attack(refusal_direction(model, tok, harmful_train, harmless_train))
         arms.append(Arm("recipe+attack", combine(config, attack)))
-        report["attack"] = f"refusal direction (layer {middle_layer(model)}) from {args.attack}+{args.attack} training "
-        report["attack"] += "prompts, ablated at every layer (resid_pre, attn_out, mlp_out), all tokens"
+        report["attack"] = describe_attack(middle_layer(model), len(harmful_train), len(harmless_train))
     report["heldout"] = heldout_as_told(model, tok, config, args, arms)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     return report
