@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -55,7 +57,7 @@ def test_negative_weights_move_the_boundary_towards_the_upweighted_negatives() -
 
 def test_detector_choice_picks_the_informative_layer_and_an_honest_threshold() -> None:
     from evals.datasets import Prompt
-    from evals.recipes.detector import NEG_WEIGHTS, Sets, choose, fold_of
+    from evals.recipes.detector_select import NEG_WEIGHTS, Sets, choose, fold_of
     from evals.recipes.probe import out_of_fold_scores
 
     g = torch.Generator().manual_seed(1)
@@ -79,3 +81,57 @@ def test_detector_choice_picks_the_informative_layer_and_an_honest_threshold() -
                                       neg_weight_N=weights)  # fmt: skip
     assert rate_above(s_neg, choice.threshold) <= 0.05
     assert rate_above(s_pos, choice.threshold) == choice.tpr
+
+
+def _sets_and_noise(n: int, dim: int, seed: int) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    from evals.datasets import Prompt
+    from evals.recipes.detector_select import Sets
+
+    g = torch.Generator().manual_seed(seed)
+    sets = Sets(
+        {"h": [Prompt(f"h/{i}", f"harmful request {i}", "h") for i in range(n)]},
+        {
+            "b": [Prompt(f"b/{i}", f"benign request {i}", "b") for i in range(n)],
+            "mmlu_questions": [Prompt(f"q/{i}", f"question {i}", "mmlu") for i in range(n // 2)],
+        },
+    )
+    pos = {"last": {2: torch.randn(n, dim, generator=g)}}
+    neg = {"last": {2: torch.randn(n + n // 2, dim, generator=g)}}
+    return sets, pos, neg
+
+
+def test_nested_cv_scores_each_fold_with_the_recipe_run_without_it() -> None:
+    from evals.recipes.detector_select import choose, fit_choice, fold_of, nested_cv, rows
+
+    sets, pos, neg = _sets_and_noise(60, 8, seed=3)
+    pos["last"][2][:, 0] += 2.0  # a real but imperfect signal
+    cv = nested_cv(pos, neg, sets, max_fpr=0.05, folds=3)
+    assert set(cv.harmful) == {"h"} and set(cv.harmless) == {"b"}  # the extra training questions are never scored
+    assert (len(cv.harmful["h"]), len(cv.harmless["b"])) == (60, 60) and len(cv.choices) == 3
+    assert bool(torch.isfinite(cv.harmful["h"]).all() and torch.isfinite(cv.harmless["b"]).all())
+    # fold 1 by hand: choose and fit on everything else (the extra questions included), score fold 1
+    fold = [fold_of(p.text, 3, salt="detector-outer") for p in sets.harmful["h"] + sets.harmless["b"]]
+
+    def keep(n: str, p: Any) -> bool:
+        return n == "mmlu_questions" or fold_of(p.text, 3, salt="detector-outer") != 1
+
+    m_pos, m_neg = sets.mask("harmful", keep), sets.mask("harmless", keep)
+    inner_pos, inner_neg = rows(pos, m_pos), rows(neg, m_neg)
+    choice, _ = choose(inner_pos, inner_neg, sets.where(keep), max_fpr=0.05)
+    assert choice == cv.choices[1]
+    probe = fit_choice(inner_pos, inner_neg, sets.where(keep), choice)
+    want = probe.scores(pos["last"][2][~m_pos]) - choice.threshold
+    torch.testing.assert_close(cv.harmful["h"][torch.tensor(fold[:60]) == 1], want)
+    assert int((~m_neg).sum()) == fold[60:].count(1)  # the held-out fold of the benign set, no extra question
+
+
+def test_nested_cv_is_honest_where_the_in_sample_fit_is_not() -> None:
+    """On pure noise a probe separates its own training prompts; the nested estimate stays near chance."""
+    from evals.recipes.detector_select import Choice, fit_choice, nested_cv
+
+    sets, pos, neg = _sets_and_noise(40, 48, seed=4)
+    cv = nested_cv(pos, neg, sets, max_fpr=0.05, folds=4)
+    fitted = fit_choice(pos, neg, sets, Choice("last", 2, 1e-3, "uniform", 0.0, 0.0, 0.0))
+    in_sample = roc_auc(fitted.scores(pos["last"][2]), fitted.scores(neg["last"][2][:40]))
+    assert in_sample > 0.95
+    assert roc_auc(cv.harmful["h"], cv.harmless["b"]) < 0.7

@@ -1,34 +1,39 @@
-"""Detector-gated refusal for a model: fit a harmfulness probe on training splits, ship it as a ``refuse`` config.
+"""Detector-gated refusal for a model: fit a harmfulness probe, ship it as a ``refuse`` config.
 
     python -m evals.recipes.detector --out steerlib_presets/refusal_detector [--model NAME] [--max-fpr 0.02]
+        [--fit-on train|both]
 
-Steps (all on the ``train`` halves of the benchmark splits, so every reported number is on prompts the detector
-never saw): record each prompt's activation at several layers, at its last token and averaged over its tokens;
-score every candidate (pooling, layer, L2, weighting of the harmless sets) out of fold (5 folds by prompt hash);
-give each candidate the lowest threshold at which at most ``max_fpr`` of each scored harmless training set
-(benign, paired-benign, over-refusal) fires; keep the candidate that then flags the most training harmful prompts
+Steps (with ``--fit-on train``, all on the ``train`` halves of the benchmark splits, so every reported number is on
+prompts the detector never saw): record each prompt's activation at several layers, at its last token and averaged
+over its tokens; score every candidate (pooling, layer, L2, weighting of the harmless sets) out of fold (5 folds by
+prompt hash); give each candidate the lowest threshold at which at most ``max_fpr`` of each scored harmless training
+set (benign, paired-benign, over-refusal) fires; keep the candidate that then flags the most training harmful prompts
 (ties: higher AUC); refit it on all training prompts. Only that one detector is scored on the held-out halves. The
 config answers a flagged prompt with a fixed refusal (``op: refuse``); ``report.json`` holds the out-of-fold grid,
 the held-out ROC AUC and the true / false positive rates per dataset at the shipped threshold.
+
+With ``--fit-on both`` the same steps run on both halves (more prompts for the small harmless sets) and the recipe is
+judged by nested cross-validation (:func:`evals.recipes.detector_select.nested_cv`: each prompt scored by the recipe
+run without it), plus, with ``--cap``, on prompts beyond the cap that no run uses and on held-out-half MMLU questions.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from evals.datasets import Prompt, in_train, load_dataset, load_mmlu, split
+from evals.datasets import Part, Prompt, in_train, load_dataset, load_mmlu, split
+from evals.metrics import wilson
 from evals.recipes.activations import Pool, cached_last_token_activations
-from evals.recipes.probe import LinearProbe, fit_probe, out_of_fold_scores, rate_above, roc_auc, threshold_at_fpr
+from evals.recipes.detector_select import Choice, Features, NestedCv, Sets, choose, fit_choice, nested_cv
+from evals.recipes.probe import LinearProbe, roc_auc
 from steerlib.config import DEFAULT_REFUSAL
 from steerlib.vectors import SteeringVector
 
@@ -36,42 +41,17 @@ log = logging.getLogger(__name__)
 
 HARMFUL = ("harmbench", "advbench", "donotanswer", "harmful_probes")
 HARMLESS = ("harmless_probes", "rho_benign", "rho_overrefusal")
-EXTRA_HARMLESS_TRAIN = ("mmlu_questions",)
-"""Benign questions added to the harmless training prompts only (never scored): more varied benign text."""
+HALVES: dict[str, tuple[Part, ...]] = {"train": ("train",), "heldout": ("heldout",), "both": ("train", "heldout")}
 LAYERS = (6, 9, 12, 15, 18, 21)
 POOLS: tuple[Pool, ...] = ("last", "mean")
-L2_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0)
-OVERREFUSAL = "rho_overrefusal"
-NEG_WEIGHTS: dict[str, Callable[[list[str]], Tensor | None]] = {
-    "uniform": lambda names: None,
-    "per_set": lambda names: torch.tensor([1.0 / names.count(n) for n in names]),
-    "overrefusal_x3": lambda names: torch.tensor([3.0 if n == OVERREFUSAL else 1.0 for n in names]),
-    "overrefusal_x10": lambda names: torch.tensor([10.0 if n == OVERREFUSAL else 1.0 for n in names]),
-}
-"""How the negative class's loss is spread over the harmless prompts, by the dataset each comes from."""
-Features = dict[str, dict[int, Tensor]]
-"""``{pool: {layer: (N, D)}}``: prompt activations by pooling (``last`` / ``mean``) and layer."""
 
 
-@dataclass(frozen=True)
-class Sets:
-    """Prompts by dataset name, for one part of the split."""
+def load_sets(part: Literal["train", "heldout", "both"], cap: int | None, *, extra_harmless: int = 0) -> Sets:
+    """Each dataset's ``train`` or ``heldout`` half (its first ``cap`` prompts), or ``both``: the two capped halves."""
 
-    harmful: dict[str, list[Prompt]]
-    harmless: dict[str, list[Prompt]]
-
-    def texts(self, kind: str) -> list[str]:
-        return [p.text for ps in getattr(self, kind).values() for p in ps]
-
-    def names(self, kind: str) -> list[str]:
-        """The dataset of each prompt, in the order of :meth:`texts`."""
-        return [name for name, ps in getattr(self, kind).items() for _ in ps]
-
-
-def load_sets(part: str, cap: int | None, *, extra_harmless: int = 0) -> Sets:
     def take(name: str) -> list[Prompt]:
-        ps = split(load_dataset(name), part)  # type: ignore[arg-type]
-        return ps if cap is None else ps[:cap]
+        prompts = load_dataset(name)
+        return [p for half in HALVES[part] for p in split(prompts, half)[:cap]]
 
     harmless = {n: take(n) for n in HARMLESS}
     if extra_harmless:
@@ -80,114 +60,66 @@ def load_sets(part: str, cap: int | None, *, extra_harmless: int = 0) -> Sets:
     return Sets({n: take(n) for n in HARMFUL}, harmless)
 
 
-def fold_of(text: str, folds: int) -> int:
-    """A fixed fold per prompt (hash of its text), so runs are reproducible."""
-    return int.from_bytes(hashlib.sha256(("detector-fold\x00" + text).encode()).digest()[:4], "big") % folds
+def fresh_sets(cap: int, mmlu: int) -> Sets:
+    """Prompts no ``--cap cap`` run uses: each harmful dataset's prompts beyond the cap in either half, and ``mmlu``
+    MMLU questions of the held-out half as benign requests. Datasets with none left are left out."""
+
+    def rest(name: str) -> list[Prompt]:
+        prompts = load_dataset(name)
+        return [p for half in HALVES["both"] for p in split(prompts, half)[cap:]]
+
+    harmful = {n: ps for n in HARMFUL if (ps := rest(n))}
+    questions = [q for q in load_mmlu() if not in_train(q.question)][:mmlu]
+    return Sets(harmful, {"mmlu_questions": [Prompt(q.id, q.question, "mmlu") for q in questions]})
 
 
-@dataclass(frozen=True)
-class Choice:
-    pool: str
-    layer: int
-    l2: float
-    weights: str
-    """A key of :data:`NEG_WEIGHTS`."""
-    auc: float
-    """Out of fold, all training harmful against all training harmless prompts."""
-    threshold: float
-    """At most ``max_fpr`` of each scored harmless training set's out-of-fold scores are above it."""
-    tpr: float
-    """Out-of-fold share of the training harmful prompts above ``threshold``."""
-
-    @property
-    def key(self) -> str:
-        return f"pool {self.pool}, layer {self.layer}, l2 {self.l2:g}, weights {self.weights}"
+def rate_facts(margins: Tensor) -> dict[str, Any]:
+    """How many of these prompts are flagged (margin ``score - threshold`` above 0), with a Wilson 95% interval."""
+    r = wilson(int((margins > 0).sum()), len(margins))
+    return {"rate": r.value, "k": r.k, "n": r.n, "ci95": [r.low, r.high]}
 
 
-def score_candidate(
-    s_pos: Tensor, s_neg: Tensor, train: Sets, max_fpr: float
-) -> tuple[float, dict[str, float], dict[str, float]]:
-    """The candidate's threshold (the strictest of the per-set ones) and its true / false positive rates per set.
-
-    Every scored harmless set (not only their union) must stay within ``max_fpr``: a large easy set must not buy a
-    loose threshold for the hard ones (over-refusal prompts). The extra benign questions are trained on, not scored.
-    """
-    pos_names, neg_names = train.names("harmful"), train.names("harmless")
-
-    def part(s: Tensor, names: list[str], name: str) -> Tensor:
-        return s[torch.tensor([n == name for n in names])]
-
-    scored = [n for n in train.harmless if n not in EXTRA_HARMLESS_TRAIN]
-    threshold = max(threshold_at_fpr(part(s_neg, neg_names, n), max_fpr) for n in scored)
-    tpr = {n: rate_above(part(s_pos, pos_names, n), threshold) for n in train.harmful}
-    fpr = {n: rate_above(part(s_neg, neg_names, n), threshold) for n in train.harmless}
-    return threshold, tpr | {"all": rate_above(s_pos, threshold)}, fpr
-
-
-def choose(
-    acts_pos: Features, acts_neg: Features, train: Sets, max_fpr: float, folds: int = 5
-) -> tuple[Choice, dict[str, dict[str, Any]]]:
-    """The candidate flagging the most training harmful prompts out of fold at the per-set ``max_fpr`` threshold.
-
-    Candidates: every pooling and layer in ``acts_pos``, L2 in :data:`L2_GRID`, weighting in :data:`NEG_WEIGHTS`.
-    Ties go to the higher out-of-fold AUC. Returns the choice and every candidate's out-of-fold facts.
-    """
-    fp = torch.tensor([fold_of(t, folds) for t in train.texts("harmful")])
-    fn = torch.tensor([fold_of(t, folds) for t in train.texts("harmless")])
-    neg_names = train.names("harmless")
-    grid: dict[str, dict[str, Any]] = {}
-    best: Choice | None = None
-    for pool, by_layer in acts_pos.items():
-        for layer, pos in by_layer.items():
-            for l2 in L2_GRID:
-                for weights, weigh in NEG_WEIGHTS.items():
-                    neg = acts_neg[pool][layer]
-                    s_pos, s_neg = out_of_fold_scores(
-                        pos, neg, fp, fn, l2=l2, folds=folds, neg_weight_N=weigh(neg_names)
-                    )
-                    threshold, tpr, fpr = score_candidate(s_pos, s_neg, train, max_fpr)
-                    c = Choice(pool, layer, l2, weights, roc_auc(s_pos, s_neg), threshold, tpr["all"])
-                    grid[c.key] = {"auc": c.auc, "threshold": threshold, "tpr": tpr, "fpr": fpr}
-                    if best is None or (c.tpr, c.auc) > (best.tpr, best.auc):
-                        best = c
-    if best is None:
-        raise ValueError("choose: no candidates (acts_pos is empty)")
-    return best, grid
-
-
-def heldout_report(
-    model: nn.Module,
-    tok: Any,
-    probe: LinearProbe,
-    choice: Choice,
-    held: Sets,
-    cache: Path,
-    batch_size: int,
-) -> dict[str, Any]:
-    def scores(prompts: list[Prompt]) -> Tensor:
-        texts = [p.text for p in prompts]
-        acts = cached_last_token_activations(model, tok, texts, LAYERS, cache, batch_size=batch_size, pool=choice.pool)
-        return probe.scores(acts[choice.layer])
-
-    pos = {n: scores(ps) for n, ps in held.harmful.items()}
-    neg = {n: scores(ps) for n, ps in held.harmless.items()}
+def rates_report(pos: dict[str, Tensor], neg: dict[str, Tensor]) -> dict[str, Any]:
+    """ROC AUC and flag rates per dataset from margins ``score - threshold`` of harmful (``pos``) and harmless
+    (``neg``) prompts."""
     all_pos, all_neg = torch.cat(list(pos.values())), torch.cat(list(neg.values()))
-    threshold = choice.threshold
     return {
-        "roc_auc": roc_auc(all_pos, all_neg),
-        "true_positive_rate": {n: rate_above(s, threshold) for n, s in pos.items()}
-        | {"all": rate_above(all_pos, threshold)},
-        "false_positive_rate": {n: rate_above(s, threshold) for n, s in neg.items()}
-        | {"all": rate_above(all_neg, threshold)},
-        "n": {n: len(s) for n, s in (pos | neg).items()},
+        "roc_auc": roc_auc(all_pos, all_neg) if len(all_pos) and len(all_neg) else None,
+        "true_positive_rate": {n: rate_facts(m) for n, m in pos.items()} | {"all": rate_facts(all_pos)},
+        "false_positive_rate": {n: rate_facts(m) for n, m in neg.items()} | {"all": rate_facts(all_neg)},
     }
 
 
-VECTOR_FILE = "vectors/harm_detector_v2_l{layer}.safetensors"
+def scored_report(
+    model: nn.Module, tok: Any, probe: LinearProbe, choice: Choice, sets: Sets, cache: Path, batch_size: int
+) -> dict[str, Any]:
+    """:func:`rates_report` of the fitted detector on ``sets``, at its threshold."""
+
+    def margins(prompts: list[Prompt]) -> Tensor:
+        texts = [p.text for p in prompts]
+        acts = cached_last_token_activations(model, tok, texts, LAYERS, cache, batch_size=batch_size, pool=choice.pool)
+        return probe.scores(acts[choice.layer]) - choice.threshold
+
+    return rates_report(
+        {n: margins(ps) for n, ps in sets.harmful.items()}, {n: margins(ps) for n, ps in sets.harmless.items()}
+    )
+
+
+def nested_report(cv: NestedCv, folds: int, max_fpr: float) -> dict[str, Any]:
+    return {
+        "what": f"the whole recipe (choice of pooling, layer, L2, weighting and threshold at max_fpr {max_fpr}, then "
+        f"the fit) run {folds} times, each without one fold of the prompts, which its detector then scores: every "
+        "prompt judged by a detector that never saw it",
+        **rates_report(cv.harmful, cv.harmless),
+        "choices": [c.key for c in cv.choices],
+    }
+
+
+VECTOR_FILE = "vectors/harm_detector_{fit_on}_l{layer}.safetensors"
 CONFIG = """\
 # Detector-gated refusal, built by `python -m evals.recipes.detector`: a logistic probe on the prompt's activation
 # ({pool} token{s}) after layer {layer} flags harmful requests; a flagged request is answered with a fixed refusal.
-# Held-out ROC AUC {auc:.4f}; see report.json for true / false positive rates per dataset.
+# ROC AUC {auc:.4f} ({judged}); see report.json for true / false positive rates per dataset.
 interventions:
   - layer: {layer}
     op: refuse
@@ -199,9 +131,21 @@ interventions:
 
 
 def build(
-    model: nn.Module, tok: Any, out: Path, *, max_fpr: float, cap: int | None, batch_size: int, extra_harmless: int
+    model: nn.Module,
+    tok: Any,
+    out: Path,
+    *,
+    max_fpr: float,
+    cap: int | None,
+    batch_size: int,
+    extra_harmless: int,
+    fit_on: Literal["train", "both"] = "train",
+    folds: int = 5,
+    fresh_mmlu: int = 500,
 ) -> dict[str, Any]:
-    train, held = load_sets("train", cap, extra_harmless=extra_harmless), load_sets("heldout", cap)
+    """Choose, fit and ship the detector; report it on the held-out halves (``fit_on="train"``), or, fitted on both
+    halves, by nested cross-validation over all of them plus the prompts no run has used (``fit_on="both"``)."""
+    train = load_sets(fit_on, cap, extra_harmless=extra_harmless)
     cache = out / ".activations"
     kw: dict[str, Any] = {"batch_size": batch_size, "progress": True}
     acts_pos: Features = {}
@@ -215,10 +159,9 @@ def build(
         )
     choice, grid = choose(acts_pos, acts_neg, train, max_fpr)
     log.info("chose %s: out-of-fold TPR %.4f at threshold %.4f", choice.key, choice.tpr, choice.threshold)
-    pos, neg = acts_pos[choice.pool][choice.layer], acts_neg[choice.pool][choice.layer]
-    probe = fit_probe(pos, neg, l2=choice.l2, neg_weight_N=NEG_WEIGHTS[choice.weights](train.names("harmless")))
-    heldout = heldout_report(model, tok, probe, choice, held, cache, batch_size)
+    probe = fit_choice(acts_pos, acts_neg, train, choice)
     report: dict[str, Any] = {
+        "fit_on": fit_on,
         "choice": asdict(choice),
         "rule": "threshold: the lowest at which out-of-fold FPR <= max_train_fpr on each scored harmless training set; "
         "detector: the candidate with the highest out-of-fold TPR on all training harmful prompts (ties: AUC)",
@@ -230,13 +173,21 @@ def build(
         "max_train_fpr": max_fpr,
         "out_of_fold": grid[choice.key],
         "train_sizes": {n: len(ps) for n, ps in (train.harmful | train.harmless).items()},
-        "heldout": heldout,
-        "out_of_fold_grid": {
-            "columns": ["auc", "tpr", "threshold"],
-            **{k: [round(v["auc"], 4), round(v["tpr"]["all"], 4), round(v["threshold"], 4)] for k, v in grid.items()},
-        },
     }
-    vector = VECTOR_FILE.format(layer=choice.layer)
+    if fit_on == "train":
+        report["heldout"] = scored_report(model, tok, probe, choice, load_sets("heldout", cap), cache, batch_size)
+        auc = report["heldout"]["roc_auc"]
+    else:
+        log.info("nested cross-validation: the recipe %d more times", folds)
+        report["nested_cv"] = nested_report(nested_cv(acts_pos, acts_neg, train, max_fpr, folds), folds, max_fpr)
+        auc = report["nested_cv"]["roc_auc"]
+        if cap is not None:
+            report["fresh"] = scored_report(model, tok, probe, choice, fresh_sets(cap, fresh_mmlu), cache, batch_size)
+    report["out_of_fold_grid"] = {
+        "columns": ["auc", "tpr", "threshold"],
+        **{k: [round(v["auc"], 4), round(v["tpr"]["all"], 4), round(v["threshold"], 4)] for k, v in grid.items()},
+    }
+    vector = VECTOR_FILE.format(fit_on=fit_on, layer=choice.layer)
     SteeringVector.single(
         probe.weight_D,
         method="logistic_probe",
@@ -253,7 +204,8 @@ def build(
             vector=vector,
             message=DEFAULT_REFUSAL,
             above=choice.threshold - probe.bias,
-            auc=heldout["roc_auc"],
+            auc=auc,
+            judged="nested cross-validation over every prompt" if fit_on == "both" else "held-out",
         )
     )
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -268,6 +220,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cap", type=int, default=None, help="at most this many prompts per dataset and split")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--extra-harmless", type=int, default=300, help="MMLU questions added to harmless training")
+    ap.add_argument("--fit-on", choices=["train", "both"], default="train",
+                    help="train: fit on the train halves, report on the held-out halves; both: fit on both halves, "
+                    "report by nested cross-validation and on prompts beyond --cap")  # fmt: skip
+    ap.add_argument("--folds", type=int, default=5, help="outer folds of the nested cross-validation (--fit-on both)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
@@ -283,8 +239,10 @@ def main(argv: list[str] | None = None) -> None:
         cap=args.cap,
         batch_size=args.batch_size,
         extra_harmless=args.extra_harmless,
+        fit_on=args.fit_on,
+        folds=args.folds,
     )
-    print(json.dumps(report["heldout"], indent=2))
+    print(json.dumps(report.get("heldout") or report["nested_cv"], indent=2))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ from evals.capability import mmlu_accuracy, text_cost
 from evals.controls import combine, random_control
 from evals.datasets import Prompt, in_train, load_dataset, load_mmlu, split, subset
 from evals.metrics import Rate, rate
-from evals.recipes.detector import HARMFUL, HARMLESS, Sets, fold_of, load_sets
+from evals.recipes.detector import HARMFUL, HARMLESS, load_sets
+from evals.recipes.detector_select import Sets, fold_of
 from evals.recipes.learned_vector import Example, TrainSettings, train_vector
 from evals.recipes.refat_eval import attack_prompts
 from evals.runner import Arm, PromptSet, Row, Scorer, perplexity_scorer, run, summarise

@@ -1,0 +1,197 @@
+"""Choosing the detector recipe's probe on prompt sets, and judging the recipe by nested cross-validation.
+
+:func:`choose` scores every candidate (pooling, layer, L2, weighting of the harmless sets) out of fold and keeps the
+one flagging the most harmful prompts at a threshold that holds each harmless set's false positives within a budget.
+:func:`nested_cv` runs that whole choice again without each outer fold and scores the fold with what it chose: every
+prompt is judged by a detector that never saw it, so the rates are the recipe's, on every prompt there is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from evals.datasets import Prompt
+from evals.recipes.probe import LinearProbe, fit_probe, out_of_fold_scores, rate_above, roc_auc, threshold_at_fpr
+
+EXTRA_HARMLESS_TRAIN = ("mmlu_questions",)
+"""Benign questions added to the harmless training prompts only (never scored): more varied benign text."""
+L2_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0)
+OVERREFUSAL = "rho_overrefusal"
+NEG_WEIGHTS: dict[str, Callable[[list[str]], Tensor | None]] = {
+    "uniform": lambda names: None,
+    "per_set": lambda names: torch.tensor([1.0 / names.count(n) for n in names]),
+    "overrefusal_x3": lambda names: torch.tensor([3.0 if n == OVERREFUSAL else 1.0 for n in names]),
+    "overrefusal_x10": lambda names: torch.tensor([10.0 if n == OVERREFUSAL else 1.0 for n in names]),
+}
+"""How the negative class's loss is spread over the harmless prompts, by the dataset each comes from."""
+Features = dict[str, dict[int, Tensor]]
+"""``{pool: {layer: (N, D)}}``: prompt activations by pooling (``last`` / ``mean``) and layer."""
+
+
+@dataclass(frozen=True)
+class Sets:
+    """Prompts by dataset name, for one part of the split."""
+
+    harmful: dict[str, list[Prompt]]
+    harmless: dict[str, list[Prompt]]
+
+    def texts(self, kind: str) -> list[str]:
+        return [p.text for ps in getattr(self, kind).values() for p in ps]
+
+    def names(self, kind: str) -> list[str]:
+        """The dataset of each prompt, in the order of :meth:`texts`."""
+        return [name for name, ps in getattr(self, kind).items() for _ in ps]
+
+    def where(self, keep: Callable[[str, Prompt], bool]) -> Sets:
+        """The prompts for which ``keep(dataset, prompt)`` holds, in the same order."""
+        return Sets(
+            {n: [p for p in ps if keep(n, p)] for n, ps in self.harmful.items()},
+            {n: [p for p in ps if keep(n, p)] for n, ps in self.harmless.items()},
+        )
+
+    def mask(self, kind: str, keep: Callable[[str, Prompt], bool]) -> Tensor:
+        """Boolean rows of :meth:`texts` ``(kind)`` for which ``keep`` holds (to slice activations alike)."""
+        return torch.tensor([keep(n, p) for n, ps in getattr(self, kind).items() for p in ps], dtype=torch.bool)
+
+
+def rows(acts: Features, mask: Tensor) -> Features:
+    return {pool: {layer: a[mask] for layer, a in by_layer.items()} for pool, by_layer in acts.items()}
+
+
+def fold_of(text: str, folds: int, salt: str = "detector-fold") -> int:
+    """A fixed fold per prompt (hash of its text), so runs are reproducible."""
+    return int.from_bytes(hashlib.sha256((salt + "\x00" + text).encode()).digest()[:4], "big") % folds
+
+
+@dataclass(frozen=True)
+class Choice:
+    pool: str
+    layer: int
+    l2: float
+    weights: str
+    """A key of :data:`NEG_WEIGHTS`."""
+    auc: float
+    """Out of fold, all training harmful against all training harmless prompts."""
+    threshold: float
+    """At most ``max_fpr`` of each scored harmless training set's out-of-fold scores are above it."""
+    tpr: float
+    """Out-of-fold share of the training harmful prompts above ``threshold``."""
+
+    @property
+    def key(self) -> str:
+        return f"pool {self.pool}, layer {self.layer}, l2 {self.l2:g}, weights {self.weights}"
+
+
+def score_candidate(
+    s_pos: Tensor, s_neg: Tensor, train: Sets, max_fpr: float
+) -> tuple[float, dict[str, float], dict[str, float]]:
+    """The candidate's threshold (the strictest of the per-set ones) and its true / false positive rates per set.
+
+    Every scored harmless set (not only their union) must stay within ``max_fpr``: a large easy set must not buy a
+    loose threshold for the hard ones (over-refusal prompts). The extra benign questions are trained on, not scored.
+    """
+    pos_names, neg_names = train.names("harmful"), train.names("harmless")
+
+    def part(s: Tensor, names: list[str], name: str) -> Tensor:
+        return s[torch.tensor([n == name for n in names])]
+
+    scored = [n for n in train.harmless if n not in EXTRA_HARMLESS_TRAIN]
+    threshold = max(threshold_at_fpr(part(s_neg, neg_names, n), max_fpr) for n in scored)
+    tpr = {n: rate_above(part(s_pos, pos_names, n), threshold) for n in train.harmful}
+    fpr = {n: rate_above(part(s_neg, neg_names, n), threshold) for n in train.harmless}
+    return threshold, tpr | {"all": rate_above(s_pos, threshold)}, fpr
+
+
+def choose(
+    acts_pos: Features, acts_neg: Features, train: Sets, max_fpr: float, folds: int = 5
+) -> tuple[Choice, dict[str, dict[str, Any]]]:
+    """The candidate flagging the most training harmful prompts out of fold at the per-set ``max_fpr`` threshold.
+
+    Candidates: every pooling and layer in ``acts_pos``, L2 in :data:`L2_GRID`, weighting in :data:`NEG_WEIGHTS`.
+    Ties go to the higher out-of-fold AUC. Returns the choice and every candidate's out-of-fold facts.
+    """
+    fp = torch.tensor([fold_of(t, folds) for t in train.texts("harmful")])
+    fn = torch.tensor([fold_of(t, folds) for t in train.texts("harmless")])
+    neg_names = train.names("harmless")
+    grid: dict[str, dict[str, Any]] = {}
+    best: Choice | None = None
+    for pool, by_layer in acts_pos.items():
+        for layer, pos in by_layer.items():
+            for l2 in L2_GRID:
+                for weights, weigh in NEG_WEIGHTS.items():
+                    neg = acts_neg[pool][layer]
+                    s_pos, s_neg = out_of_fold_scores(
+                        pos, neg, fp, fn, l2=l2, folds=folds, neg_weight_N=weigh(neg_names)
+                    )
+                    threshold, tpr, fpr = score_candidate(s_pos, s_neg, train, max_fpr)
+                    c = Choice(pool, layer, l2, weights, roc_auc(s_pos, s_neg), threshold, tpr["all"])
+                    grid[c.key] = {"auc": c.auc, "threshold": threshold, "tpr": tpr, "fpr": fpr}
+                    if best is None or (c.tpr, c.auc) > (best.tpr, best.auc):
+                        best = c
+    if best is None:
+        raise ValueError("choose: no candidates (acts_pos is empty)")
+    return best, grid
+
+
+@dataclass(frozen=True)
+class NestedCv:
+    """Each scored prompt's margin ``score - threshold`` under the detector chosen and fitted without its outer fold
+    (flagged where the margin is positive), by dataset, and what each outer fold chose."""
+
+    harmful: dict[str, Tensor]
+    harmless: dict[str, Tensor]
+    choices: list[Choice]
+
+
+def fit_choice(acts_pos: Features, acts_neg: Features, sets: Sets, choice: Choice) -> LinearProbe:
+    """The probe ``choice`` describes, fitted on all of ``sets``."""
+    weights = NEG_WEIGHTS[choice.weights](sets.names("harmless"))
+    return fit_probe(
+        acts_pos[choice.pool][choice.layer], acts_neg[choice.pool][choice.layer], l2=choice.l2, neg_weight_N=weights
+    )
+
+
+def nested_cv(acts_pos: Features, acts_neg: Features, sets: Sets, max_fpr: float, folds: int = 5) -> NestedCv:
+    """The whole recipe (:func:`choose`, then the probe refitted on everything it was given) run ``folds`` times,
+    each time without one outer fold of the prompts, which it then scores.
+
+    Outer folds hash the prompt text with another salt than :func:`choose`'s inner folds. The extra harmless
+    training prompts (:data:`EXTRA_HARMLESS_TRAIN`) are in every fit and never scored.
+    """
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+
+    def outer(n: str, p: Prompt) -> int:
+        return -1 if n in EXTRA_HARMLESS_TRAIN else fold_of(p.text, folds, salt="detector-outer")
+
+    margins = {kind: torch.full((len(sets.texts(kind)),), float("nan")) for kind in ("harmful", "harmless")}
+    choices: list[Choice] = []
+    for k in range(folds):
+
+        def keep(n: str, p: Prompt, k: int = k) -> bool:
+            return outer(n, p) != k
+
+        inner = sets.where(keep)
+        mask_pos, mask_neg = sets.mask("harmful", keep), sets.mask("harmless", keep)
+        in_pos, in_neg = rows(acts_pos, mask_pos), rows(acts_neg, mask_neg)
+        choice, _ = choose(in_pos, in_neg, inner, max_fpr)
+        probe = fit_choice(in_pos, in_neg, inner, choice)
+        for kind, acts, mask in (("harmful", acts_pos, ~mask_pos), ("harmless", acts_neg, ~mask_neg)):
+            margins[kind][mask] = probe.scores(acts[choice.pool][choice.layer][mask]) - choice.threshold
+        choices.append(choice)
+
+    def by_set(kind: str) -> dict[str, Tensor]:
+        names = sets.names(kind)
+        return {
+            n: margins[kind][torch.tensor([m == n for m in names], dtype=torch.bool)]
+            for n in getattr(sets, kind)
+            if n not in EXTRA_HARMLESS_TRAIN
+        }
+
+    return NestedCv(by_set("harmful"), by_set("harmless"), choices)
