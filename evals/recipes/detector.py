@@ -105,6 +105,18 @@ def scored_report(
     )
 
 
+def in_sample_report(
+    probe: LinearProbe, choice: Choice, sets: Sets, acts_pos: Features, acts_neg: Features
+) -> dict[str, Any]:
+    """:func:`rates_report` of the fitted detector on the prompts it was fitted on (not a measure of quality: a check
+    that the shipped config reproduces the probe)."""
+
+    def margins(kind: str, acts: Features) -> dict[str, Tensor]:
+        return sets.by_set(kind, probe.scores(acts[choice.pool][choice.layer]) - choice.threshold)
+
+    return rates_report(margins("harmful", acts_pos), margins("harmless", acts_neg))
+
+
 def nested_report(cv: NestedCv, folds: int, max_fpr: float) -> dict[str, Any]:
     return {
         "what": f"the whole recipe (choice of pooling, layer, L2, weighting and threshold at max_fpr {max_fpr}, then "
@@ -173,6 +185,7 @@ def build(
         "max_train_fpr": max_fpr,
         "out_of_fold": grid[choice.key],
         "train_sizes": {n: len(ps) for n, ps in (train.harmful | train.harmless).items()},
+        "in_sample": in_sample_report(probe, choice, train, acts_pos, acts_neg),
     }
     if fit_on == "train":
         report["heldout"] = scored_report(model, tok, probe, choice, load_sets("heldout", cap), cache, batch_size)

@@ -55,6 +55,11 @@ class Sets:
             {n: [p for p in ps if keep(n, p)] for n, ps in self.harmless.items()},
         )
 
+    def by_set(self, kind: str, values: Tensor) -> dict[str, Tensor]:
+        """Per-row ``values`` (in the order of :meth:`texts` ``(kind)``) grouped by dataset."""
+        names = self.names(kind)
+        return {n: values[torch.tensor([m == n for m in names], dtype=torch.bool)] for n in getattr(self, kind)}
+
     def mask(self, kind: str, keep: Callable[[str, Prompt], bool]) -> Tensor:
         """Boolean rows of :meth:`texts` ``(kind)`` for which ``keep`` holds (to slice activations alike)."""
         return torch.tensor([keep(n, p) for n, ps in getattr(self, kind).items() for p in ps], dtype=torch.bool)
@@ -186,12 +191,7 @@ def nested_cv(acts_pos: Features, acts_neg: Features, sets: Sets, max_fpr: float
             margins[kind][mask] = probe.scores(acts[choice.pool][choice.layer][mask]) - choice.threshold
         choices.append(choice)
 
-    def by_set(kind: str) -> dict[str, Tensor]:
-        names = sets.names(kind)
-        return {
-            n: margins[kind][torch.tensor([m == n for m in names], dtype=torch.bool)]
-            for n in getattr(sets, kind)
-            if n not in EXTRA_HARMLESS_TRAIN
-        }
+    def scored(kind: str) -> dict[str, Tensor]:
+        return {n: m for n, m in sets.by_set(kind, margins[kind]).items() if n not in EXTRA_HARMLESS_TRAIN}
 
-    return NestedCv(by_set("harmful"), by_set("harmless"), choices)
+    return NestedCv(scored("harmful"), scored("harmless"), choices)
