@@ -144,9 +144,29 @@ def test_kl_retention_starts_at_zero_and_holds_harmless_rows_closer_to_the_base_
     assert 0 < trained["kl"] < 0.7 * trained["ce"]  # seeded: 0.018 vs 0.030
 
 
+def test_answer_only_kl_is_the_mean_kl_at_the_positions_that_predict_the_answer() -> None:
+    tok = word_tokenizer()
+    model = lora_model()
+    train(model, tok, HARMFUL, HARMLESS, cfg(steps=3, p_ablate=0.0, retain="kl_answer"))  # adapters now nonzero
+    b = encode(tok, HARMLESS[:3], CPU)
+    with torch.no_grad():
+        base = base_logits_of(model, b)
+        loss, _ = batch_loss(model, b, base, answer_only=True)
+        everywhere, _ = batch_loss(model, b, base)
+        tuned = model(input_ids=b.ids_BT, attention_mask=b.mask_BT).logits
+    by_hand = []
+    for row in range(3):
+        for t in (b.labels_BT[row, 1:] != -100).nonzero().flatten().tolist():  # position t predicts token t + 1
+            p, q = base[row, t].log_softmax(-1), tuned[row, t].log_softmax(-1)
+            by_hand.append(float((p.exp() * (p - q)).sum()))
+    assert len(by_hand) == 3 * 4  # "w60 w61 w62" + end of turn, per row
+    assert float(loss) == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-4)
+    assert float(loss) != pytest.approx(float(everywhere), rel=1e-2)  # the prompt's positions are left out
+
+
 def test_kl_retention_needs_a_peft_model() -> None:
     model = tiny_model("llama", n_layers=2)
-    with pytest.raises(ValueError, match="retain='kl' needs a peft model"):
+    with pytest.raises(ValueError, match="retain='kl' / 'kl_answer' needs a peft model"):
         train(model, word_tokenizer(), HARMFUL, HARMLESS, cfg(retain="kl"))
 
 

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -53,6 +53,9 @@ HARMFUL_SETS = ("harmbench", "advbench", "donotanswer", "harmful_probes")
 HARMLESS_SETS = ("harmless_probes", "rho_benign", "rho_overrefusal")
 
 
+Retain = Literal["ce", "kl", "kl_answer"]
+
+
 class RefatConfig(BaseModel):
     """Settings of one ReFAT run."""
 
@@ -75,10 +78,12 @@ class RefatConfig(BaseModel):
     max_prompt_tokens: int = Field(96, ge=8, description="longer rendered prompts are skipped")
     target_tokens: int = Field(32, ge=1, description="greedy tokens of the base model's answer to harmless prompts")
     extra_harmless: int = Field(80, ge=0, description="MMLU questions (train split) added to the harmless prompts")
-    retain: Literal["ce", "kl"] = Field(
+    retain: Retain = Field(
         "ce",
         description="loss on harmless rows: cross-entropy on the base model's greedy answer (ce), or KL divergence "
-        "from the base model's next-token distributions over the whole prompt and answer (kl; needs peft adapters)",
+        "from the base model's next-token distributions over the whole prompt and answer (kl) or only at the "
+        "positions that predict the answer, where refusing or complying is decided (kl_answer); kl and kl_answer "
+        "need peft adapters",
     )
     seed: int = Field(0, description="seed of batch sampling, ablation draws and LoRA init")
 
@@ -197,13 +202,17 @@ def ablated(model: nn.Module, features_LD: Tensor, rows_B: Tensor) -> Iterator[N
             handle.remove()
 
 
-def batch_loss(model: nn.Module, batch: TrainBatch, base_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def batch_loss(
+    model: nn.Module, batch: TrainBatch, base_logits: Tensor | None = None, *, answer_only: bool = False
+) -> tuple[Tensor, Tensor]:
     """The training loss and the harmful rows' mean target cross-entropy (for logging).
 
     Without ``base_logits``: mean cross-entropy over every row's target tokens. With them (the base model's logits
     on the batch's harmless rows, :func:`base_logits_of`; ``retain="kl"``): the harmful rows' mean target
     cross-entropy plus the harmless rows' mean KL(base || model) over all their real tokens, so harmless behaviour is
-    held to the base distribution rather than fitted to one greedy answer.
+    held to the base distribution rather than fitted to one greedy answer. ``answer_only`` (``retain="kl_answer"``):
+    the KL only at the positions that predict the answer (from the last prompt token on), so the decision to answer
+    is not diluted among the prompt's tokens.
     """
     logits = _forward(model, batch.ids_BT, batch.mask_BT).logits[:, :-1].float()
     labels = batch.labels_BT[:, 1:]
@@ -214,7 +223,7 @@ def batch_loss(model: nn.Module, batch: TrainBatch, base_logits: Tensor | None =
     if base_logits is None:
         return ce_BT.sum() / scored.sum(), harm_loss.detach()
     harmless = ~batch.harmful_B
-    keep = batch.mask_BT[harmless, 1:].bool()
+    keep = scored[harmless] if answer_only else batch.mask_BT[harmless, 1:].bool()
     base = base_logits[:, :-1].float().log_softmax(-1)
     kl_BT = (base.exp() * (base - logits[harmless].log_softmax(-1))).sum(-1)
     kl = kl_BT[keep].mean() if keep.any() else torch.zeros((), device=logits.device)
@@ -226,7 +235,9 @@ def base_logits_of(model: nn.Module, batch: TrainBatch) -> Tensor:
     with its adapters switched off, no gradient."""
     disable = getattr(model, "disable_adapter", None)
     if disable is None:
-        raise ValueError("retain='kl' needs a peft model (its base is the model with the adapters disabled)")
+        raise ValueError(
+            "retain='kl' / 'kl_answer' needs a peft model (its base is the model with the adapters disabled)"
+        )
     harmless = ~batch.harmful_B
     with torch.no_grad(), disable():
         return _forward(model, batch.ids_BT[harmless], batch.mask_BT[harmless]).logits.float()
@@ -272,9 +283,9 @@ def train(
         batch = encode(tokenizer, examples, device)
         ablate = rng.random() < cfg.p_ablate
         rows = batch.harmful_B if ablate else torch.zeros_like(batch.harmful_B)
-        base = base_logits_of(model, batch) if cfg.retain == "kl" else None
+        base = base_logits_of(model, batch) if cfg.retain != "ce" else None
         with ablated(model, features, rows):
-            loss, harm_loss = batch_loss(model, batch, base)
+            loss, harm_loss = batch_loss(model, batch, base, answer_only=cfg.retain == "kl_answer")
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -377,7 +388,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-harmless", type=int, default=4, help="harmless retention pairs per batch")
     ap.add_argument("--extra-harmless", type=int, default=80, help="MMLU questions added to the harmless prompts")
     ap.add_argument(
-        "--retain", choices=("ce", "kl"), default="ce", help="harmless rows: CE on base answers, or KL from the base"
+        "--retain",
+        choices=get_args(Retain),
+        default="ce",
+        help="harmless rows: CE on base answers, or KL from the base over prompt and answer (kl) or the answer only",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
