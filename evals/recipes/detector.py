@@ -20,6 +20,7 @@ run without it), plus, with ``--cap``, on prompts beyond the cap that no run use
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 from dataclasses import asdict
@@ -32,7 +33,17 @@ from torch import Tensor, nn
 from evals.datasets import Part, Prompt, in_train, load_dataset, load_mmlu, split
 from evals.metrics import wilson
 from evals.recipes.activations import Pool, cached_last_token_activations
-from evals.recipes.detector_select import Choice, Features, NestedCv, Sets, choose, fit_choice, nested_cv
+from evals.recipes.detector_select import (
+    L2_GRID,
+    NEG_WEIGHTS,
+    Choice,
+    Features,
+    NestedCv,
+    Sets,
+    choose,
+    fit_choice,
+    nested_cv,
+)
 from evals.recipes.probe import LinearProbe, roc_auc
 from steerlib.config import DEFAULT_REFUSAL
 from steerlib.vectors import SteeringVector
@@ -55,22 +66,31 @@ def load_sets(part: Literal["train", "heldout", "both"], cap: int | None, *, ext
 
     harmless = {n: take(n) for n in HARMLESS}
     if extra_harmless:
-        questions = [q for q in load_mmlu() if in_train(q.question)][:extra_harmless]
-        harmless["mmlu_questions"] = [Prompt(q.id, q.question, "mmlu") for q in questions]
+        harmless["mmlu_questions"] = mmlu_questions(train=True, n=extra_harmless)
     return Sets({n: take(n) for n in HARMFUL}, harmless)
 
 
-def fresh_sets(cap: int, mmlu: int) -> Sets:
-    """Prompts no ``--cap cap`` run uses: each harmful dataset's prompts beyond the cap in either half, and ``mmlu``
-    MMLU questions of the held-out half as benign requests. Datasets with none left are left out."""
+def mmlu_questions(*, train: bool, n: int) -> list[Prompt]:
+    """``n`` MMLU questions of the train (or held-out) half as benign requests, in an order fixed by a hash of their
+    text, so that they spread over the 57 subjects (the file is sorted by subject, moral scenarios first)."""
+    questions = [q for q in load_mmlu() if in_train(q.question) == train]
+    questions.sort(key=lambda q: hashlib.sha256(q.question.encode()).digest())
+    return [Prompt(q.id, q.question, "mmlu") for q in questions[:n]]
+
+
+def fresh_sets(cap: int | None, mmlu: int) -> Sets:
+    """Prompts no ``--cap cap`` run uses: each harmful dataset's prompts beyond the cap in either half (none without
+    a cap), and ``mmlu`` MMLU questions of the held-out half as benign requests. Datasets with none left are left
+    out."""
 
     def rest(name: str) -> list[Prompt]:
+        if cap is None:
+            return []
         prompts = load_dataset(name)
         return [p for half in HALVES["both"] for p in split(prompts, half)[cap:]]
 
     harmful = {n: ps for n in HARMFUL if (ps := rest(n))}
-    questions = [q for q in load_mmlu() if not in_train(q.question)][:mmlu]
-    return Sets(harmful, {"mmlu_questions": [Prompt(q.id, q.question, "mmlu") for q in questions]})
+    return Sets(harmful, {"mmlu_questions": mmlu_questions(train=False, n=mmlu)})
 
 
 def rate_facts(margins: Tensor) -> dict[str, Any]:
@@ -91,13 +111,20 @@ def rates_report(pos: dict[str, Tensor], neg: dict[str, Tensor]) -> dict[str, An
 
 
 def scored_report(
-    model: nn.Module, tok: Any, probe: LinearProbe, choice: Choice, sets: Sets, cache: Path, batch_size: int
+    model: nn.Module,
+    tok: Any,
+    probe: LinearProbe,
+    choice: Choice,
+    sets: Sets,
+    cache: Path,
+    batch_size: int,
+    layers: tuple[int, ...] = LAYERS,
 ) -> dict[str, Any]:
     """:func:`rates_report` of the fitted detector on ``sets``, at its threshold."""
 
     def margins(prompts: list[Prompt]) -> Tensor:
         texts = [p.text for p in prompts]
-        acts = cached_last_token_activations(model, tok, texts, LAYERS, cache, batch_size=batch_size, pool=choice.pool)
+        acts = cached_last_token_activations(model, tok, texts, layers, cache, batch_size=batch_size, pool=choice.pool)
         return probe.scores(acts[choice.layer]) - choice.threshold
 
     return rates_report(
@@ -154,6 +181,8 @@ def build(
     fit_on: Literal["train", "both"] = "train",
     folds: int = 5,
     fresh_mmlu: int = 500,
+    layers: tuple[int, ...] = LAYERS,
+    l2_grid: tuple[float, ...] = L2_GRID,
 ) -> dict[str, Any]:
     """Choose, fit and ship the detector; report it on the held-out halves (``fit_on="train"``), or, fitted on both
     halves, by nested cross-validation over all of them plus the prompts no run has used (``fit_on="both"``)."""
@@ -164,12 +193,12 @@ def build(
     acts_neg: Features = {}
     for pool in POOLS:
         acts_pos[pool] = cached_last_token_activations(
-            model, tok, train.texts("harmful"), LAYERS, cache, pool=pool, **kw
+            model, tok, train.texts("harmful"), layers, cache, pool=pool, **kw
         )
         acts_neg[pool] = cached_last_token_activations(
-            model, tok, train.texts("harmless"), LAYERS, cache, pool=pool, **kw
+            model, tok, train.texts("harmless"), layers, cache, pool=pool, **kw
         )
-    choice, grid = choose(acts_pos, acts_neg, train, max_fpr)
+    choice, grid = choose(acts_pos, acts_neg, train, max_fpr, l2_grid=l2_grid)
     log.info("chose %s: out-of-fold TPR %.4f at threshold %.4f", choice.key, choice.tpr, choice.threshold)
     probe = fit_choice(acts_pos, acts_neg, train, choice)
     report: dict[str, Any] = {
@@ -183,19 +212,22 @@ def build(
         "weights": choice.weights,
         "threshold": choice.threshold,
         "max_train_fpr": max_fpr,
+        "candidates": {"layers": list(layers), "pools": list(POOLS), "l2": list(l2_grid), "weights": list(NEG_WEIGHTS)},
         "out_of_fold": grid[choice.key],
         "train_sizes": {n: len(ps) for n, ps in (train.harmful | train.harmless).items()},
         "in_sample": in_sample_report(probe, choice, train, acts_pos, acts_neg),
     }
     if fit_on == "train":
-        report["heldout"] = scored_report(model, tok, probe, choice, load_sets("heldout", cap), cache, batch_size)
+        held = load_sets("heldout", cap)
+        report["heldout"] = scored_report(model, tok, probe, choice, held, cache, batch_size, layers)
         auc = report["heldout"]["roc_auc"]
     else:
         log.info("nested cross-validation: the recipe %d more times", folds)
-        report["nested_cv"] = nested_report(nested_cv(acts_pos, acts_neg, train, max_fpr, folds), folds, max_fpr)
+        cv = nested_cv(acts_pos, acts_neg, train, max_fpr, folds, l2_grid=l2_grid)
+        report["nested_cv"] = nested_report(cv, folds, max_fpr)
         auc = report["nested_cv"]["roc_auc"]
-        if cap is not None:
-            report["fresh"] = scored_report(model, tok, probe, choice, fresh_sets(cap, fresh_mmlu), cache, batch_size)
+        fresh = fresh_sets(cap, fresh_mmlu)
+        report["fresh"] = scored_report(model, tok, probe, choice, fresh, cache, batch_size, layers)
     report["out_of_fold_grid"] = {
         "columns": ["auc", "tpr", "threshold"],
         **{k: [round(v["auc"], 4), round(v["tpr"]["all"], 4), round(v["threshold"], 4)] for k, v in grid.items()},
@@ -236,6 +268,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fit-on", choices=["train", "both"], default="train",
                     help="train: fit on the train halves, report on the held-out halves; both: fit on both halves, "
                     "report by nested cross-validation and on prompts beyond --cap")  # fmt: skip
+    ap.add_argument("--layers", type=int, nargs="+", default=list(LAYERS), help="candidate layers")
+    ap.add_argument("--l2", type=float, nargs="+", default=list(L2_GRID), help="candidate L2 penalties")
+    ap.add_argument("--fresh-mmlu", type=int, default=500, help="held-out-half MMLU questions scored as fresh benign")
     ap.add_argument("--folds", type=int, default=5, help="outer folds of the nested cross-validation (--fit-on both)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -254,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
         extra_harmless=args.extra_harmless,
         fit_on=args.fit_on,
         folds=args.folds,
+        fresh_mmlu=args.fresh_mmlu,
+        layers=tuple(args.layers),
+        l2_grid=tuple(args.l2),
     )
     print(json.dumps(report.get("heldout") or report["nested_cv"], indent=2))
 

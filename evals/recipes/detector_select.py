@@ -114,11 +114,16 @@ def score_candidate(
 
 
 def choose(
-    acts_pos: Features, acts_neg: Features, train: Sets, max_fpr: float, folds: int = 5
+    acts_pos: Features,
+    acts_neg: Features,
+    train: Sets,
+    max_fpr: float,
+    folds: int = 5,
+    l2_grid: tuple[float, ...] = L2_GRID,
 ) -> tuple[Choice, dict[str, dict[str, Any]]]:
     """The candidate flagging the most training harmful prompts out of fold at the per-set ``max_fpr`` threshold.
 
-    Candidates: every pooling and layer in ``acts_pos``, L2 in :data:`L2_GRID`, weighting in :data:`NEG_WEIGHTS`.
+    Candidates: every pooling and layer in ``acts_pos``, L2 in ``l2_grid``, weighting in :data:`NEG_WEIGHTS`.
     Ties go to the higher out-of-fold AUC. Returns the choice and every candidate's out-of-fold facts.
     """
     fp = torch.tensor([fold_of(t, folds) for t in train.texts("harmful")])
@@ -128,7 +133,7 @@ def choose(
     best: Choice | None = None
     for pool, by_layer in acts_pos.items():
         for layer, pos in by_layer.items():
-            for l2 in L2_GRID:
+            for l2 in l2_grid:
                 for weights, weigh in NEG_WEIGHTS.items():
                     neg = acts_neg[pool][layer]
                     s_pos, s_neg = out_of_fold_scores(
@@ -162,7 +167,14 @@ def fit_choice(acts_pos: Features, acts_neg: Features, sets: Sets, choice: Choic
     )
 
 
-def nested_cv(acts_pos: Features, acts_neg: Features, sets: Sets, max_fpr: float, folds: int = 5) -> NestedCv:
+def nested_cv(
+    acts_pos: Features,
+    acts_neg: Features,
+    sets: Sets,
+    max_fpr: float,
+    folds: int = 5,
+    l2_grid: tuple[float, ...] = L2_GRID,
+) -> NestedCv:
     """The whole recipe (:func:`choose`, then the probe refitted on everything it was given) run ``folds`` times,
     each time without one outer fold of the prompts, which it then scores.
 
@@ -185,7 +197,7 @@ def nested_cv(acts_pos: Features, acts_neg: Features, sets: Sets, max_fpr: float
         inner = sets.where(keep)
         mask_pos, mask_neg = sets.mask("harmful", keep), sets.mask("harmless", keep)
         in_pos, in_neg = rows(acts_pos, mask_pos), rows(acts_neg, mask_neg)
-        choice, _ = choose(in_pos, in_neg, inner, max_fpr)
+        choice, _ = choose(in_pos, in_neg, inner, max_fpr, l2_grid=l2_grid)
         probe = fit_choice(in_pos, in_neg, inner, choice)
         for kind, acts, mask in (("harmful", acts_pos, ~mask_pos), ("harmless", acts_neg, ~mask_neg)):
             margins[kind][mask] = probe.scores(acts[choice.pool][choice.layer][mask]) - choice.threshold
