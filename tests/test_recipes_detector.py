@@ -88,3 +88,28 @@ def test_shipped_detector_config_reproduces_the_probe_and_the_reported_overrefus
     held = report["heldout"]
     assert len(over) == held["n"]["rho_overrefusal"]
     assert sum(probe_fires[: len(over)]) == round(held["false_positive_rate"]["rho_overrefusal"] * len(over))
+
+
+@pytest.mark.registry
+def test_both_halves_and_fresh_prompts_partition_each_dataset() -> None:
+    """``both`` is the two capped halves; ``fresh`` is the rest of every harmful set and held-out-half MMLU questions
+    over all subjects, none of which any capped run trains on."""
+    from evals.datasets import load_dataset, load_mmlu, split
+    from evals.recipes.detector import HARMFUL, fresh_sets, load_sets
+
+    cap = 40
+    both, fresh = load_sets("both", cap, extra_harmless=200), fresh_sets(cap, 300)
+    for name in HARMFUL:
+        prompts = load_dataset(name)
+        halves = split(prompts, "train"), split(prompts, "heldout")
+        assert both.harmful[name] == halves[0][:cap] + halves[1][:cap]
+        assert fresh.harmful[name] == halves[0][cap:] + halves[1][cap:]
+        assert len(both.harmful[name]) + len(fresh.harmful[name]) == len(prompts)
+    assert load_sets("both", None).harmful["harmbench"] == split(load_dataset("harmbench"), "train") + split(
+        load_dataset("harmbench"), "heldout"
+    )
+    assert fresh_sets(None, 5).harmful == {}
+    subject = {q.id: q.subject for q in load_mmlu()}
+    trained, scored = both.harmless["mmlu_questions"], fresh.harmless["mmlu_questions"]
+    assert (len(trained), len(scored)) == (200, 300) and not {p.text for p in trained} & {p.text for p in scored}
+    assert len({subject[p.id] for p in trained}) >= 45 and len({subject[p.id] for p in scored}) >= 45
