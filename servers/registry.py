@@ -136,11 +136,15 @@ class PresetRegistry:
         if isinstance(iv, AddOp | AblateOp) and isinstance(iv.vector, str):
             out["vector"] = str(self.confine(cfg.resolve(iv.vector)))
         if isinstance(iv, SaeOp | ReplaceOp):
-            out["sae"] = str(self.confine(cfg.resolve(iv.sae)))
+            out["sae"] = str(self.sae_path(iv.sae, cfg))
         when: Condition | None = iv.apply.when
         if when is not None:
             if isinstance(when.vector, str):
                 out["apply"]["when"]["vector"] = str(self.confine(cfg.resolve(when.vector)))
             if when.sae is not None:
-                out["apply"]["when"]["sae"] = str(self.confine(cfg.resolve(when.sae)))
+                out["apply"]["when"]["sae"] = str(self.sae_path(when.sae, cfg))
         return out
+
+    def sae_path(self, ref: str, cfg: SteeringConfig) -> Path:
+        """The SAE a preset's ``sae`` reference names: a path relative to the preset's folder, confined to it."""
+        return self.confine(cfg.resolve(ref))

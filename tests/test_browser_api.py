@@ -15,6 +15,7 @@ from test_browser_support import PLANTED, F, browser_app, explanation, make_sae,
 from test_server_support import MODEL_NAME, SAE_LAYER, serving
 
 from servers.browser.index import FeatureIndexError, load_index
+from servers.browser.presets import BrowserRegistry
 from servers.settings import ServerSettings, load_settings
 from steerlib.extract.activations import prompt_ids
 
@@ -197,10 +198,12 @@ def test_save_a_preset_then_list_and_use_it(server: tuple[httpx.Client, Any, Any
         {
             "op": "sae",
             "layer": SAE_LAYER,
-            "sae": str((tmp / "sae").resolve()),
+            "sae": "tiny",  # the index's name, not its SAE's path: the preset travels with the index
             "edits": [{"feature": PLANTED, "mode": "set", "value": 40.0}],
         }
     ]
+    moved = BrowserRegistry(tmp / "presets", {"tiny": tmp / "sae"})  # another server serving the same index
+    assert moved.get("tiny_f5").interventions[0].sae == str((tmp / "sae").resolve())  # type: ignore[union-attr]
     again = client.post("/v1/steering/presets", json=body | {"description": "other"})
     assert again.status_code == 409 and "preset 'tiny_f5' exists" in again.json()["error"]["message"]
     probe = {"interventions": [{"op": "sae", "layer": SAE_LAYER, "sae": "probe", "edits": []}]}

@@ -6,8 +6,9 @@ the presets folder a preset may reach; they come from the operator's ``--feature
 
 Saved presets are YAML files in the presets folder, written atomically, named like every preset (letters, digits,
 ``_ - .``) and never overwritten unless the request says so. Paths inside the presets folder are stored relative to
-it; an index SAE is stored by absolute path, so such a preset loads only on a server given the same ``--features``
-(or once the SAE is copied into ``saes/``).
+it; an index SAE is stored by the index's name (``sae: <index>``), which any server serving a feature index of that
+name resolves to its SAE (an index name wins over a folder of the same name beside the presets; under ``saes/`` such
+a clash stops the server).
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ class BrowserRegistry(PresetRegistry):
         own = super().available(kind)
         return sorted([*own, *self.index_saes]) if kind == "sae" else own
 
+    def sae_path(self, ref: str, cfg: SteeringConfig) -> Path:
+        if ref in self.index_saes:
+            return self.index_saes[ref]
+        return super().sae_path(ref, cfg)
+
     def confine(self, path: Path) -> Path:
         resolved = path.resolve()
         if any(resolved.is_relative_to(p) for p in self.index_saes.values()):
@@ -83,12 +89,15 @@ class BrowserRegistry(PresetRegistry):
         return preset.info
 
     def _portable(self, iv: Any) -> dict[str, Any]:
-        """An intervention as YAML data: defaults left out, paths inside the presets folder made relative."""
+        """An intervention as YAML data: defaults left out, paths inside the presets folder made relative, index
+        SAEs named by their index."""
         out: dict[str, Any] = iv.model_dump(mode="json", exclude_defaults=True)
+        index_of = {path: name for name, path in self.index_saes.items()}
         for holder in (out, out.get("apply", {}).get("when") or {}):
             for key in ("vector", "sae"):
                 if isinstance(holder.get(key), str):
-                    holder[key] = self._relative(Path(holder[key]))
+                    path = Path(holder[key]).resolve()
+                    holder[key] = index_of[path] if key == "sae" and path in index_of else self._relative(path)
         return out
 
     def _relative(self, path: Path) -> str:
