@@ -101,15 +101,10 @@ def score_candidate(
     Every scored harmless set (not only their union) must stay within ``max_fpr``: a large easy set must not buy a
     loose threshold for the hard ones (over-refusal prompts). The extra benign questions are trained on, not scored.
     """
-    pos_names, neg_names = train.names("harmful"), train.names("harmless")
-
-    def part(s: Tensor, names: list[str], name: str) -> Tensor:
-        return s[torch.tensor([n == name for n in names])]
-
-    scored = [n for n in train.harmless if n not in EXTRA_HARMLESS_TRAIN]
-    threshold = max(threshold_at_fpr(part(s_neg, neg_names, n), max_fpr) for n in scored)
-    tpr = {n: rate_above(part(s_pos, pos_names, n), threshold) for n in train.harmful}
-    fpr = {n: rate_above(part(s_neg, neg_names, n), threshold) for n in train.harmless}
+    pos, neg = train.by_set("harmful", s_pos), train.by_set("harmless", s_neg)
+    threshold = max(threshold_at_fpr(s, max_fpr) for n, s in neg.items() if n not in EXTRA_HARMLESS_TRAIN)
+    tpr = {n: rate_above(s, threshold) for n, s in pos.items()}
+    fpr = {n: rate_above(s, threshold) for n, s in neg.items()}
     return threshold, tpr | {"all": rate_above(s_pos, threshold)}, fpr
 
 
