@@ -39,8 +39,12 @@ def last_token_activations(
     """``{layer: (N, D)}``: each prompt's activation at its last token (where the reply is about to start).
 
     With ``pool="mean"``: the mean over all of the prompt's (non-padding) tokens instead, chat template included.
+    Prompts are batched by length (rows come back in the given order), so a long prompt pads only its peers.
     """
-    texts = render_prompts(tokenizer, prompts, system=system)
+    rendered = render_prompts(tokenizer, prompts, system=system)
+    lengths = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(rendered)), key=lengths.__getitem__)
+    texts = [rendered[i] for i in order]
     chunks: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     starts = range(0, len(texts), batch_size)
     select = {"positions": [-1]} if pool == "last" else None
@@ -59,7 +63,9 @@ def last_token_activations(
                 counts_B = torch.bincount(rows_n, minlength=len(batch)).clamp_min(1)
                 acts_nD = (sums_BD / counts_B[:, None]).to(acts_nD.dtype)
             chunks[layer].append(acts_nD)
-    return {layer: torch.cat(c) for layer, c in chunks.items()}
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return {layer: torch.cat(c)[back] if c else torch.empty(0) for layer, c in chunks.items()}
 
 
 def cached_last_token_activations(
