@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--mmlu", type=int, default=60, help="MMLU subset size (0: skip capability)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--note", default=None, help="free text kept in the summary's meta (how the adapter was trained)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(args.threads)
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
             "n_harmless_examples": train_log.get("n_harmless_examples"),
             "final_losses": train_log.get("losses", [])[-10:],
         },
-    }
+    } | ({"note": args.note} if args.note else {})
     result: dict[str, Any] = {"meta": meta}
     if args.out.is_file():  # a resumed run keeps the capability results it already has
         old = json.loads(args.out.read_text())
