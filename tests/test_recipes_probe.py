@@ -135,3 +135,13 @@ def test_nested_cv_is_honest_where_the_in_sample_fit_is_not() -> None:
     in_sample = roc_auc(fitted.scores(pos["last"][2]), fitted.scores(neg["last"][2][:40]))
     assert in_sample > 0.95
     assert roc_auc(cv.harmful["h"], cv.harmless["b"]) < 0.7
+
+
+def test_rates_report_counts_margins_above_zero_and_takes_an_empty_side() -> None:
+    from evals.recipes.detector import rates_report
+
+    r = rates_report({}, {"m": torch.tensor([1.0, -1.0, 0.0, 2.0])})
+    assert r["roc_auc"] is None and r["true_positive_rate"] == {"all": {"k": 0, "n": 0}}
+    assert (r["false_positive_rate"]["m"]["k"], r["false_positive_rate"]["m"]["n"]) == (2, 4)
+    r = rates_report({"h": torch.tensor([0.5, 3.0])}, {"m": torch.tensor([-1.0, 1.0])})
+    assert r["roc_auc"] == 0.75 and r["true_positive_rate"]["all"]["rate"] == 1.0

@@ -96,13 +96,13 @@ def fresh_sets(cap: int | None, mmlu: int) -> Sets:
 def rate_facts(margins: Tensor) -> dict[str, Any]:
     """How many of these prompts are flagged (margin ``score - threshold`` above 0), with a Wilson 95% interval."""
     r = wilson(int((margins > 0).sum()), len(margins))
-    return {"rate": r.value, "k": r.k, "n": r.n, "ci95": [r.low, r.high]}
+    return {"rate": r.value, "k": r.k, "n": r.n, "ci95": [r.low, r.high]} if r.n else {"k": 0, "n": 0}
 
 
 def rates_report(pos: dict[str, Tensor], neg: dict[str, Tensor]) -> dict[str, Any]:
     """ROC AUC and flag rates per dataset from margins ``score - threshold`` of harmful (``pos``) and harmless
     (``neg``) prompts."""
-    all_pos, all_neg = torch.cat(list(pos.values())), torch.cat(list(neg.values()))
+    all_pos, all_neg = (torch.cat([torch.empty(0), *d.values()]) for d in (pos, neg))
     return {
         "roc_auc": roc_auc(all_pos, all_neg) if len(all_pos) and len(all_neg) else None,
         "true_positive_rate": {n: rate_facts(m) for n, m in pos.items()} | {"all": rate_facts(all_pos)},
@@ -223,11 +223,11 @@ def build(
         auc = report["heldout"]["roc_auc"]
     else:
         log.info("nested cross-validation: the recipe %d more times", folds)
+        fresh = fresh_sets(cap, fresh_mmlu)
+        report["fresh"] = scored_report(model, tok, probe, choice, fresh, cache, batch_size, layers)
         cv = nested_cv(acts_pos, acts_neg, train, max_fpr, folds, l2_grid=l2_grid)
         report["nested_cv"] = nested_report(cv, folds, max_fpr)
         auc = report["nested_cv"]["roc_auc"]
-        fresh = fresh_sets(cap, fresh_mmlu)
-        report["fresh"] = scored_report(model, tok, probe, choice, fresh, cache, batch_size, layers)
     report["out_of_fold_grid"] = {
         "columns": ["auc", "tpr", "threshold"],
         **{k: [round(v["auc"], 4), round(v["tpr"]["all"], 4), round(v["threshold"], 4)] for k, v in grid.items()},
