@@ -1,7 +1,7 @@
 """The detector recipe's activations and shipped config: the deployed `refuse` gate makes the probe's decision.
 
 Tiny random model for the mechanics (last-token and mean-pooled activations, gate == probe on every row); the real
-embedded model for the shipped preset (its verdicts on held-out prompts are exactly the probe's and the report's).
+embedded model for the shipped preset (its verdicts are exactly the probe's and the report's).
 """
 
 from __future__ import annotations
@@ -60,10 +60,11 @@ def test_refuse_gate_makes_the_probes_decision_on_every_row(tiny: tuple[Any, Any
 
 
 @pytest.mark.real_model
-def test_shipped_detector_config_reproduces_the_probe_and_the_reported_overrefusal_rate() -> None:
-    """Held-out over-refusal prompts and some harmful ones through the preset: verdicts == probe > threshold."""
+def test_shipped_detector_config_reproduces_the_probe_and_the_reported_overrefusal_count() -> None:
+    """The over-refusal prompts it was fitted on and some harmful ones through the preset: verdicts == probe >
+    threshold, and as many over-refusal prompts flagged as the report counts."""
     import steerlib
-    from evals.datasets import load_dataset, split
+    from evals.recipes.detector import load_sets
     from steerlib.vectors import load_vector
 
     data = yaml.safe_load((PRESETS / "refusal_detector.yaml").read_text())
@@ -78,16 +79,15 @@ def test_shipped_detector_config_reproduces_the_probe_and_the_reported_overrefus
     assert when["above"] == pytest.approx(report["threshold"] - bias, abs=1e-5)
 
     model, tok = steerlib.load_model()
-    over = [p.text for p in split(load_dataset("rho_overrefusal"), "heldout")]
-    harmful = [p.text for p in split(load_dataset("harmful_probes"), "heldout")[:12]]
-    prompts = over + harmful
+    fitted = load_sets(report["fit_on"], None)
+    over = [p.text for p in fitted.harmless["rho_overrefusal"]]
+    assert len(over) == report["train_sizes"]["rho_overrefusal"]
+    prompts = over + [p.text for p in fitted.harmful["harmful_probes"][:12]]
     acts = last_token_activations(model, tok, prompts, [op["layer"]], pool=report["pool"])[op["layer"]]
     probe_fires = [bool(s > when["above"]) for s in acts @ w]
     out = generate(model, tok, prompts, cfg, max_new_tokens=1, min_new_tokens=0, batch_size=8)
     assert [g.refused_by == op["name"] for g in out] == probe_fires
-    held = report["heldout"]
-    assert len(over) == held["n"]["rho_overrefusal"]
-    assert sum(probe_fires[: len(over)]) == round(held["false_positive_rate"]["rho_overrefusal"] * len(over))
+    assert sum(probe_fires[: len(over)]) == report["in_sample"]["false_positive_rate"]["rho_overrefusal"]["k"]
 
 
 @pytest.mark.registry

@@ -23,6 +23,8 @@ import argparse
 import hashlib
 import json
 import logging
+import shlex
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -157,7 +159,7 @@ def nested_report(cv: NestedCv, folds: int, max_fpr: float) -> dict[str, Any]:
 VECTOR_FILE = "vectors/harm_detector_{fit_on}_l{layer}.safetensors"
 CONFIG = """\
 # Detector-gated refusal, built by `python -m evals.recipes.detector`: a logistic probe on the prompt's activation
-# ({pool} token{s}) after layer {layer} flags harmful requests; a flagged request is answered with a fixed refusal.
+# ({where}) after layer {layer} flags harmful requests; a flagged request is answered with a fixed refusal.
 # ROC AUC {auc:.4f} ({judged}); see report.json for true / false positive rates per dataset.
 interventions:
   - layer: {layer}
@@ -183,6 +185,7 @@ def build(
     fresh_mmlu: int = 500,
     layers: tuple[int, ...] = LAYERS,
     l2_grid: tuple[float, ...] = L2_GRID,
+    command: str = "",
 ) -> dict[str, Any]:
     """Choose, fit and ship the detector; report it on the held-out halves (``fit_on="train"``), or, fitted on both
     halves, by nested cross-validation over all of them plus the prompts no run has used (``fit_on="both"``)."""
@@ -202,6 +205,7 @@ def build(
     log.info("chose %s: out-of-fold TPR %.4f at threshold %.4f", choice.key, choice.tpr, choice.threshold)
     probe = fit_choice(acts_pos, acts_neg, train, choice)
     report: dict[str, Any] = {
+        "command": command,
         "fit_on": fit_on,
         "choice": asdict(choice),
         "rule": "threshold: the lowest at which out-of-fold FPR <= max_train_fpr on each scored harmless training set; "
@@ -245,7 +249,7 @@ def build(
         CONFIG.format(
             layer=choice.layer,
             pool=choice.pool,
-            s="" if choice.pool == "last" else "s, averaged",
+            where="last prompt token" if choice.pool == "last" else "averaged over the prompt's tokens",
             vector=vector,
             message=DEFAULT_REFUSAL,
             above=choice.threshold - probe.bias,
@@ -292,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         fresh_mmlu=args.fresh_mmlu,
         layers=tuple(args.layers),
         l2_grid=tuple(args.l2),
+        command=shlex.join(["python", "-m", "evals.recipes.detector", *(sys.argv[1:] if argv is None else argv)]),
     )
     print(json.dumps(report.get("heldout") or report["nested_cv"], indent=2))
 

@@ -1,6 +1,6 @@
 """Conditional refusal steering for a model: a learned refusal vector added only where a harm probe fires.
 
-    python -m evals.recipes.steering --out DIR [--model NAME] [--gate servers/presets/refusal_detector.yaml]
+    python -m evals.recipes.steering --out DIR [--model NAME] [--gate servers/presets/refusal_detector_v2.yaml]
     python -m evals.recipes.steering --out DIR --measure servers/presets/refusal_steering.yaml [--heldout-cap N]
 
 Conditional activation steering (Lee et al., arXiv 2409.05907): a behaviour vector is added to the residual stream
@@ -388,8 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--gate",
         type=Path,
-        default=Path("servers/presets/refusal_detector.yaml"),
-        help="a detector config whose refuse op's condition gates the vector",
+        default=Path("servers/presets/refusal_detector_v2.yaml"),
+        help="a detector config whose refuse op's condition gates the vector (fitted on train halves only)",
     )
     ap.add_argument("--train-cap", type=int, default=64, help="at most this many training prompts per dataset")
     ap.add_argument("--steps", type=int, default=24)
