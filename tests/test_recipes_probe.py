@@ -145,3 +145,15 @@ def test_rates_report_counts_margins_above_zero_and_takes_an_empty_side() -> Non
     assert (r["false_positive_rate"]["m"]["k"], r["false_positive_rate"]["m"]["n"]) == (2, 4)
     r = rates_report({"h": torch.tensor([0.5, 3.0])}, {"m": torch.tensor([-1.0, 1.0])})
     assert r["roc_auc"] == 0.75 and r["true_positive_rate"]["all"]["rate"] == 1.0
+
+
+@pytest.mark.parametrize(("args", "message"), [(["--max-fpr", "1.5"], "--max-fpr must be in [0, 1)"),
+                                                (["--folds", "1"], "--folds must be at least 2")])  # fmt: skip
+def test_detector_command_rejects_bad_settings_before_any_work(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from evals.recipes.detector import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", "unused", *args])
+    assert message in capsys.readouterr().err

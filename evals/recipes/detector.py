@@ -278,6 +278,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--folds", type=int, default=5, help="outer folds of the nested cross-validation (--fit-on both)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if not 0 <= args.max_fpr < 1:
+        ap.error(f"--max-fpr must be in [0, 1), got {args.max_fpr}")
+    if args.folds < 2:
+        ap.error(f"--folds must be at least 2, got {args.folds}")
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(args.threads)
     from steerlib import load_model
