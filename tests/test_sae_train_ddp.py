@@ -35,6 +35,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         state, losses = _train(DistInfo(rank, world))
         if rank == 0:
             torch.save({"state": state, "losses": losses}, out)
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it (seen: SIGABRT in CI)
     finally:
         dist.destroy_process_group()
 
