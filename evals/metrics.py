@@ -28,6 +28,10 @@ class Rate:
     def value(self) -> float:
         return self.k / self.n if self.n else math.nan
 
+    def as_json(self) -> dict[str, float | int]:
+        """The rate, its interval and counts as JSON-ready numbers (the form recipe reports use)."""
+        return {"rate": self.value, "low": self.low, "high": self.high, "k": self.k, "n": self.n}
+
     def __str__(self) -> str:
         if not self.n:
             return "n/a (n=0)"

@@ -98,7 +98,7 @@ def fresh_sets(cap: int | None, mmlu: int) -> Sets:
 def rate_facts(margins: Tensor) -> dict[str, Any]:
     """How many of these prompts are flagged (margin ``score - threshold`` above 0), with a Wilson 95% interval."""
     r = wilson(int((margins > 0).sum()), len(margins))
-    return {"rate": r.value, "k": r.k, "n": r.n, "ci95": [r.low, r.high]} if r.n else {"k": 0, "n": 0}
+    return r.as_json() if r.n else {"k": 0, "n": 0}
 
 
 def rates_report(pos: dict[str, Tensor], neg: dict[str, Tensor]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import torch
 
 from evals.controls import random_control
 from evals.metrics import rate
-from evals.recipes.steering import heldout_as_told, load_preset, rate_json
+from evals.recipes.steering import heldout_as_told, load_preset
 from evals.runner import Arm
 from steerlib.config import AddOp, RefuseOp, SteeringConfig
 
@@ -77,7 +77,7 @@ def turnaround(rows: Sequence[dict[str, Any]], prefix: str, examples: int = 5) -
             cell["examples"].append({"prompt": r["prompt"], "response": r["response"]})
     for kinds in out.values():
         for cell in kinds.values():
-            cell["turned"] = rate_json(rate(cell["turned"]))
+            cell["turned"] = rate(cell["turned"]).as_json()
     return out
 
 
@@ -90,7 +90,7 @@ def sustained(rows: Sequence[dict[str, Any]], prefix: str) -> dict[str, Any]:
         arm = cells.setdefault(r["arm"], {})
         for key in (r["dataset"], "all " + r["kind"]):
             arm.setdefault(key, []).append(held)
-    return {a: {k: rate_json(rate(v)) for k, v in by.items()} for a, by in cells.items()}
+    return {a: {k: rate(v).as_json() for k, v in by.items()} for a, by in cells.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -179,10 +179,6 @@ def pooled(rows: Sequence[Row], arm: str, kind: str) -> Rate:
     return rate([r.refused and not r.degenerate for r in rows if r.arm == arm and r.kind == kind])
 
 
-def rate_json(r: Rate) -> dict[str, float | int]:
-    return {"rate": r.value, "low": r.low, "high": r.high, "k": r.k, "n": r.n}
-
-
 def search(
     model: nn.Module,
     tok: Any,
@@ -208,7 +204,7 @@ def search(
         scorer=Scorer(perplexity=perplexity_scorer(model, tok)),
         progress=True,
     )
-    table = {a.name: {k: rate_json(pooled(rows, a.name, k)) for k in ("harmful", "harmless")} for a in arms}
+    table = {a.name: {k: pooled(rows, a.name, k).as_json() for k in ("harmful", "harmless")} for a in arms}
     harmful = {c: pooled(rows, a.name, "harmful").value for c, a in zip(coefficients, arms, strict=True)}
     harmless = {c: pooled(rows, a.name, "harmless").value for c, a in zip(coefficients, arms, strict=True)}
     return choose_coefficient(harmful, harmless, target), table
@@ -258,8 +254,8 @@ def heldout(
         f.writelines(json.dumps(r.as_dict()) + "\n" for r in rows)
     per_set = {
         s.dataset + " / " + s.arm: {
-            "refusal": rate_json(s.refusal),
-            "refusal_any": rate_json(s.refusal_any),
+            "refusal": s.refusal.as_json(),
+            "refusal_any": s.refusal_any.as_json(),
             "degenerate_refusals": s.degenerate_refusals,
         }
         for s in summarise(rows)
@@ -269,9 +265,9 @@ def heldout(
         mine = [r for r in rows if r.arm == a.name]
         counted = [r for r in mine if r.refused]
         report["pooled"][a.name] = {
-            "harmful": rate_json(pooled(rows, a.name, "harmful")),
-            "harmless": rate_json(pooled(rows, a.name, "harmless")),
-            "degenerate_among_refusals": rate_json(rate([r.degenerate for r in counted])),
+            "harmful": pooled(rows, a.name, "harmful").as_json(),
+            "harmless": pooled(rows, a.name, "harmless").as_json(),
+            "degenerate_among_refusals": rate([r.degenerate for r in counted]).as_json(),
         }
     for a in arms:
         if isinstance(a.steering, SteeringConfig):
@@ -282,7 +278,7 @@ def heldout(
     scored: list[tuple[str, SteeringConfig | None]] = [("baseline", None)]
     scored += [(a.name, a.steering) for a in arms if isinstance(a.steering, SteeringConfig) and not a.control_of]
     report["mmlu"] = {
-        name: rate_json(mmlu_accuracy(model, tok, questions, cfg, batch_size=batch_size)) for name, cfg in scored
+        name: mmlu_accuracy(model, tok, questions, cfg, batch_size=batch_size).as_json() for name, cfg in scored
     }
     return report
 
