@@ -86,14 +86,20 @@ class TokenSelector(_Strict):
 class Condition(_Strict):
     """Apply only where a feature or probe fires (conditional activation steering, Lee et al., arXiv 2409.05907).
 
-    Give ``feature`` (an SAE latent: of this intervention's SAE, or of ``sae``) or ``vector`` (a probe direction).
-    The activation read is the one entering this intervention's site, before any edit.
+    Give ``feature`` (an SAE latent: of this intervention's SAE, or of ``sae``), ``vector`` (a linear probe
+    direction) or ``probe`` (an MLP probe file, :mod:`steerlib.mlp_probe`). The activation read is the one entering
+    this intervention's site, before any edit.
     """
 
     feature: int | None = Field(None, ge=0, description="SAE latent index whose activation is tested.")
     sae: str | None = Field(None, description="SAE to read `feature` from, when the op itself has none.")
     vector: VectorRef | None = Field(None, description="A probe direction: the score is x·v (or cosine, see metric).")
-    metric: Literal["dot", "cosine"] = Field("dot", description="Probe score: dot product or cosine similarity.")
+    probe: str | None = Field(
+        None,
+        description="A path to an MLP probe file (relative to the config file; see steerlib.mlp_probe). With "
+        "scope=prompt and aggregate=mean it scores the prompt's mean activation.",
+    )
+    metric: Literal["dot", "cosine"] = Field("dot", description="Score of `vector`: dot product or cosine similarity.")
     above: float | None = Field(None, description="Fires where score > above.")
     below: float | None = Field(None, description="Fires where score < below.")
     scope: Literal["token", "prompt"] = Field(
@@ -108,8 +114,12 @@ class Condition(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> Condition:
-        if (self.feature is None) == (self.vector is None):
-            raise ValueError("when: give exactly one of 'feature' (an SAE latent) or 'vector' (a probe)")
+        given = [k for k in ("feature", "vector", "probe") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "when: give exactly one of 'feature' (an SAE latent), 'vector' (a linear probe) or 'probe' "
+                f"(an MLP probe file); got {given or 'none'}"
+            )
         if self.sae is not None and self.feature is None:
             raise ValueError("when.sae is only meaningful with when.feature")
         if self.above is None and self.below is None:

@@ -28,6 +28,7 @@ from steerlib.config import (
     SteeringConfig,
     TokenSelector,
 )
+from steerlib.mlp_probe import MlpProbe, load_mlp_probe
 from steerlib.ops import AblateDirections, AddVector, RefuseDetector, SaeEdit, SaeReplace, orthonormal_rows
 from steerlib.policy import Gate, LatentCache, Policy, Selector
 from steerlib.sae import Sae, load_sae
@@ -84,6 +85,7 @@ class Resources:
     spec: ModelSpec
     _vectors: dict[Path, SteeringVector] = field(default_factory=dict)
     _saes: dict[Path, Sae] = field(default_factory=dict)
+    _probes: dict[Path, MlpProbe] = field(default_factory=dict)
     _match: dict[tuple[str, ...], Tensor] = field(default_factory=dict)
 
     def vector(self, path: Path) -> SteeringVector:
@@ -98,6 +100,11 @@ class Resources:
             wide = torch.promote_types(next(sae.parameters()).dtype, self.spec.dtype)
             self._saes[path] = sae.to(device=self.spec.device, dtype=wide).eval()
         return self._saes[path]
+
+    def probe(self, path: Path) -> MlpProbe:
+        if path not in self._probes:
+            self._probes[path] = load_mlp_probe(path).to(self.spec.device)
+        return self._probes[path]
 
     def match_lookup(self, strings: Sequence[str], tokenizer: TokenizerLike) -> Tensor:
         key = tuple(sorted(strings))
@@ -336,6 +343,9 @@ def _gate(cond: Condition, cfg: SteeringConfig, layer: int, sae: Sae | None, res
             raise SteeringConfigError(f"{where}.feature: this op has no SAE; name one with {where}.sae")
         _check_feature(cond.feature, sae, f"{where}.feature")
         score = _feature_score(sae, cond.feature)
+    elif cond.probe is not None:
+        probe = _mlp_probe(cfg, cond.probe, res, f"{where}.probe")
+        return Gate(_mlp_probe_score(probe), cond.above, cond.below, cond.scope, cond.aggregate, pooled=probe.scores)
     else:
         assert cond.vector is not None
         v = _vector(cond.vector, cfg, layer, res, f"{where}.vector")
@@ -343,6 +353,26 @@ def _gate(cond: Condition, cfg: SteeringConfig, layer: int, sae: Sae | None, res
             raise SteeringConfigError(f"{where}.vector: a probe is one vector, got shape {tuple(v.shape)}")
         score = _probe_score(v, cond.metric)
     return Gate(score, cond.above, cond.below, cond.scope, cond.aggregate)
+
+
+def _mlp_probe(cfg: SteeringConfig, ref: str, res: Resources, where: str) -> MlpProbe:
+    path = _existing(cfg, ref, where)
+    try:
+        probe = res.probe(path)
+    except (OSError, ValueError) as e:
+        raise SteeringConfigError(f"{where}: cannot load the probe at {path}: {e}") from e
+    if probe.d_model != res.spec.d_model:
+        raise SteeringConfigError(
+            f"{where}: the probe reads {probe.d_model}-wide activations; the model's width is {res.spec.d_model}"
+        )
+    return probe
+
+
+def _mlp_probe_score(probe: MlpProbe) -> Callable[[Tensor, LatentCache], Tensor]:
+    def score(x_ND: Tensor, cache: LatentCache) -> Tensor:
+        return probe.scores(cache.x_in_ND)
+
+    return score
 
 
 def _feature_score(sae: Sae, feature: int) -> Callable[[Tensor, LatentCache], Tensor]:

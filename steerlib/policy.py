@@ -82,11 +82,16 @@ class Gate:
     below: float | None
     scope: str = "token"
     aggregate: str = "last"
+    pooled: Callable[[Tensor], Tensor] | None = None
+    """Scores ``(R, D)`` activations directly. Given, ``aggregate == 'mean'`` scores each prompt's mean activation
+    (the activation entering the site) instead of averaging per-token scores: for a nonlinear probe they differ."""
     _verdict_R: Tensor | None = None
     _score_R: Tensor | None = None
     """The prompt score each row's verdict was decided on (NaN until decided)."""
     _acc_R: Tensor | None = None
     _count_R: Tensor | None = None
+    _acc_RD: Tensor | None = None
+    """Per-row sums of prompt activations (only for a ``pooled`` mean)."""
 
     def decided(self) -> tuple[Tensor, Tensor] | None:
         """Per-row verdicts and the scores they were decided on, once a prompt has been read (prompt scope)."""
@@ -102,42 +107,65 @@ class Gate:
             f &= s_N < self.below
         return f
 
-    def mask(self, x_ND: Tensor, cache: LatentCache, tb: TokenBatch) -> Tensor:
-        s_N = self.score(x_ND, cache).float()
-        if self.scope == "token":
-            return self.fires(s_N)
-        return self._prompt_verdict(s_N, tb)[tb.row_N]
+    @property
+    def _pools_activations(self) -> bool:
+        return self.pooled is not None and self.aggregate == "mean"
 
-    def _reset(self, tb: TokenBatch, dev: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    def mask(self, x_ND: Tensor, cache: LatentCache, tb: TokenBatch) -> Tensor:
+        if self.scope == "token":
+            return self.fires(self.score(x_ND, cache).float())
+        return self._prompt_verdict(x_ND, cache, tb)[tb.row_N]
+
+    def _reset(self, tb: TokenBatch, dev: torch.device) -> None:
         """Per-row accumulators, cleared for rows whose sequence starts in this step."""
         R = tb.n_rows
         init = -torch.inf if self.aggregate == "max" else 0.0
         if self._verdict_R is None or self._acc_R is None or self._count_R is None or self._verdict_R.shape[0] != R:
-            return (
-                torch.zeros(R, dtype=torch.bool, device=dev),
-                torch.full((R,), init, device=dev),
-                torch.zeros(R, device=dev),
-            )
-        new = tb.new_rows_R.to(dev)
-        return self._verdict_R & ~new, self._acc_R.masked_fill(new, init), self._count_R.masked_fill(new, 0.0)
+            self._verdict_R = torch.zeros(R, dtype=torch.bool, device=dev)
+            self._acc_R = torch.full((R,), init, device=dev)
+            self._count_R = torch.zeros(R, device=dev)
+            self._acc_RD = None
+        else:
+            new = tb.new_rows_R.to(dev)
+            self._verdict_R = self._verdict_R & ~new
+            self._acc_R = self._acc_R.masked_fill(new, init)
+            self._count_R = self._count_R.masked_fill(new, 0.0)
+            if self._acc_RD is not None:
+                self._acc_RD = self._acc_RD.masked_fill(new[:, None], 0.0)
+        if self._score_R is None or self._score_R.shape[0] != R:
+            self._score_R = torch.full((R,), torch.nan, device=dev)
+        self._score_R = self._score_R.masked_fill(tb.new_rows_R.to(dev), torch.nan)
 
-    def _prompt_verdict(self, s_N: Tensor, tb: TokenBatch) -> Tensor:
-        """Accumulate the prompt's score per row; the verdict is fixed at the row's last prompt token."""
-        self._verdict_R, self._acc_R, self._count_R = self._reset(tb, s_N.device)
-        if self._score_R is None or self._score_R.shape[0] != tb.n_rows:
-            self._score_R = torch.full((tb.n_rows,), torch.nan, device=s_N.device)
-        self._score_R = self._score_R.masked_fill(tb.new_rows_R.to(s_N.device), torch.nan)
-        prompt = tb.is_prompt_N
-        rows, s = tb.row_N[prompt], s_N[prompt]
-        if self.aggregate == "max":
-            self._acc_R = self._acc_R.scatter_reduce(0, rows, s, reduce="amax")
-        elif self.aggregate == "mean":
-            self._acc_R = self._acc_R.index_add(0, rows, s)
-            self._count_R = self._count_R.index_add(0, rows, torch.ones_like(s))
-        last = tb.last_prompt_N
+    def _prompt_verdict(self, x_ND: Tensor, cache: LatentCache, tb: TokenBatch) -> Tensor:
+        """Accumulate the prompt's score (or activation) per row; the verdict is fixed at the row's last prompt
+        token."""
+        dev = x_ND.device
+        self._reset(tb, dev)
+        assert self._verdict_R is not None and self._acc_R is not None and self._count_R is not None
+        assert self._score_R is not None
+        prompt, last = tb.is_prompt_N, tb.last_prompt_N
+        rows = tb.row_N[prompt]
+        if self._pools_activations:
+            x = cache.x_in_ND.float()
+            if self._acc_RD is None or self._acc_RD.shape != (tb.n_rows, x.shape[1]):
+                self._acc_RD = torch.zeros(tb.n_rows, x.shape[1], device=dev)
+            self._acc_RD = self._acc_RD.index_add(0, rows, x[prompt])
+            self._count_R = self._count_R.index_add(0, rows, torch.ones(len(rows), device=dev))
+        else:
+            s_N = self.score(x_ND, cache).float()
+            s = s_N[prompt]
+            if self.aggregate == "max":
+                self._acc_R = self._acc_R.scatter_reduce(0, rows, s, reduce="amax")
+            elif self.aggregate == "mean":
+                self._acc_R = self._acc_R.index_add(0, rows, s)
+                self._count_R = self._count_R.index_add(0, rows, torch.ones_like(s))
         if bool(last.any()):
             done_rows = tb.row_N[last]
-            if self.aggregate == "last":
+            if self._pools_activations:
+                assert self._acc_RD is not None and self.pooled is not None
+                mean_RD = self._acc_RD[done_rows] / self._count_R[done_rows].clamp_min(1)[:, None]
+                value = self.pooled(mean_RD).float()
+            elif self.aggregate == "last":
                 value = s_N[last]
             elif self.aggregate == "max":
                 value = self._acc_R[done_rows]

@@ -47,21 +47,26 @@ class SteeringVector:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically: a crash mid-write never leaves a truncated file under ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {("vector" if k is None else f"layers.{k}"): v.contiguous() for k, v in self.by_layer.items()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=dict(self.metadata))
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a vector file is ordinary data
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return save_atomic(tensors, path, dict(self.metadata))
+
+
+def save_atomic(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file so that a crash mid-write never leaves a truncated file under ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a tensor file is ordinary data
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def load_vector(path: str | Path) -> SteeringVector:

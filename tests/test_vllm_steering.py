@@ -19,6 +19,7 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed here: see steer
 
 import steerlib  # noqa: E402
 from steerlib.hf.refusal import ForcedRefusal  # noqa: E402
+from steerlib.mlp_probe import MlpProbe  # noqa: E402
 from steerlib.sae import ReluSae, SaeMeta, save_sae  # noqa: E402
 from steerlib.vectors import SteeringVector  # noqa: E402
 from steerlib.vllm import engine_kwargs, steering_args  # noqa: E402
@@ -80,6 +81,7 @@ def configs(tmp_path_factory: pytest.TempPathFactory, hf: tuple[Any, Any]) -> di
         sae.W_dec.copy_(torch.randn(32, D, generator=g) * 3.0)
     folder = tmp_path_factory.mktemp("sae") / "relu"
     save_sae(sae, folder)
+    mlp_when = _mlp_fires_on_first_prompt(hf, tmp_path_factory.mktemp("probe") / "mlp.safetensors")
     add = {"op": "add", "layer": 10, "vector": _unit(0, 24.0)}
     return {
         "add": {"interventions": [add]},
@@ -96,6 +98,12 @@ def configs(tmp_path_factory: pytest.TempPathFactory, hf: tuple[Any, Any]) -> di
             "interventions": [
                 {**add, "coefficient": 0.5},
                 {"op": "refuse", "layer": 12, "message": "Sorry, no.", "apply": {"when": _fires_on_first_prompt(hf)}},
+            ]
+        },
+        "refuse_mlp": {
+            "interventions": [
+                {**add, "coefficient": 0.5},
+                {"op": "refuse", "layer": 12, "message": "Sorry, no.", "apply": {"when": mlp_when}},
             ]
         },
         "refuse_prefill": {
@@ -131,6 +139,21 @@ def _fires_on_first_prompt(hf: tuple[Any, Any], layer: int = 12) -> dict[str, An
     v = last[0] - last[1]
     mid = float((last[0] @ v + last[1] @ v) / 2)
     return {"vector": v.tolist(), "metric": "dot", "above": mid, "scope": "prompt"}
+
+
+def _mlp_fires_on_first_prompt(hf: tuple[Any, Any], path: Path, layer: int = 12) -> dict[str, Any]:
+    """A condition on a one-unit MLP probe of the mean prompt activation that fires on the first prompt only."""
+    model, tok = hf
+    means = []
+    for p in PROMPTS:
+        with torch.no_grad():
+            h = model(torch.tensor([prompt_ids(tok, p)]), output_hidden_states=True).hidden_states[layer + 1]
+        means.append(h[0].mean(0))
+    u = (means[0] - means[1]) / (means[0] - means[1]).norm()
+    mid = float((means[0] @ u + means[1] @ u) / 2)
+    margin = float(means[0] @ u) - mid  # relu(u·x - mid) is this on the first prompt, 0 on the second
+    MlpProbe(u[None], torch.tensor([-mid]), torch.ones(1), torch.tensor(0.0)).save(path)
+    return {"probe": str(path), "above": margin / 2, "scope": "prompt", "aggregate": "mean"}
 
 
 def _mean_direction(hf: tuple[Any, Any], layer: int) -> list[float]:
@@ -180,7 +203,8 @@ def vllm_requests(llm: Any, prompts: list[list[int]], cfgs: list[dict[str, Any] 
     return list(llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False))
 
 
-NAMES = ["add", "add_prompt", "add_generated", "ablate", "sae", "sites", "match", "refuse", "refuse_prefill"]
+NAMES = ["add", "add_prompt", "add_generated", "ablate", "sae", "sites", "match"]
+NAMES += ["refuse", "refuse_mlp", "refuse_prefill"]
 
 
 @pytest.mark.parametrize("name", NAMES)
