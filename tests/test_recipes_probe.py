@@ -77,10 +77,47 @@ def test_detector_choice_picks_the_informative_layer_and_an_honest_threshold() -
     fp = torch.tensor([fold_of(p.text, 5) for p in harmful])
     fn = torch.tensor([fold_of(p.text, 5) for p in harmless])
     weights = NEG_WEIGHTS[choice.weights](sets.names("harmless"))
-    s_pos, s_neg = out_of_fold_scores(acts_pos["last"][7], acts_neg["last"][7], fp, fn, l2=choice.l2, folds=5,
+    s_pos, s_neg = out_of_fold_scores(acts_pos["last"][7], acts_neg["last"][7], fp, fn, fit=choice.fitter(), folds=5,
                                       neg_weight_N=weights)  # fmt: skip
     assert rate_above(s_neg, choice.threshold) <= 0.05
     assert rate_above(s_pos, choice.threshold) == choice.tpr
+
+
+def _xor(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positives where the first two coordinates share a sign, negatives where they differ: no line separates them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * n, 6, generator=g)
+    same = (x[:, 0] > 0) == (x[:, 1] > 0)
+    return x[same][:n] * 3 + 0.0, x[~same][:n] * 3
+
+
+def test_mlp_probe_separates_what_a_linear_probe_cannot_and_is_reproducible() -> None:
+    from evals.recipes.probe import fit_mlp_probe
+
+    pos, neg = _xor(150, seed=2)
+    linear = fit_probe(pos, neg)
+    mlp = fit_mlp_probe(pos, neg, hidden=16, epochs=400, lr=1e-2)
+    assert roc_auc(linear.scores(pos), linear.scores(neg)) < 0.7
+    assert roc_auc(mlp.scores(pos), mlp.scores(neg)) > 0.97
+    again = fit_mlp_probe(pos, neg, hidden=16, epochs=400, lr=1e-2)
+    assert all(torch.equal(a, b) for a, b in zip(mlp.tensors(), again.tensors(), strict=True))
+    # the standardisation is folded into the first layer: the probe scores raw activations
+    test_pos, test_neg = _xor(100, seed=9)
+    assert roc_auc(mlp.scores(test_pos), mlp.scores(test_neg)) > 0.95
+
+
+def test_choose_takes_the_mlp_candidate_where_only_it_separates() -> None:
+    from evals.datasets import Prompt
+    from evals.recipes.detector_select import Sets, choose
+
+    pos, neg = _xor(120, seed=5)
+    sets = Sets({"h": [Prompt(f"h/{i}", f"h {i}", "h") for i in range(120)]},
+                {"b": [Prompt(f"b/{i}", f"b {i}", "b") for i in range(120)]})  # fmt: skip
+    choice, grid = choose({"mean": {4: pos}}, {"mean": {4: neg}}, sets, max_fpr=0.05, l2_grid=(1e-2,),
+                          mlp_hidden=(16,))  # fmt: skip
+    assert choice.probe == "mlp16" and choice.key == "mlp16, pool mean, layer 4, l2 0.01, weights per_set"
+    linear = [v for k, v in grid.items() if not k.startswith("mlp")]
+    assert choice.auc > 0.75 > max(v["auc"] for v in linear) and choice.tpr > max(v["tpr"]["all"] for v in linear)
 
 
 def _sets_and_noise(n: int, dim: int, seed: int) -> tuple[Any, dict[str, Any], dict[str, Any]]:

@@ -46,8 +46,9 @@ from evals.recipes.detector_select import (
     fit_choice,
     nested_cv,
 )
-from evals.recipes.probe import LinearProbe, roc_auc
+from evals.recipes.probe import LinearProbe, Probe, roc_auc
 from steerlib.config import DEFAULT_REFUSAL
+from steerlib.mlp_probe import MlpProbe
 from steerlib.vectors import SteeringVector
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def rates_report(pos: dict[str, Tensor], neg: dict[str, Tensor]) -> dict[str, An
 def scored_report(
     model: nn.Module,
     tok: Any,
-    probe: LinearProbe,
+    probe: Probe,
     choice: Choice,
     sets: Sets,
     cache: Path,
@@ -135,7 +136,7 @@ def scored_report(
 
 
 def in_sample_report(
-    probe: LinearProbe, choice: Choice, sets: Sets, acts_pos: Features, acts_neg: Features
+    probe: Probe, choice: Choice, sets: Sets, acts_pos: Features, acts_neg: Features
 ) -> dict[str, Any]:
     """:func:`rates_report` of the fitted detector on the prompts it was fitted on (not a measure of quality: a check
     that the shipped config reproduces the probe)."""
@@ -157,8 +158,9 @@ def nested_report(cv: NestedCv, folds: int, max_fpr: float) -> dict[str, Any]:
 
 
 VECTOR_FILE = "vectors/harm_detector_{fit_on}_l{layer}.safetensors"
+PROBE_FILE = "probes/harm_detector_{fit_on}_l{layer}_{probe}.safetensors"
 CONFIG = """\
-# Detector-gated refusal, built by `python -m evals.recipes.detector`: a logistic probe on the prompt's activation
+# Detector-gated refusal, built by `python -m evals.recipes.detector`: {what} on the prompt's activation
 # ({where}) after layer {layer} flags harmful requests; a flagged request is answered with a fixed refusal.
 # ROC AUC {auc:.4f} ({judged}); see report.json for true / false positive rates per dataset.
 interventions:
@@ -167,8 +169,23 @@ interventions:
     name: harm-probe-l{layer}
     message: "{message}"
     apply:
-      when: {{vector: {vector}, metric: dot, above: {above:.6f}, scope: prompt, aggregate: {pool}}}
+      when: {{{source}, above: {above:.6f}, scope: prompt, aggregate: {pool}}}
 """
+
+
+def save_detector(probe: Probe, choice: Choice, out: Path, fit_on: str) -> tuple[str, str, float]:
+    """Write the probe where the config will find it; returns the condition's source, a description and the
+    threshold it compares against (the linear probe's bias is folded into the threshold, the MLP's is kept)."""
+    meta = {"layer": choice.layer, "site": "resid_post", "pool": choice.pool, "fit": choice.key}
+    if isinstance(probe, LinearProbe):
+        vector = VECTOR_FILE.format(fit_on=fit_on, layer=choice.layer)
+        SteeringVector.single(probe.weight_D, method="logistic_probe", bias=probe.bias, **meta).save(out / vector)
+        return f"vector: {vector}, metric: dot", "a logistic probe", choice.threshold - probe.bias
+    if isinstance(probe, MlpProbe):
+        path = PROBE_FILE.format(fit_on=fit_on, layer=choice.layer, probe=choice.probe)
+        MlpProbe(*probe.tensors(), {k: str(v) for k, v in meta.items()}).save(out / path)
+        return f"probe: {path}", f"an MLP probe ({choice.probe.removeprefix('mlp')} hidden ReLUs)", choice.threshold
+    raise TypeError(f"cannot ship a {type(probe).__name__}")
 
 
 def build(
@@ -185,6 +202,7 @@ def build(
     fresh_mmlu: int = 500,
     layers: tuple[int, ...] = LAYERS,
     l2_grid: tuple[float, ...] = L2_GRID,
+    mlp_hidden: tuple[int, ...] = (),
     command: str = "",
 ) -> dict[str, Any]:
     """Choose, fit and ship the detector; report it on the held-out halves (``fit_on="train"``), or, fitted on both
@@ -201,7 +219,7 @@ def build(
         acts_neg[pool] = cached_last_token_activations(
             model, tok, train.texts("harmless"), layers, cache, pool=pool, **kw
         )
-    choice, grid = choose(acts_pos, acts_neg, train, max_fpr, l2_grid=l2_grid)
+    choice, grid = choose(acts_pos, acts_neg, train, max_fpr, l2_grid=l2_grid, mlp_hidden=mlp_hidden)
     log.info("chose %s: out-of-fold TPR %.4f at threshold %.4f", choice.key, choice.tpr, choice.threshold)
     probe = fit_choice(acts_pos, acts_neg, train, choice)
     report: dict[str, Any] = {
@@ -216,7 +234,13 @@ def build(
         "weights": choice.weights,
         "threshold": choice.threshold,
         "max_train_fpr": max_fpr,
-        "candidates": {"layers": list(layers), "pools": list(POOLS), "l2": list(l2_grid), "weights": list(NEG_WEIGHTS)},
+        "candidates": {
+            "layers": list(layers),
+            "pools": list(POOLS),
+            "l2": list(l2_grid),
+            "weights": list(NEG_WEIGHTS),
+            "mlp_hidden": list(mlp_hidden),
+        },
         "out_of_fold": grid[choice.key],
         "train_sizes": {n: len(ps) for n, ps in (train.harmful | train.harmless).items()},
         "in_sample": in_sample_report(probe, choice, train, acts_pos, acts_neg),
@@ -229,30 +253,23 @@ def build(
         log.info("nested cross-validation: the recipe %d more times", folds)
         fresh = fresh_sets(cap, fresh_mmlu)
         report["fresh"] = scored_report(model, tok, probe, choice, fresh, cache, batch_size, layers)
-        cv = nested_cv(acts_pos, acts_neg, train, max_fpr, folds, l2_grid=l2_grid)
+        cv = nested_cv(acts_pos, acts_neg, train, max_fpr, folds, l2_grid=l2_grid, mlp_hidden=mlp_hidden)
         report["nested_cv"] = nested_report(cv, folds, max_fpr)
         auc = report["nested_cv"]["roc_auc"]
     report["out_of_fold_grid"] = {
         "columns": ["auc", "tpr", "threshold"],
         **{k: [round(v["auc"], 4), round(v["tpr"]["all"], 4), round(v["threshold"], 4)] for k, v in grid.items()},
     }
-    vector = VECTOR_FILE.format(fit_on=fit_on, layer=choice.layer)
-    SteeringVector.single(
-        probe.weight_D,
-        method="logistic_probe",
-        layer=choice.layer,
-        bias=probe.bias,
-        site="resid_post",
-        pool=choice.pool,
-    ).save(out / vector)
+    source, what, above = save_detector(probe, choice, out, fit_on)
     (out / "refuse.yaml").write_text(
         CONFIG.format(
             layer=choice.layer,
             pool=choice.pool,
+            what=what,
             where="last prompt token" if choice.pool == "last" else "averaged over the prompt's tokens",
-            vector=vector,
+            source=source,
             message=DEFAULT_REFUSAL,
-            above=choice.threshold - probe.bias,
+            above=above,
             auc=auc,
             judged="nested cross-validation over every prompt" if fit_on == "both" else "held-out",
         )
@@ -274,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
                     "report by nested cross-validation and on prompts beyond --cap")  # fmt: skip
     ap.add_argument("--layers", type=int, nargs="+", default=list(LAYERS), help="candidate layers")
     ap.add_argument("--l2", type=float, nargs="+", default=list(L2_GRID), help="candidate L2 penalties")
+    ap.add_argument("--mlp-hidden", type=int, nargs="*", default=[32],
+                    help="widths of the MLP probe candidates (none: linear probes only)")  # fmt: skip
     ap.add_argument("--fresh-mmlu", type=int, default=500, help="held-out-half MMLU questions scored as fresh benign")
     ap.add_argument("--folds", type=int, default=5, help="outer folds of the nested cross-validation (--fit-on both)")
     ap.add_argument("--threads", type=int, default=1)
@@ -282,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--max-fpr must be in [0, 1), got {args.max_fpr}")
     if args.folds < 2:
         ap.error(f"--folds must be at least 2, got {args.folds}")
+    if any(h < 1 for h in args.mlp_hidden):
+        ap.error(f"--mlp-hidden widths must be at least 1, got {args.mlp_hidden}")
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(args.threads)
     from steerlib import load_model
@@ -300,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         fresh_mmlu=args.fresh_mmlu,
         layers=tuple(args.layers),
         l2_grid=tuple(args.l2),
+        mlp_hidden=tuple(args.mlp_hidden),
         command=shlex.join(["python", "-m", "evals.recipes.detector", *(sys.argv[1:] if argv is None else argv)]),
     )
     print(json.dumps(report.get("heldout") or report["nested_cv"], indent=2))

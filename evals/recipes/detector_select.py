@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from evals.datasets import Prompt
-from evals.recipes.probe import LinearProbe, fit_probe, out_of_fold_scores, rate_above, roc_auc, threshold_at_fpr
+from evals.recipes.probe import (
+    Probe,
+    ProbeFit,
+    fit_mlp_probe,
+    fit_probe,
+    out_of_fold_scores,
+    rate_above,
+    roc_auc,
+    threshold_at_fpr,
+)
 
 EXTRA_HARMLESS_TRAIN = ("mmlu_questions",)
 """Benign questions added to the harmless training prompts only (never scored): more varied benign text."""
@@ -30,6 +39,9 @@ NEG_WEIGHTS: dict[str, Callable[[list[str]], Tensor | None]] = {
     "overrefusal_x10": lambda names: torch.tensor([10.0 if n == OVERREFUSAL else 1.0 for n in names]),
 }
 """How the negative class's loss is spread over the harmless prompts, by the dataset each comes from."""
+MLP_WEIGHT_DECAY = 1e-2
+MLP_WEIGHTS = "per_set"
+"""MLP candidates are tried with this one weighting and weight decay (their ``l2``), over pooling, layer and width."""
 Features = dict[str, dict[int, Tensor]]
 """``{pool: {layer: (N, D)}}``: prompt activations by pooling (``last`` / ``mean``) and layer."""
 
@@ -87,10 +99,20 @@ class Choice:
     """At most ``max_fpr`` of each scored harmless training set's out-of-fold scores are above it."""
     tpr: float
     """Out-of-fold share of the training harmful prompts above ``threshold``."""
+    probe: str = "linear"
+    """``linear`` (logistic regression; ``l2`` its penalty) or ``mlp{H}`` (H hidden ReLUs; ``l2`` the weight
+    decay)."""
 
     @property
     def key(self) -> str:
-        return f"pool {self.pool}, layer {self.layer}, l2 {self.l2:g}, weights {self.weights}"
+        head = "" if self.probe == "linear" else f"{self.probe}, "
+        return f"{head}pool {self.pool}, layer {self.layer}, l2 {self.l2:g}, weights {self.weights}"
+
+    def fitter(self) -> ProbeFit:
+        if self.probe == "linear":
+            return lambda pos, neg, w: fit_probe(pos, neg, l2=self.l2, neg_weight_N=w)
+        hidden = int(self.probe.removeprefix("mlp"))
+        return lambda pos, neg, w: fit_mlp_probe(pos, neg, hidden=hidden, weight_decay=self.l2, neg_weight_N=w)
 
 
 def score_candidate(
@@ -115,30 +137,34 @@ def choose(
     max_fpr: float,
     folds: int = 5,
     l2_grid: tuple[float, ...] = L2_GRID,
+    mlp_hidden: tuple[int, ...] = (),
 ) -> tuple[Choice, dict[str, dict[str, Any]]]:
     """The candidate flagging the most training harmful prompts out of fold at the per-set ``max_fpr`` threshold.
 
-    Candidates: every pooling and layer in ``acts_pos``, L2 in ``l2_grid``, weighting in :data:`NEG_WEIGHTS`.
-    Ties go to the higher out-of-fold AUC. Returns the choice and every candidate's out-of-fold facts.
+    Candidates: every pooling and layer in ``acts_pos``, with a linear probe for each L2 in ``l2_grid`` and
+    weighting in :data:`NEG_WEIGHTS`, and an MLP probe for each width in ``mlp_hidden``. Ties go to the higher
+    out-of-fold AUC. Returns the choice and every candidate's out-of-fold facts.
     """
     fp = torch.tensor([fold_of(t, folds) for t in train.texts("harmful")])
     fn = torch.tensor([fold_of(t, folds) for t in train.texts("harmless")])
     neg_names = train.names("harmless")
+    kinds = [("linear", l2, weights) for l2 in l2_grid for weights in NEG_WEIGHTS]
+    kinds += [(f"mlp{h}", MLP_WEIGHT_DECAY, MLP_WEIGHTS) for h in mlp_hidden]
     grid: dict[str, dict[str, Any]] = {}
     best: Choice | None = None
     for pool, by_layer in acts_pos.items():
         for layer, pos in by_layer.items():
-            for l2 in l2_grid:
-                for weights, weigh in NEG_WEIGHTS.items():
-                    neg = acts_neg[pool][layer]
-                    s_pos, s_neg = out_of_fold_scores(
-                        pos, neg, fp, fn, l2=l2, folds=folds, neg_weight_N=weigh(neg_names)
-                    )
-                    threshold, tpr, fpr = score_candidate(s_pos, s_neg, train, max_fpr)
-                    c = Choice(pool, layer, l2, weights, roc_auc(s_pos, s_neg), threshold, tpr["all"])
-                    grid[c.key] = {"auc": c.auc, "threshold": threshold, "tpr": tpr, "fpr": fpr}
-                    if best is None or (c.tpr, c.auc) > (best.tpr, best.auc):
-                        best = c
+            for probe, l2, weights in kinds:
+                c = Choice(pool, layer, l2, weights, 0.0, 0.0, 0.0, probe)
+                neg = acts_neg[pool][layer]
+                s_pos, s_neg = out_of_fold_scores(
+                    pos, neg, fp, fn, fit=c.fitter(), folds=folds, neg_weight_N=NEG_WEIGHTS[weights](neg_names)
+                )
+                threshold, tpr, fpr = score_candidate(s_pos, s_neg, train, max_fpr)
+                c = replace(c, auc=roc_auc(s_pos, s_neg), threshold=threshold, tpr=tpr["all"])
+                grid[c.key] = {"auc": c.auc, "threshold": threshold, "tpr": tpr, "fpr": fpr}
+                if best is None or (c.tpr, c.auc) > (best.tpr, best.auc):
+                    best = c
     if best is None:
         raise ValueError("choose: no candidates (acts_pos is empty)")
     return best, grid
@@ -154,12 +180,10 @@ class NestedCv:
     choices: list[Choice]
 
 
-def fit_choice(acts_pos: Features, acts_neg: Features, sets: Sets, choice: Choice) -> LinearProbe:
+def fit_choice(acts_pos: Features, acts_neg: Features, sets: Sets, choice: Choice) -> Probe:
     """The probe ``choice`` describes, fitted on all of ``sets``."""
     weights = NEG_WEIGHTS[choice.weights](sets.names("harmless"))
-    return fit_probe(
-        acts_pos[choice.pool][choice.layer], acts_neg[choice.pool][choice.layer], l2=choice.l2, neg_weight_N=weights
-    )
+    return choice.fitter()(acts_pos[choice.pool][choice.layer], acts_neg[choice.pool][choice.layer], weights)
 
 
 def nested_cv(
@@ -169,6 +193,7 @@ def nested_cv(
     max_fpr: float,
     folds: int = 5,
     l2_grid: tuple[float, ...] = L2_GRID,
+    mlp_hidden: tuple[int, ...] = (),
 ) -> NestedCv:
     """The whole recipe (:func:`choose`, then the probe refitted on everything it was given) run ``folds`` times,
     each time without one outer fold of the prompts, which it then scores.
@@ -192,7 +217,7 @@ def nested_cv(
         inner = sets.where(keep)
         mask_pos, mask_neg = sets.mask("harmful", keep), sets.mask("harmless", keep)
         in_pos, in_neg = rows(acts_pos, mask_pos), rows(acts_neg, mask_neg)
-        choice, _ = choose(in_pos, in_neg, inner, max_fpr, l2_grid=l2_grid)
+        choice, _ = choose(in_pos, in_neg, inner, max_fpr, l2_grid=l2_grid, mlp_hidden=mlp_hidden)
         probe = fit_choice(in_pos, in_neg, inner, choice)
         for kind, acts, mask in (("harmful", acts_pos, ~mask_pos), ("harmless", acts_neg, ~mask_neg)):
             margins[kind][mask] = probe.scores(acts[choice.pool][choice.layer][mask]) - choice.threshold
