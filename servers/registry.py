@@ -141,6 +141,8 @@ class PresetRegistry:
         if when is not None:
             if isinstance(when.vector, str):
                 out["apply"]["when"]["vector"] = str(self.confine(cfg.resolve(when.vector)))
+            if when.probe is not None:
+                out["apply"]["when"]["probe"] = str(self.confine(cfg.resolve(when.probe)))
             if when.sae is not None:
                 out["apply"]["when"]["sae"] = str(self.sae_path(when.sae, cfg))
         return out

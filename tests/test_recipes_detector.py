@@ -87,6 +87,7 @@ def test_shipped_detector_config_reproduces_the_probe_and_the_reported_overrefus
     threshold, and as many over-refusal prompts flagged as the report counts."""
     import steerlib
     from evals.recipes.detector import load_sets
+    from steerlib.mlp_probe import load_mlp_probe
     from steerlib.vectors import load_vector
 
     data = yaml.safe_load((PRESETS / "refusal_detector.yaml").read_text())
@@ -95,10 +96,15 @@ def test_shipped_detector_config_reproduces_the_probe_and_the_reported_overrefus
     (op,) = data["interventions"]
     when = op["apply"]["when"]
     report = json.loads(REPORT.read_text())
-    vec = load_vector(PRESETS / when["vector"])
-    w, bias = vec.by_layer[None], float(vec.metadata["bias"])
     assert (op["layer"], when.get("aggregate", "last")) == (report["layer"], report["pool"])
-    assert when["above"] == pytest.approx(report["threshold"] - bias, abs=1e-5)
+    if report["choice"]["probe"] == "linear":
+        vec = load_vector(PRESETS / when["vector"])
+        w, bias = vec.by_layer[None], float(vec.metadata["bias"])
+        assert when["above"] == pytest.approx(report["threshold"] - bias, abs=1e-5)
+        score = lambda x: x @ w  # noqa: E731
+    else:  # an MLP probe keeps its bias: the config's threshold is the recipe's
+        score = load_mlp_probe(PRESETS / when["probe"]).scores
+        assert when["above"] == pytest.approx(report["threshold"], abs=1e-5)
 
     model, tok = steerlib.load_model()
     fitted = load_sets(report["fit_on"], None)
@@ -106,7 +112,7 @@ def test_shipped_detector_config_reproduces_the_probe_and_the_reported_overrefus
     assert len(over) == report["train_sizes"]["rho_overrefusal"]
     prompts = over + [p.text for p in fitted.harmful["harmful_probes"][:12]]
     acts = last_token_activations(model, tok, prompts, [op["layer"]], pool=report["pool"])[op["layer"]]
-    probe_fires = [bool(s > when["above"]) for s in acts @ w]
+    probe_fires = [bool(s > when["above"]) for s in score(acts)]
     out = generate(model, tok, prompts, cfg, max_new_tokens=1, min_new_tokens=0, batch_size=8)
     assert [g.refused_by == op["name"] for g in out] == probe_fires
     assert sum(probe_fires[: len(over)]) == report["in_sample"]["false_positive_rate"]["rho_overrefusal"]["k"]

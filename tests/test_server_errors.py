@@ -184,10 +184,15 @@ def test_registry_confines_every_name(presets: Path, tmp_path: Path) -> None:
         (presets / "vectors" / "link.safetensors").unlink()
 
 
-def test_a_preset_file_pointing_outside_the_folder_stops_the_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "op",
+    [
+        "{op: add, layer: 1, vector: ../elsewhere.safetensors}",
+        "{op: refuse, layer: 1, apply: {when: {probe: ../probe.safetensors, above: 0, scope: prompt}}}",
+    ],
+)
+def test_a_preset_file_pointing_outside_the_folder_stops_the_server(tmp_path: Path, op: str) -> None:
     make_presets(tmp_path)
-    (tmp_path / "evil.yaml").write_text(
-        "description: reads elsewhere\ninterventions:\n  - {op: add, layer: 1, vector: ../elsewhere.safetensors}\n"
-    )
+    (tmp_path / "evil.yaml").write_text(f"description: reads elsewhere\ninterventions:\n  - {op}\n")
     with pytest.raises(PresetError, match="outside the presets folder"):
         PresetRegistry(tmp_path)
