@@ -1,16 +1,18 @@
 """Detector-gated refusal for a model: fit a harmfulness probe, ship it as a ``refuse`` config.
 
     python -m evals.recipes.detector --out steerlib_presets/refusal_detector [--model NAME] [--max-fpr 0.02]
-        [--fit-on train|both]
+        [--fit-on train|both] [--mlp-hidden 32]
 
 Steps (with ``--fit-on train``, all on the ``train`` halves of the benchmark splits, so every reported number is on
 prompts the detector never saw): record each prompt's activation at several layers, at its last token and averaged
-over its tokens; score every candidate (pooling, layer, L2, weighting of the harmless sets) out of fold (5 folds by
-prompt hash); give each candidate the lowest threshold at which at most ``max_fpr`` of each scored harmless training
-set (benign, paired-benign, over-refusal) fires; keep the candidate that then flags the most training harmful prompts
-(ties: higher AUC); refit it on all training prompts. Only that one detector is scored on the held-out halves. The
-config answers a flagged prompt with a fixed refusal (``op: refuse``); ``report.json`` holds the out-of-fold grid,
-the held-out ROC AUC and the true / false positive rates per dataset at the shipped threshold.
+over its tokens; score every candidate (pooling, layer, and a logistic probe per L2 and weighting of the harmless
+sets or an MLP probe per ``--mlp-hidden`` width) out of fold (5 folds by prompt hash); give each candidate the
+lowest threshold at which at most ``max_fpr`` of each scored harmless training set (benign, paired-benign,
+over-refusal) fires; keep the candidate that then flags the most training harmful prompts (ties: higher AUC); refit
+it on all training prompts. Only that one detector is scored on the held-out halves. The config answers a flagged
+prompt with a fixed refusal (``op: refuse``, reading ``vectors/`` for a logistic probe or ``probes/`` for an MLP
+probe); ``report.json`` holds the out-of-fold grid, the held-out ROC AUC and the true / false positive rates per
+dataset at the shipped threshold.
 
 With ``--fit-on both`` the same steps run on both halves (more prompts for the small harmless sets) and the recipe is
 judged by nested cross-validation (:func:`evals.recipes.detector_select.nested_cv`: each prompt scored by the recipe
