@@ -122,6 +122,8 @@ class Condition(_Strict):
             )
         if self.sae is not None and self.feature is None:
             raise ValueError("when.sae is only meaningful with when.feature")
+        if self.metric != "dot" and self.vector is None:
+            raise ValueError(f"when.metric {self.metric!r} is only meaningful with when.vector")
         if self.above is None and self.below is None:
             raise ValueError("when: give a threshold, 'above' and/or 'below'")
         for name, v in (("above", self.above), ("below", self.below)):

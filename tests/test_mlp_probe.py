@@ -131,6 +131,7 @@ def test_pooled_mean_is_the_same_whether_the_prompt_comes_in_one_step_or_in_chun
     [
         ({"probe": "p.safetensors", "vector": [0.0] * D}, "exactly one of .*got \\['vector', 'probe'\\]"),
         ({"above": 0.0}, "exactly one of .*got none"),
+        ({"probe": "p.safetensors", "metric": "cosine"}, "metric 'cosine' is only meaningful with when.vector"),
     ],
 )
 def test_condition_takes_one_source(when: dict[str, Any], match: str) -> None:
