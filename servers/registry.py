@@ -4,6 +4,7 @@
       refusal_add.yaml        # description: ... + a steerlib steering config (paths relative to this folder)
       vectors/refusal.safetensors   # {"preset_vector": "refusal"} in an inline request
       saes/probe/                   # {"sae": "probe"} in an inline request
+      probes/harm.safetensors       # MLP probes, for presets' `when: {probe: ...}` conditions
 
 Every file a preset or a request reaches is resolved and checked to lie inside the folder (symlinks included), so
 neither a preset nor a client can make the server read anything else. Configs are returned with absolute paths and

@@ -28,7 +28,9 @@ class ServerSettings(BaseSettings):
     model_name: str | None = Field(
         None, description="The id clients pass as `model` (default: the model folder's name, or the embedded name)."
     )
-    presets: Path | None = Field(None, description="Folder of steering presets (YAML configs, vectors/, saes/).")
+    presets: Path | None = Field(
+        None, description="Folder of steering presets (YAML configs, vectors/, probes/, saes/)."
+    )
     default_presets: list[str] = Field(
         default_factory=list, description="Presets applied when a request has no `steering` field."
     )
