@@ -4,7 +4,7 @@
       refusal_add.yaml        # description: ... + a steerlib steering config (paths relative to this folder)
       vectors/refusal.safetensors   # {"preset_vector": "refusal"} in an inline request
       saes/probe/                   # {"sae": "probe"} in an inline request
-      probes/harm.safetensors       # MLP probes, for presets' `when: {probe: ...}` conditions
+      probes/harm.safetensors       # an MLP probe: {"when": {"probe": "harm", ...}} in an inline request
 
 Every file a preset or a request reaches is resolved and checked to lie inside the folder (symlinks included), so
 neither a preset nor a client can make the server read anything else. Configs are returned with absolute paths and
@@ -27,7 +27,9 @@ from steerlib.config import AblateOp, AddOp, Condition, ReplaceOp, SaeOp, Steeri
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-VECTOR_DIR, SAE_DIR = "vectors", "saes"
+VECTOR_DIR, PROBE_DIR, SAE_DIR = "vectors", "probes", "saes"
+FILE_DIRS = {"vector": VECTOR_DIR, "probe": PROBE_DIR}
+"""Kinds named by a file stem (``<dir>/<name>.safetensors``); SAEs are named by their folder or file name."""
 
 
 class PresetError(ValueError):
@@ -91,7 +93,14 @@ class PresetRegistry:
 
     def vector(self, name: str) -> str:
         """The absolute path of ``vectors/<name>.safetensors``."""
-        return str(self._existing(Path(VECTOR_DIR) / f"{check_name(name, 'vector')}.safetensors", "vector", name))
+        return self._file("vector", name)
+
+    def probe(self, name: str) -> str:
+        """The absolute path of ``probes/<name>.safetensors`` (an MLP probe)."""
+        return self._file("probe", name)
+
+    def _file(self, kind: str, name: str) -> str:
+        return str(self._existing(Path(FILE_DIRS[kind]) / f"{check_name(name, kind)}.safetensors", kind, name))
 
     def sae(self, name: str) -> str:
         """The absolute path of ``saes/<name>`` (a folder or a file)."""
@@ -100,8 +109,8 @@ class PresetRegistry:
     def available(self, kind: str) -> list[str]:
         if self.root is None:
             return []
-        sub = self.root / (VECTOR_DIR if kind == "vector" else SAE_DIR)
-        return sorted(p.stem if kind == "vector" else p.name for p in sub.glob("*")) if sub.is_dir() else []
+        sub = self.root / FILE_DIRS.get(kind, SAE_DIR)
+        return sorted(p.stem if kind in FILE_DIRS else p.name for p in sub.glob("*")) if sub.is_dir() else []
 
     def confine(self, path: Path) -> Path:
         """``path`` resolved (symlinks followed); an error unless it lies inside the presets folder."""

@@ -20,5 +20,6 @@ async def presets(request: Request) -> dict[str, Any]:
         "data": [p.model_dump() for p in reg.infos()],
         "default": st.resolver.defaults,
         "vectors": reg.available("vector"),
+        "probes": reg.available("probe"),
         "saes": reg.available("sae"),
     }

@@ -1,7 +1,8 @@
 """A request's ``steering`` field: preset names or an inline, data-only config, turned into one SteeringConfig.
 
 Inline configs mirror steerlib's config but every file reference is a *name*: ``{"preset_vector": "refusal"}`` for
-a vector (or an inline list of floats) and ``"sae": "probe"`` for an SAE, both looked up in the presets folder.
+a vector (or an inline list of floats), ``"sae": "probe"`` for an SAE and ``when: {"probe": "harm"}`` for an MLP
+probe, all looked up in the presets folder.
 A client therefore never names a server path. The result is checked against the model with ``build_plan`` (layer
 and feature ranges, vector widths, NaN) before the request is queued, so a bad config is a 400, never a 500 and
 never an unsteered answer.
@@ -49,6 +50,9 @@ class InlineCondition(_Strict):
     feature: int | None = Field(None, ge=0, description="SAE latent whose activation is tested.")
     sae: str | None = Field(None, description="Preset SAE to read `feature` from, when the op has none.")
     vector: VectorData | None = None
+    probe: str | None = Field(
+        None, description="Name of an MLP probe in the presets folder (probes/<name>.safetensors)."
+    )
     metric: Literal["dot", "cosine"] = "dot"
     above: float | None = None
     below: float | None = None
@@ -154,6 +158,8 @@ class SteeringResolver:
                 out["apply"]["when"]["vector"] = self._vector(when.vector)
             if when.sae is not None:
                 out["apply"]["when"]["sae"] = self.registry.sae(when.sae)
+            if when.probe is not None:
+                out["apply"]["when"]["probe"] = self.registry.probe(when.probe)
         return out
 
     def _vector(self, v: list[float] | PresetVector) -> list[float] | str:

@@ -56,6 +56,8 @@ BAD_CHAT: dict[str, dict[str, Any]] = {
     "vector path": CHAT | {"steering": add("/etc/passwd")},
     "preset vector path": CHAT | {"steering": add({"preset_vector": "../../../etc/passwd"})},
     "unknown preset vector": CHAT | {"steering": add({"preset_vector": "nope"})},
+    "unknown probe": CHAT | {"steering": add([1.0] * D, apply={"when": {"probe": "nope", "above": 0}})},
+    "probe path": CHAT | {"steering": add([1.0] * D, apply={"when": {"probe": "../probes/gate", "above": 0}})},
     "sae path": CHAT | {"steering": {"interventions": [{"op": "sae", "layer": 1, "sae": "/etc", "edits": []}]}},
     "sae dotdot": CHAT | {"steering": {"interventions": [{"op": "replace", "layer": 1, "sae": "../saes/probe"}]}},
     "layer out of range": CHAT | {"steering": {"interventions": [{"op": "ablate", "layer": 3, "vector": [1.0] * D}]}},
@@ -138,6 +140,29 @@ def test_other_bad_requests_are_4xx(client: TestClient, path: str, body: Any) ->
     r = client.post(path, json=body) if not isinstance(body, str) else client.post(path, content=body)
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     assert r.json()["error"]["message"]
+
+
+def test_an_inline_op_gated_by_a_preset_probe_steers_only_where_it_fires(client: TestClient) -> None:
+    """``when: {probe: NAME}`` reads probes/NAME.safetensors; a gate that always fires is the plain op, one that
+    never fires leaves the answer alone, and an unknown name is a 400 naming the probes there are."""
+    body = CHAT | {"max_tokens": 6, "temperature": 0}
+
+    def answer(steering: Any) -> str:
+        r = client.post("/v1/chat/completions", json=body | {"steering": steering})
+        assert r.status_code == 200, r.text
+        return str(r.json()["choices"][0]["message"]["content"])
+
+    def gated(above: float) -> dict[str, Any]:
+        when = {"probe": "gate", "above": above, "scope": "prompt", "aggregate": "mean"}
+        return add({"preset_vector": "push"}, coefficient=4.0, apply={"when": when})
+
+    pushed, plain = answer(add({"preset_vector": "push"}, coefficient=4.0)), answer([])
+    assert pushed != plain
+    assert (answer(gated(-1e6)), answer(gated(1e6))) == (pushed, plain)
+    r = client.post(
+        "/v1/chat/completions", json=body | {"steering": add([1.0] * D, apply={"when": {"probe": "x", "above": 0}})}
+    )
+    assert r.status_code == 400 and "unknown probe 'x'; available: gate" in r.json()["error"]["message"]
 
 
 def test_a_good_request_passes_the_same_client(client: TestClient) -> None:

@@ -168,7 +168,7 @@ def test_models_and_presets_are_listed(client: openai.OpenAI, url: str) -> None:
     listing = httpx.get(f"{url}/v1/steering/presets").json()
     assert [p["name"] for p in listing["data"]] == ["erase", "push", "sae_edit"]
     assert all(p["description"] for p in listing["data"])
-    assert listing["vectors"] == ["push"] and listing["saes"] == ["probe"]
+    assert listing["vectors"] == ["push"] and listing["saes"] == ["probe"] and listing["probes"] == ["gate"]
 
 
 def features_of(out: openai.types.chat.ChatCompletion) -> dict[str, Any]:

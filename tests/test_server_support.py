@@ -19,6 +19,7 @@ from tiny_models import tiny_model, word_tokenizer
 
 from servers.app import create_app
 from servers.settings import ServerSettings
+from steerlib.mlp_probe import MlpProbe
 from steerlib.sae import ReluSae, SaeMeta, save_sae
 from steerlib.vectors import SteeringVector
 
@@ -31,9 +32,12 @@ def words(*ids: int) -> str:
 
 
 def make_presets(root: Path) -> Path:
-    """vectors/push (64 floats), saes/probe (ReLU SAE at blocks.1.hook_resid_post), presets push/erase/sae_edit."""
+    """vectors/push (64 floats), saes/probe (ReLU SAE at blocks.1.hook_resid_post), probes/gate (an MLP probe),
+    presets push/erase/sae_edit."""
     gen = torch.Generator().manual_seed(1)
     SteeringVector.single(torch.randn(D, generator=gen) * 3).save(root / "vectors" / "push.safetensors")
+    W = torch.randn(4, D, generator=gen)
+    MlpProbe(W, torch.zeros(4), torch.ones(4), torch.tensor(0.0)).save(root / "probes" / "gate.safetensors")
     site = f"blocks.{SAE_LAYER}.hook_resid_post"
     sae = ReluSae(SaeMeta("relu", D, SAE_WIDTH, D, input_site=site, output_site=site))
     with torch.no_grad():
