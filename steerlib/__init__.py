@@ -26,6 +26,7 @@ from steerlib.config import (
 )
 from steerlib.hf.hooks import SteeringHandle, attach, hooks_installed, steer
 from steerlib.hf.recording import Recording, record
+from steerlib.mlp_probe import MlpProbe, load_mlp_probe
 from steerlib.plan import SteeringConfigError
 from steerlib.sae import Sae, load_sae, save_sae
 from steerlib.vectors import SteeringVector, load_vector
@@ -49,6 +50,7 @@ __all__ = [
     "ApplyPolicy",
     "Condition",
     "FeatureEdit",
+    "MlpProbe",
     "Recording",
     "ReplaceOp",
     "Sae",
@@ -60,6 +62,7 @@ __all__ = [
     "TokenSelector",
     "attach",
     "hooks_installed",
+    "load_mlp_probe",
     "load_model",
     "load_sae",
     "load_vector",
