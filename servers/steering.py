@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from servers.errors import ApiError
 from servers.registry import PresetError, PresetRegistry
-from steerlib.config import FeatureEdit, SteeringConfig, TokenSelector
+from steerlib.config import DEFAULT_REFUSAL, FeatureEdit, SteeringConfig, TokenSelector
 from steerlib.plan import ModelSpec, SteeringConfigError, TokenizerLike, build_plan
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,17 @@ class InlineReplace(_InlineBase):
     sae: str = Field(description="Name of an SAE in the presets folder.")
 
 
-InlineIntervention = Annotated[InlineAdd | InlineAblate | InlineSae | InlineReplace, Field(discriminator="op")]
+class InlineRefuse(_InlineBase):
+    """steerlib's detector-gated refusal: a row whose prompt fires ``apply.when`` answers with ``message``."""
+
+    op: Literal["refuse"]
+    message: str = Field(DEFAULT_REFUSAL, min_length=1, max_length=2000)
+    name: str | None = Field(None, max_length=64, description="Reported in `steering_refusal` when it fires.")
+    mode: Literal["message", "prefill"] = "message"
+
+
+InlineOp = InlineAdd | InlineAblate | InlineSae | InlineReplace | InlineRefuse
+InlineIntervention = Annotated[InlineOp, Field(discriminator="op")]
 
 
 class InlineSteering(_Strict):
@@ -135,7 +145,7 @@ class SteeringResolver:
             raise ApiError(400, f"steering: {_message(e)}", param="steering", code="invalid_steering") from e
 
     def _to_config(self, field: SteeringField | None) -> SteeringConfig | None:
-        inline: list[InlineAdd | InlineAblate | InlineSae | InlineReplace]
+        inline: list[InlineOp]
         if field is None:
             names, inline = self.defaults, []
         elif isinstance(field, list):
@@ -146,11 +156,11 @@ class SteeringResolver:
         ivs += [self._intervention(iv) for iv in inline]
         return SteeringConfig.model_validate({"interventions": ivs}) if ivs else None
 
-    def _intervention(self, iv: InlineAdd | InlineAblate | InlineSae | InlineReplace) -> dict[str, Any]:
+    def _intervention(self, iv: InlineOp) -> dict[str, Any]:
         out: dict[str, Any] = iv.model_dump(exclude_none=True)
         if isinstance(iv, InlineAdd | InlineAblate):
             out["vector"] = self._vector(iv.vector)
-        else:
+        elif isinstance(iv, InlineSae | InlineReplace):
             out["sae"] = self.registry.sae(iv.sae)
         when = iv.apply.when
         if when is not None:

@@ -165,6 +165,26 @@ def test_an_inline_op_gated_by_a_preset_probe_steers_only_where_it_fires(client:
     assert r.status_code == 400 and "unknown probe 'x'; available: gate" in r.json()["error"]["message"]
 
 
+def test_an_inline_refuse_op_answers_with_its_message_where_its_probe_fires(client: TestClient) -> None:
+    body = CHAT | {"max_tokens": 8, "temperature": 0}
+
+    def refuse(above: float) -> dict[str, Any]:
+        when = {"probe": "gate", "above": above, "scope": "prompt", "aggregate": "mean"}
+        return {"interventions": [{"op": "refuse", "layer": 1, "message": "w100 w101", "name": "mine",
+                                   "apply": {"when": when}}]}  # fmt: skip
+
+    fired = client.post("/v1/chat/completions", json=body | {"steering": refuse(-1e6)}).json()
+    assert fired["choices"][0]["message"]["content"] == "w100 w101"
+    assert fired["steering_refusal"] == {"detector": "mine"}
+    passed = client.post("/v1/chat/completions", json=body | {"steering": refuse(1e6)}).json()
+    plain = client.post("/v1/chat/completions", json=body | {"steering": []}).json()
+    assert "steering_refusal" not in passed
+    assert passed["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    no_when = {"interventions": [{"op": "refuse", "layer": 1}]}
+    r = client.post("/v1/chat/completions", json=body | {"steering": no_when})
+    assert r.status_code == 400 and "op refuse needs apply.when" in r.json()["error"]["message"]
+
+
 def test_a_good_request_passes_the_same_client(client: TestClient) -> None:
     r = client.post("/v1/chat/completions", json=CHAT | {"steering": add({"preset_vector": "push"})})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
