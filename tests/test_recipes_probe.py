@@ -1,4 +1,5 @@
-"""The detector recipe's probe maths on planted data: exact ROC facts and a probe that finds a planted direction."""
+"""The detector recipe's probe maths on planted data: exact ROC facts, the probes of ``steerlib.extract.probes``
+finding planted structure, the recipe's choice and its nested cross-validation."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from evals.recipes.probe import fit_probe, rate_above, roc_auc, threshold_at_fpr
+from evals.recipes.probe import rate_above, roc_auc, threshold_at_fpr
+from steerlib.extract.probes import fit_logistic_probe
 
 
 def test_roc_auc_counts_pairs_and_ties() -> None:
@@ -32,7 +34,7 @@ def test_probe_recovers_a_planted_direction() -> None:
     offset = torch.randn(32, generator=g) * 10  # a large shared component, as in a residual stream
     pos = torch.randn(400, 32, generator=g) + offset + 2.0 * d
     neg = torch.randn(400, 32, generator=g) + offset - 2.0 * d
-    probe = fit_probe(pos[:200], neg[:200])
+    probe = fit_logistic_probe(pos[:200], neg[:200])
     w = probe.weight_D / probe.weight_D.norm()
     assert float(w[5]) > 0.9
     assert roc_auc(probe.scores(pos[200:]), probe.scores(neg[200:])) > 0.99
@@ -46,13 +48,13 @@ def test_negative_weights_move_the_boundary_towards_the_upweighted_negatives() -
     easy = torch.randn(200, 4, generator=g) - torch.tensor([2.0, 0, 0, 0])
     hard = torch.randn(20, 4, generator=g) + torch.tensor([1.0, 0, 0, 0])  # negatives that look positive
     neg = torch.cat([easy, hard])
-    plain = fit_probe(pos, neg)
-    up = fit_probe(pos, neg, neg_weight_N=torch.cat([torch.ones(200), 20 * torch.ones(20)]))
+    plain = fit_logistic_probe(pos, neg)
+    up = fit_logistic_probe(pos, neg, neg_weight_N=torch.cat([torch.ones(200), 20 * torch.ones(20)]))
     assert rate_above(up.scores(hard), 0.0) < rate_above(plain.scores(hard), 0.0)
-    same = fit_probe(pos, neg, neg_weight_N=torch.full((220,), 3.0))  # only relative weights matter
+    same = fit_logistic_probe(pos, neg, neg_weight_N=torch.full((220,), 3.0))  # only relative weights matter
     torch.testing.assert_close(same.weight_D, plain.weight_D, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="neg_weight_N must be 220 non-negative"):
-        fit_probe(pos, neg, neg_weight_N=-torch.ones(220))
+        fit_logistic_probe(pos, neg, neg_weight_N=-torch.ones(220))
 
 
 def test_detector_choice_picks_the_informative_layer_and_an_honest_threshold() -> None:
@@ -88,14 +90,14 @@ def _xor(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(4 * n, 6, generator=g)
     same = (x[:, 0] > 0) == (x[:, 1] > 0)
-    return x[same][:n] * 3 + 0.0, x[~same][:n] * 3
+    return x[same][:n] * 3, x[~same][:n] * 3
 
 
 def test_mlp_probe_separates_what_a_linear_probe_cannot_and_is_reproducible() -> None:
-    from evals.recipes.probe import fit_mlp_probe
+    from steerlib.extract.probes import fit_mlp_probe
 
     pos, neg = _xor(150, seed=2)
-    linear = fit_probe(pos, neg)
+    linear = fit_logistic_probe(pos, neg)
     mlp = fit_mlp_probe(pos, neg, hidden=16, epochs=400, lr=1e-2)
     assert roc_auc(linear.scores(pos), linear.scores(neg)) < 0.7
     assert roc_auc(mlp.scores(pos), mlp.scores(neg)) > 0.97

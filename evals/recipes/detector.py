@@ -48,8 +48,9 @@ from evals.recipes.detector_select import (
     fit_choice,
     nested_cv,
 )
-from evals.recipes.probe import LinearProbe, Probe, roc_auc
+from evals.recipes.probe import roc_auc
 from steerlib.config import DEFAULT_REFUSAL
+from steerlib.extract.probes import LinearProbe, Probe
 from steerlib.mlp_probe import MlpProbe
 from steerlib.vectors import SteeringVector
 

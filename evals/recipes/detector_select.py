@@ -17,16 +17,8 @@ import torch
 from torch import Tensor
 
 from evals.datasets import Prompt
-from evals.recipes.probe import (
-    Probe,
-    ProbeFit,
-    fit_mlp_probe,
-    fit_probe,
-    out_of_fold_scores,
-    rate_above,
-    roc_auc,
-    threshold_at_fpr,
-)
+from evals.recipes.probe import ProbeFit, out_of_fold_scores, rate_above, roc_auc, threshold_at_fpr
+from steerlib.extract.probes import Probe, fit_logistic_probe, fit_mlp_probe
 
 EXTRA_HARMLESS_TRAIN = ("mmlu_questions",)
 """Benign questions added to the harmless training prompts only (never scored): more varied benign text."""
@@ -110,7 +102,7 @@ class Choice:
 
     def fitter(self) -> ProbeFit:
         if self.probe == "linear":
-            return lambda pos, neg, w: fit_probe(pos, neg, l2=self.l2, neg_weight_N=w)
+            return lambda pos, neg, w: fit_logistic_probe(pos, neg, l2=self.l2, neg_weight_N=w)
         hidden = int(self.probe.removeprefix("mlp"))
         return lambda pos, neg, w: fit_mlp_probe(pos, neg, hidden=hidden, weight_decay=self.l2, neg_weight_N=w)
 

@@ -6,6 +6,7 @@
 
 See ``steerlib.extract.methods`` for the methods and the papers they implement, and
 ``steerlib.extract.activations`` for how prompts are tokenized and activations averaged.
+``steerlib.extract.probes`` fits the logistic and MLP probes a ``when`` condition reads.
 """
 
 from steerlib.extract.methods import (
@@ -18,13 +19,17 @@ from steerlib.extract.methods import (
     principal_direction,
     sae_decoder_row,
 )
+from steerlib.extract.probes import LinearProbe, fit_logistic_probe, fit_mlp_probe
 
 __all__ = [
     "At",
     "Example",
+    "LinearProbe",
     "Pair",
     "contrastive",
     "diff_of_means",
+    "fit_logistic_probe",
+    "fit_mlp_probe",
     "pca_direction",
     "principal_direction",
     "sae_decoder_row",
