@@ -3,8 +3,10 @@
     python bench/steering_overhead.py [--batch 8] [--new-tokens 64] [--repeats 3] [--threads 1]
 
 Targets (issue 2): add at one layer <= 1.03; SAE edit at one layer with 4608 latents <= 1.10; conditional
-(``when``) <= 1.10. The SAE is a random TopK SAE of the reference size (576 -> 4608, k=32): its cost does not depend
-on its weights. Writes ``bench/results/steering_overhead.json``.
+(``when``) <= 1.10, also for a ``refuse`` detector read from the prompt (a linear probe, or an MLP probe of the mean
+activation the size of the shipped one, 32 x 576; never firing here, so every arm generates the same tokens). The SAE
+and the probes are random: their cost does not depend on their weights. Writes
+``bench/results/steering_overhead.json``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 
 import steerlib
+from steerlib.mlp_probe import MlpProbe
 from steerlib.sae import get_architecture, save_sae
 from steerlib.sae.base import SaeMeta
 
@@ -50,7 +53,20 @@ def random_sae(folder: Path, d_model: int, d_sae: int = 4608, k: int = 32) -> Pa
     return folder
 
 
-def configs(sae_dir: Path, d_model: int) -> dict[str, steerlib.SteeringConfig]:
+def random_mlp_probe(path: Path, d_model: int, hidden: int = 32) -> Path:
+    g = torch.Generator().manual_seed(3)
+    return MlpProbe(torch.randn(hidden, d_model, generator=g), torch.zeros(hidden), torch.randn(hidden, generator=g),
+                    torch.tensor(0.0)).save(path)  # fmt: skip
+
+
+def refuse(when: dict[str, Any]) -> steerlib.SteeringConfig:
+    when = when | {"above": 1e30, "scope": "prompt", "aggregate": "mean"}  # never fires: same tokens as unsteered
+    return steerlib.SteeringConfig.model_validate(
+        {"interventions": [{"op": "refuse", "layer": LAYER, "apply": {"when": when}}]}
+    )
+
+
+def configs(sae_dir: Path, mlp_probe: Path, d_model: int) -> dict[str, steerlib.SteeringConfig]:
     v = (torch.randn(d_model, generator=torch.Generator().manual_seed(1)) * 4).tolist()
     probe = torch.randn(d_model, generator=torch.Generator().manual_seed(2)).tolist()
     return {
@@ -91,6 +107,8 @@ def configs(sae_dir: Path, d_model: int) -> dict[str, steerlib.SteeringConfig]:
                 ]
             }
         ),
+        "refuse_when_linear_probe_mean": refuse({"vector": probe}),
+        "refuse_when_mlp_probe_mean": refuse({"probe": str(mlp_probe)}),
     }
 
 
@@ -125,7 +143,8 @@ def main() -> None:
     ]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with tempfile.TemporaryDirectory() as tmp:
-        cfgs = configs(random_sae(Path(tmp) / "sae", d_model), d_model)
+        mlp_probe = random_mlp_probe(Path(tmp) / "probe.safetensors", d_model)
+        cfgs = configs(random_sae(Path(tmp) / "sae", d_model), mlp_probe, d_model)
         timed_generate(model, enc, 4, None)  # warm-up
         results: dict[str, Any] = {}
         for name, cfg in cfgs.items():
@@ -149,6 +168,8 @@ def main() -> None:
             "sae_edit_1_layer_4608": 1.10,
             "conditional_when_probe": 1.10,
             "conditional_when_sae_feature": 1.10,
+            "refuse_when_linear_probe_mean": 1.10,
+            "refuse_when_mlp_probe_mean": 1.10,
         },
         "results": results,
     }
