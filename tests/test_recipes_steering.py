@@ -89,6 +89,37 @@ def test_gate_is_read_from_a_detector_preset_and_the_preset_round_trips(tmp_path
         read_gate(tmp_path / "none.yaml")
 
 
+MLP_DETECTOR = """\
+description: a detector reading an MLP probe of the mean prompt activation
+interventions:
+  - layer: 2
+    op: refuse
+    apply:
+      when: {probe: probes/mlp.safetensors, above: 0.5, scope: prompt, aggregate: mean}
+"""
+
+
+def test_a_pooled_or_mlp_detector_gates_the_steering_as_it_gates_refusals(tmp_path: Path) -> None:
+    """The recipe's gate keeps the detector's probe kind and pooling (a mean-pooled threshold read at the last
+    token would be another detector)."""
+    from steerlib.mlp_probe import MlpProbe
+
+    g = torch.Generator().manual_seed(0)
+    MlpProbe(torch.randn(4, 64, generator=g), torch.zeros(4), torch.ones(4), torch.tensor(0.0)).save(
+        tmp_path / "probes/mlp.safetensors"
+    )
+    SteeringVector.single(torch.full((64,), 0.5)).save(tmp_path / "vectors/refusal_learned_l2.safetensors")
+    (tmp_path / "det.yaml").write_text(MLP_DETECTOR)
+    gate = read_gate(tmp_path / "det.yaml")
+    assert gate == Gate(2, tmp_path / "probes/mlp.safetensors", "dot", 0.5, "mean", "probe")
+    when = steering_config(tmp_path, gate, 1.0).interventions[0].apply.when
+    assert when is not None and (when.probe, when.vector, when.aggregate) == ("probes/mlp.safetensors", None, "mean")
+    path = write_preset(tmp_path, gate, 0.75, keep=False)  # raises unless the preset loads as the recipe's config
+    assert "mean over the prompt" in path.read_text()
+    (tmp_path / "det.yaml").write_text(DETECTOR.replace("scope: prompt}", "scope: prompt, aggregate: mean}"))
+    assert read_gate(tmp_path / "det.yaml").when()["aggregate"] == "mean"
+
+
 def test_choose_coefficient_takes_the_smallest_that_reaches_the_target() -> None:
     harmful, harmless = {0.5: 0.8, 0.75: 0.96, 1.0: 0.99}, {0.5: 0.0, 0.75: 0.2, 1.0: 0.3}
     assert choose_coefficient(harmful, harmless, 0.95) == 0.75

@@ -65,12 +65,25 @@ FOLDS = 5
 
 @dataclass(frozen=True)
 class Gate:
-    """The prompt condition: ``metric(x, vector) > above`` on the last prompt token after ``layer``."""
+    """The prompt condition of a detector: its probe file's score on the prompt after ``layer`` above ``above``."""
 
     layer: int
-    vector: Path
+    file: Path
+    """A linear probe (a vector file, scored with ``metric``) or, with ``kind="probe"``, an MLP probe file."""
     metric: str
     above: float
+    aggregate: str = "last"
+    kind: str = "vector"
+
+    @property
+    def folder(self) -> str:
+        return "vectors" if self.kind == "vector" else "probes"
+
+    def when(self) -> dict[str, Any]:
+        """The ``when`` condition, the probe file under ``{folder}/`` of the recipe's output."""
+        metric = {"metric": self.metric} if self.kind == "vector" else {}
+        where = {self.kind: f"{self.folder}/{self.file.name}"}
+        return where | metric | {"above": self.above, "scope": "prompt", "aggregate": self.aggregate}
 
 
 def load_preset(path: Path) -> SteeringConfig:
@@ -83,14 +96,15 @@ def load_preset(path: Path) -> SteeringConfig:
 
 
 def read_gate(preset: Path) -> Gate:
-    """The condition of the first ``refuse`` op of a detector config (its probe, metric and threshold)."""
+    """The condition of the first ``refuse`` op of a detector config (its probe, metric, pooling and threshold)."""
     cfg = load_preset(preset)
     for iv in cfg.interventions:
         if isinstance(iv, RefuseOp) and iv.apply.when is not None:
             w = iv.apply.when
-            if not isinstance(iv.layer, int) or not isinstance(w.vector, str) or w.above is None:
-                raise ValueError(f"{preset}: the refuse op needs one layer, a vector file and 'above'")
-            return Gate(iv.layer, cfg.resolve(w.vector), w.metric, w.above)
+            ref, kind = (w.vector, "vector") if w.probe is None else (w.probe, "probe")
+            if not isinstance(iv.layer, int) or not isinstance(ref, str) or w.above is None:
+                raise ValueError(f"{preset}: the refuse op needs one layer, a vector or probe file and 'above'")
+            return Gate(iv.layer, cfg.resolve(ref), w.metric, w.above, w.aggregate, kind)
     raise ValueError(f"{preset}: no 'refuse' op with a 'when' condition to use as the gate")
 
 
@@ -98,8 +112,7 @@ def steering_config(out: Path, gate: Gate, coefficient: float, *, gated: bool = 
     """The add op of the recipe (vector files under ``out/vectors``), with or without the gate."""
     apply: dict[str, Any] = {"tokens": "all"}
     if gated:
-        when = {"vector": f"vectors/{gate.vector.name}", "metric": gate.metric, "above": gate.above}
-        apply["when"] = when | {"scope": "prompt"}
+        apply["when"] = gate.when()
     iv = {
         "layer": gate.layer,
         "site": "resid_post",
@@ -115,7 +128,7 @@ PRESET = """\
 description: >-
   Conditional refusal steering (Lee et al., arXiv 2409.05907), built by `python -m evals.recipes.steering`: a
   steering vector learned by gradient descent ({trained_on}, model frozen) is added after layer {layer} to every
-  token of a row, only when the detector's harmfulness probe (layer {layer}, last prompt token) fires on its prompt.
+  token of a row, only when the detector's harmfulness probe (layer {layer}, {where}) fires on its prompt.
   The model writes the refusal itself (no fixed message). Coefficient {coefficient:g} chosen on training prompts.
   Held-out numbers: evals/recipes/results/refusal_steering_smollm2.json.
 interventions:
@@ -126,7 +139,7 @@ interventions:
     coefficient: {coefficient}
     apply:
       tokens: all
-      when: {{vector: vectors/{probe}, metric: {metric}, above: {above}, scope: prompt}}
+      when: {{{when}}}
 """
 
 
@@ -139,9 +152,8 @@ def write_preset(out: Path, gate: Gate, coefficient: float, *, keep: bool) -> Pa
         trained_on=trained_on,
         layer=gate.layer,
         coefficient=coefficient,
-        probe=gate.vector.name,
-        metric=gate.metric,
-        above=gate.above,
+        where="last prompt token" if gate.aggregate == "last" else f"{gate.aggregate} over the prompt",
+        when=", ".join(f"{k}: {v}" for k, v in gate.when().items()),
     )
     path = out / "refusal_steering.yaml"
     path.write_text(text)
@@ -303,8 +315,9 @@ def heldout_as_told(
 
 def build(model: nn.Module, tok: Any, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     gate = read_gate(args.gate)
-    (out / "vectors").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(gate.vector, out / "vectors" / gate.vector.name)
+    for folder in {"vectors", gate.folder}:
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(gate.file, out / gate.folder / gate.file.name)
     fit, val = parts(load_sets("train", args.train_cap))
     keep_tokens = args.keep_tokens if args.keep_weight > 0 else 0
     refuse, keep = examples(model, tok, fit, keep_tokens=keep_tokens, batch_size=args.batch_size)
@@ -326,13 +339,7 @@ def build(model: nn.Module, tok: Any, out: Path, args: argparse.Namespace) -> di
     config = steering_config(out, gate, chosen)
     write_preset(out, gate, chosen, keep=bool(keep))
     report: dict[str, Any] = {
-        "gate": {
-            "layer": gate.layer,
-            "vector": gate.vector.name,
-            "metric": gate.metric,
-            "above": gate.above,
-            "from": str(args.gate),
-        },
+        "gate": {"layer": gate.layer, "when": gate.when(), "from": str(args.gate)},
         "training": asdict(settings)
         | {
             "n_refuse": len(refuse),
