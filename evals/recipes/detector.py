@@ -205,7 +205,7 @@ def build(
     fresh_mmlu: int = 500,
     layers: tuple[int, ...] = LAYERS,
     l2_grid: tuple[float, ...] = L2_GRID,
-    mlp_hidden: tuple[int, ...] = (),
+    mlp_hidden: tuple[int, ...] = (32,),
     command: str = "",
 ) -> dict[str, Any]:
     """Choose, fit and ship the detector; report it on the held-out halves (``fit_on="train"``), or, fitted on both
