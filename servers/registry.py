@@ -144,18 +144,22 @@ class PresetRegistry:
         """One intervention as a dict whose file references are absolute and confined."""
         out: dict[str, Any] = iv.model_dump(exclude_none=True)
         if isinstance(iv, AddOp | AblateOp) and isinstance(iv.vector, str):
-            out["vector"] = str(self.confine(cfg.resolve(iv.vector)))
+            out["vector"] = self._confined(iv.vector, cfg)
         if isinstance(iv, SaeOp | ReplaceOp):
             out["sae"] = str(self.sae_path(iv.sae, cfg))
         when: Condition | None = iv.apply.when
         if when is not None:
             if isinstance(when.vector, str):
-                out["apply"]["when"]["vector"] = str(self.confine(cfg.resolve(when.vector)))
+                out["apply"]["when"]["vector"] = self._confined(when.vector, cfg)
             if when.probe is not None:
-                out["apply"]["when"]["probe"] = str(self.confine(cfg.resolve(when.probe)))
+                out["apply"]["when"]["probe"] = self._confined(when.probe, cfg)
             if when.sae is not None:
                 out["apply"]["when"]["sae"] = str(self.sae_path(when.sae, cfg))
         return out
+
+    def _confined(self, ref: str, cfg: SteeringConfig) -> str:
+        """A preset's file reference as an absolute path, checked to lie inside the folder."""
+        return str(self.confine(cfg.resolve(ref)))
 
     def sae_path(self, ref: str, cfg: SteeringConfig) -> Path:
         """The SAE a preset's ``sae`` reference names: a path relative to the preset's folder, confined to it."""

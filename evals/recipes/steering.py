@@ -139,7 +139,7 @@ interventions:
     coefficient: {coefficient}
     apply:
       tokens: all
-      when: {{{when}}}
+      when: {when}
 """
 
 
@@ -153,7 +153,7 @@ def write_preset(out: Path, gate: Gate, coefficient: float, *, keep: bool) -> Pa
         layer=gate.layer,
         coefficient=coefficient,
         where="last prompt token" if gate.aggregate == "last" else f"{gate.aggregate} over the prompt",
-        when=", ".join(f"{k}: {v}" for k, v in gate.when().items()),
+        when=yaml.safe_dump(gate.when(), default_flow_style=True, sort_keys=False, width=10**6).strip(),
     )
     path = out / "refusal_steering.yaml"
     path.write_text(text)
