@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import torch
@@ -27,10 +25,11 @@ def _train(info: DistInfo) -> tuple[dict[str, torch.Tensor], list[float]]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, [m.loss for m in hist]
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file store, not a TCP one: no store server lives in rank 0, so rank 0 finishing first cannot pull it from
+    # under rank 1's teardown (seen in CI: rank 1 aborting with "terminate called without an active exception").
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         state, losses = _train(DistInfo(rank, world))
         if rank == 0:
@@ -40,15 +39,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_two_processes_match_one(tmp_path: Path) -> None:
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     state, losses = _train(DistInfo())
     assert ddp["losses"] == __import__("pytest").approx(losses, rel=1e-5)
