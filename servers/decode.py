@@ -98,12 +98,12 @@ def run_batch(
     with ExitStack() as stack, torch.no_grad():
         if any(c is not None for c in configs):
             handle = stack.enter_context(steer(model, configs, tokenizer=tokenizer, resources=resources))
-            if handle.plan.detectors():
-                forced = ForcedRefusal(handle.plan, tokenizer)
+            if handle.plan.detectors:
+                forced = ForcedRefusal(handle, tokenizer)
         pos_BT = (mask_BT.cumsum(-1) - 1).clamp_min(0)
         out = model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT, use_cache=True)
         if forced is not None:  # detectors decided on the prompts during that prefill
-            for row, refusal in refusals(forced.plan).items():
+            for row, refusal in refusals(forced.handle).items():
                 rows[row].refused_by = refusal.detector
         while True:
             logits_BV = out.logits[:, -1, :]

@@ -42,7 +42,10 @@ class MlpProbe:
                 "an MLP probe needs W (H, D), b1 (H,), w (H,) and a scalar b; got "
                 + ", ".join(f"{k} {tuple(v)}" for k, v in got.items())
             )
-        bad = [k for k, t in zip(TENSORS, self.tensors(), strict=True) if not bool(torch.isfinite(t).all())]
+        # Values are checked on the host, where files are read: a probe moved to a device was checked before it moved
+        # (reading a device tensor's values would wait on the device; on ``meta`` there are none).
+        host = [(k, t) for k, t in zip(TENSORS, self.tensors(), strict=True) if t.device.type == "cpu"]
+        bad = [k for k, t in host if not bool(torch.isfinite(t).all())]
         if bad:
             raise ValueError(f"an MLP probe's tensors must be finite; {', '.join(bad)} are not")
 

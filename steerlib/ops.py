@@ -11,8 +11,7 @@ kept (Templeton et al., "Scaling Monosemanticity", 2024).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -69,6 +68,12 @@ class SaeEdit:
     modes: tuple[str, ...]
     values: tuple[float, ...]
     keep_error: bool
+    index_E: Tensor = field(init=False, repr=False, compare=False)
+    """The edited latents' indices on the SAE's device, made once (a step copies nothing from the host)."""
+
+    def __post_init__(self) -> None:
+        index = torch.tensor(self.features, dtype=torch.long, device=self.sae.W_dec.device)
+        object.__setattr__(self, "index_E", index)
 
     def edited(self, z_NF: Tensor) -> Tensor:
         z = z_NF.clone()
@@ -86,7 +91,7 @@ class SaeEdit:
         if self.keep_error:
             if not self.features:
                 return x_ND
-            idx = torch.tensor(self.features, device=z.device)
+            idx = self.index_E
             dz_NE = self.edited(z)[:, idx] - z[:, idx]
             return _blend(x_ND, x_ND + (dz_NE @ self.sae.W_dec[idx]).to(x_ND.dtype), mask_N)
         return _blend(x_ND, self.sae.decode(self.edited(z), cache.x_in_ND), mask_N)
@@ -100,37 +105,6 @@ class SaeReplace:
 
     def __call__(self, x_ND: Tensor, cache: LatentCache, mask_N: Tensor) -> Tensor:
         return _blend(x_ND, self.sae.decode(cache.latents(self.sae), cache.x_in_ND), mask_N)
-
-
-@dataclass(frozen=True)
-class RefuseDetector:
-    """Leaves the activation alone: its gate's per-row verdict is read by the generation layer, which answers a
-    flagged row with ``message`` instead of generating, or (``mode="prefill"``) makes ``message`` the start of its
-    reply (``steerlib.hf.refusal``)."""
-
-    name: str
-    message: str
-    mode: Literal["message", "prefill"] = "message"
-
-    def __call__(self, x_ND: Tensor, cache: LatentCache, mask_N: Tensor) -> Tensor:
-        return x_ND
-
-
-def refusal_ids(tokenizer: Any, message: str, mode: str) -> list[int]:
-    """The tokens a row flagged by a ``refuse`` op is made to emit: ``message``, then end-of-turn (``message`` mode)
-    or nothing more (``prefill`` mode: the row generates on from there)."""
-    ids: list[int] = tokenizer.encode(message, add_special_tokens=False)
-    return ids if mode == "prefill" else [*ids, tokenizer.eos_token_id]
-
-
-def forced_token(ids: list[int], step: int, prefill: bool) -> int | None:
-    """The token a flagged row must emit at generation ``step`` (0-based), None once it is free to generate.
-
-    A ``message`` reply repeats its last token (end-of-turn) until the engine stops the row; a ``prefill`` reply is
-    free after its last token."""
-    if not ids or (prefill and step >= len(ids)):
-        return None
-    return ids[min(step, len(ids) - 1)]
 
 
 def orthonormal_rows(v_KD: Tensor) -> Tensor:

@@ -29,8 +29,10 @@ from steerlib.config import (
     TokenSelector,
 )
 from steerlib.mlp_probe import MlpProbe, load_mlp_probe
-from steerlib.ops import AblateDirections, AddVector, RefuseDetector, SaeEdit, SaeReplace, orthonormal_rows
+from steerlib.ops import AblateDirections, AddVector, SaeEdit, SaeReplace, orthonormal_rows
 from steerlib.policy import Gate, LatentCache, Policy, Selector
+from steerlib.refusal import Detector
+from steerlib.run_state import RunState
 from steerlib.sae import Sae, load_sae
 from steerlib.vectors import SteeringVector, as_tensor, load_vector
 
@@ -70,7 +72,8 @@ class BoundOp:
     """The config field it came from, for error messages (``interventions[2]``)."""
     layer: int
     site: str
-    op: Op
+    op: Op | None
+    """None for a ``refuse`` op: it only reads (its gate decides; see ``Plan.detectors``)."""
     policy: Policy
     reads_mlp_in: bool = False
     """True for transcoders: the SAE input is the MLP's input, the op writes the MLP's output."""
@@ -111,26 +114,29 @@ class Resources:
         if key not in self._match:
             wanted = set(strings)
             hits = [i for i in range(len(tokenizer)) if str(tokenizer.decode([i])).strip() in wanted]
-            lookup = torch.zeros(len(tokenizer), dtype=torch.bool)
-            lookup[hits] = True
-            self._match[key] = lookup.to(self.spec.device)
+            lookup = torch.zeros(len(tokenizer), dtype=torch.bool, device=self.spec.device)
+            lookup[torch.tensor(hits, dtype=torch.long, device=self.spec.device)] = True
+            self._match[key] = lookup
         return self._match[key]
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Bound ops by (layer, site), in config order within each site."""
+    """Bound ops by (layer, site), in config order within each site, and the ``refuse`` detectors in config order.
+
+    Immutable: what happens while it runs (gate verdicts) lives in a :class:`~steerlib.run_state.RunState`."""
 
     ops: dict[tuple[int, str], tuple[BoundOp, ...]]
+    spec: ModelSpec
+    detectors: tuple[Detector, ...] = ()
 
     @property
     def sites(self) -> list[tuple[int, str]]:
         return sorted(self.ops)
 
-    def detectors(self) -> list[BoundOp]:
-        """The ``refuse`` ops, in config order."""
-        found = [b for ops in self.ops.values() for b in ops if isinstance(b.op, RefuseDetector)]
-        return sorted(found, key=lambda b: b.order)
+    def new_state(self) -> RunState:
+        """Empty run state for this plan (one per handle or engine group of requests)."""
+        return RunState(self.spec.d_model, self.spec.device)
 
 
 def build_plan(
@@ -147,6 +153,7 @@ def build_plan(
     if res.spec != spec:
         raise ValueError(f"resources were made for {res.spec}, not for this model ({spec})")
     grouped: dict[tuple[int, str], list[BoundOp]] = {}
+    detectors: list[Detector] = []
     if isinstance(configs, SteeringConfig):
         jobs: Sequence[tuple[SteeringConfig, tuple[bool, ...] | None, str]] = [(configs, None, "")]
     else:
@@ -157,8 +164,10 @@ def build_plan(
             where = f"{prefix}interventions[{i}]"
             for bound in _bind(iv, cfg, where, rows, res, tokenizer):
                 grouped.setdefault((bound.layer, bound.site), []).append(replace(bound, order=order))
+                if isinstance(iv, RefuseOp):
+                    detectors.append(Detector(order, iv.name or where, iv.message, iv.mode, rows))
                 order += 1
-    return Plan({k: tuple(v) for k, v in grouped.items()})
+    return Plan({k: tuple(v) for k, v in grouped.items()}, spec, tuple(detectors))
 
 
 def _per_row_jobs(
@@ -238,27 +247,30 @@ def _vector(ref: str | list[float], cfg: SteeringConfig, layer: int, res: Resour
             f"{where}: vector has shape {tuple(v.shape)}; the model's width is {res.spec.d_model}, "
             f"so expected ({res.spec.d_model},)"
         )
+    v = v.detach().to(device="cpu", dtype=torch.float32)  # checked on the host, moved by the caller once checked
     if not bool(torch.isfinite(v).all()):
         raise SteeringConfigError(f"{where}: vector contains NaN or inf")
-    return v.to(device=res.spec.device, dtype=torch.float32)
+    return v
 
 
-def _make_op(iv: Intervention, cfg: SteeringConfig, layer: int, sae: Sae | None, res: Resources, where: str) -> Op:
+def _make_op(
+    iv: Intervention, cfg: SteeringConfig, layer: int, sae: Sae | None, res: Resources, where: str
+) -> Op | None:
     if isinstance(iv, AddOp):
         v = _vector(iv.vector, cfg, layer, res, f"{where}.vector")
         if v.dim() != 1:
             raise SteeringConfigError(f"{where}.vector: op add needs one vector, got shape {tuple(v.shape)}")
         if iv.relative and float(v.norm()) == 0.0:
             raise SteeringConfigError(f"{where}.vector: relative addition needs a non-zero vector")
-        return AddVector(v, iv.coefficient, iv.relative, iv.norm_match)
+        return AddVector(v.to(res.spec.device), iv.coefficient, iv.relative, iv.norm_match)
     if isinstance(iv, AblateOp):
         v = _vector(iv.vector, cfg, layer, res, f"{where}.vector")
         v = v[None] if v.dim() == 1 else v
         if bool((v.norm(dim=-1) == 0).any()):
             raise SteeringConfigError(f"{where}.vector: cannot ablate a zero direction")
-        return AblateDirections(orthonormal_rows(v))
+        return AblateDirections(orthonormal_rows(v).to(res.spec.device))
     if isinstance(iv, RefuseOp):
-        return RefuseDetector(iv.name or where, iv.message, iv.mode)
+        return None  # reads only: its gate's verdicts are the plan's detectors'
     assert sae is not None
     if isinstance(iv, SaeOp):
         for j, e in enumerate(iv.edits):
@@ -330,7 +342,7 @@ def _policy(
         select=resolve_selector(ap, res, tokenizer, where),
         exclude=None if ap.exclude is None else resolve_selector(ap.exclude, res, tokenizer, f"{where}.exclude"),
         gate=None if ap.when is None else _gate(ap.when, cfg, layer, sae, res, f"{where}.when"),
-        rows=rows,
+        rows_R=None if rows is None else torch.tensor(rows, dtype=torch.bool, device=res.spec.device),
     )
 
 
@@ -351,7 +363,7 @@ def _gate(cond: Condition, cfg: SteeringConfig, layer: int, sae: Sae | None, res
         v = _vector(cond.vector, cfg, layer, res, f"{where}.vector")
         if v.dim() != 1:
             raise SteeringConfigError(f"{where}.vector: a probe is one vector, got shape {tuple(v.shape)}")
-        score = _probe_score(v, cond.metric)
+        score = _probe_score(v.to(res.spec.device), cond.metric)
     return Gate(score, cond.above, cond.below, cond.scope, cond.aggregate)
 
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from steerlib.tokens import TokenBatch
+
+if TYPE_CHECKING:
+    from steerlib.run_state import GateState
 
 ScoreFn = Callable[[Tensor, "LatentCache"], Tensor]
 """Maps the step's activations ``(N, D)`` to a score per token ``(N,)``."""
@@ -73,9 +77,11 @@ class Selector:
         return m
 
 
-@dataclass
+@dataclass(frozen=True)
 class Gate:
-    """A resolved ``when`` condition. Holds per-row verdicts when ``scope == 'prompt'``."""
+    """A resolved ``when`` condition: what is scored and when it fires. Immutable: a prompt-scoped gate's per-row
+    accumulators and verdicts live in a :class:`~steerlib.run_state.GateState` that the caller owns (one per
+    handle or engine), so a plan can be shared, cached and compared."""
 
     score: ScoreFn
     above: float | None
@@ -85,19 +91,6 @@ class Gate:
     pooled: Callable[[Tensor], Tensor] | None = None
     """Scores ``(R, D)`` activations directly. Given, ``aggregate == 'mean'`` scores each prompt's mean activation
     (the activation entering the site) instead of averaging per-token scores: for a nonlinear probe they differ."""
-    _verdict_R: Tensor | None = None
-    _score_R: Tensor | None = None
-    """The prompt score each row's verdict was decided on (NaN until decided)."""
-    _acc_R: Tensor | None = None
-    _count_R: Tensor | None = None
-    _acc_RD: Tensor | None = None
-    """Per-row sums of prompt activations (only for a ``pooled`` mean)."""
-
-    def decided(self) -> tuple[Tensor, Tensor] | None:
-        """Per-row verdicts and the scores they were decided on, once a prompt has been read (prompt scope)."""
-        if self._verdict_R is None or self._score_R is None:
-            return None
-        return self._verdict_R, self._score_R
 
     def fires(self, s_N: Tensor) -> Tensor:
         f = torch.ones_like(s_N, dtype=torch.bool)
@@ -108,72 +101,19 @@ class Gate:
         return f
 
     @property
-    def _pools_activations(self) -> bool:
+    def pools_activations(self) -> bool:
         return self.pooled is not None and self.aggregate == "mean"
 
-    def mask(self, x_ND: Tensor, cache: LatentCache, tb: TokenBatch) -> Tensor:
+    def mask(self, x_ND: Tensor, cache: LatentCache, tb: TokenBatch, state: GateState | None) -> Tensor:
+        """Where the condition holds: per token (token scope), or the row's prompt verdict (prompt scope, which
+        reads this step's prompt tokens into ``state`` first)."""
         if self.scope == "token":
             return self.fires(self.score(x_ND, cache).float())
-        return self._prompt_verdict(x_ND, cache, tb)[tb.row_N]
-
-    def _reset(self, tb: TokenBatch, dev: torch.device) -> None:
-        """Per-row accumulators, cleared for rows whose sequence starts in this step."""
-        R = tb.n_rows
-        init = -torch.inf if self.aggregate == "max" else 0.0
-        if self._verdict_R is None or self._acc_R is None or self._count_R is None or self._verdict_R.shape[0] != R:
-            self._verdict_R = torch.zeros(R, dtype=torch.bool, device=dev)
-            self._acc_R = torch.full((R,), init, device=dev)
-            self._count_R = torch.zeros(R, device=dev)
-            self._acc_RD = None
-        else:
-            new = tb.new_rows_R.to(dev)
-            self._verdict_R = self._verdict_R & ~new
-            self._acc_R = self._acc_R.masked_fill(new, init)
-            self._count_R = self._count_R.masked_fill(new, 0.0)
-            if self._acc_RD is not None:
-                self._acc_RD = self._acc_RD.masked_fill(new[:, None], 0.0)
-        if self._score_R is None or self._score_R.shape[0] != R:
-            self._score_R = torch.full((R,), torch.nan, device=dev)
-        self._score_R = self._score_R.masked_fill(tb.new_rows_R.to(dev), torch.nan)
-
-    def _prompt_verdict(self, x_ND: Tensor, cache: LatentCache, tb: TokenBatch) -> Tensor:
-        """Accumulate the prompt's score (or activation) per row; the verdict is fixed at the row's last prompt
-        token."""
-        dev = x_ND.device
-        self._reset(tb, dev)
-        assert self._verdict_R is not None and self._acc_R is not None and self._count_R is not None
-        assert self._score_R is not None
-        prompt, last = tb.is_prompt_N, tb.last_prompt_N
-        rows = tb.row_N[prompt]
-        if self._pools_activations:
-            x = cache.x_in_ND.float()
-            if self._acc_RD is None or self._acc_RD.shape != (tb.n_rows, x.shape[1]):
-                self._acc_RD = torch.zeros(tb.n_rows, x.shape[1], device=dev)
-            self._acc_RD = self._acc_RD.index_add(0, rows, x[prompt])
-            self._count_R = self._count_R.index_add(0, rows, torch.ones(len(rows), device=dev))
-        else:
-            s_N = self.score(x_ND, cache).float()
-            s = s_N[prompt]
-            if self.aggregate == "max":
-                self._acc_R = self._acc_R.scatter_reduce(0, rows, s, reduce="amax")
-            elif self.aggregate == "mean":
-                self._acc_R = self._acc_R.index_add(0, rows, s)
-                self._count_R = self._count_R.index_add(0, rows, torch.ones_like(s))
-        if bool(last.any()):
-            done_rows = tb.row_N[last]
-            if self._pools_activations:
-                assert self._acc_RD is not None and self.pooled is not None
-                mean_RD = self._acc_RD[done_rows] / self._count_R[done_rows].clamp_min(1)[:, None]
-                value = self.pooled(mean_RD).float()
-            elif self.aggregate == "last":
-                value = s_N[last]
-            elif self.aggregate == "max":
-                value = self._acc_R[done_rows]
-            else:
-                value = self._acc_R[done_rows] / self._count_R[done_rows].clamp_min(1)
-            self._verdict_R = self._verdict_R.index_put((done_rows,), self.fires(value))
-            self._score_R = self._score_R.index_put((done_rows,), value)
-        return self._verdict_R
+        if state is None:
+            raise ValueError("a prompt-scoped condition needs its GateState")
+        if tb.has_prompt:  # host-side: a decode step has no prompt to read, the verdicts stand
+            state.read_prompt(self, x_ND, cache, tb)
+        return state.verdict_R[tb.row_N]
 
 
 @dataclass(frozen=True)
@@ -183,19 +123,36 @@ class Policy:
     select: Selector
     exclude: Selector | None = None
     gate: Gate | None = None
-    rows: tuple[bool, ...] | None = None
-    """For per-row steering: one flag per row of the batch saying whether this policy's config applies to it."""
+    rows_R: Tensor | None = None
+    """For per-row steering: ``(R,)`` bool on the model's device, True for the rows this policy's config applies to
+    (made once when the plan is built, so a step copies nothing from the host)."""
+
+    @property
+    def reads_prompt(self) -> bool:
+        """A prompt-scoped gate must see every prompt token, whatever the rest of the policy selects."""
+        return self.gate is not None and self.gate.scope == "prompt"
+
+    def may_apply(self, tb: TokenBatch) -> bool:
+        """False when the op certainly has nothing to do this step, from what the host knows about it (prompt or
+        generated tokens present) without reading a device tensor: a prompt-only policy costs nothing while
+        decoding, and no step waits on the device to find that out."""
+        if self.reads_prompt and tb.has_prompt:
+            return True
+        sel = self.select
+        if (sel.tokens == "prompt" or sel.last is not None) and not tb.has_prompt:
+            return False
+        return not (sel.tokens == "generated" and not tb.has_generated)
 
     def static_mask(self, tb: TokenBatch) -> Tensor:
-        """Everything but the gate: cheap, and decides whether the op has anything to do this step."""
+        """Everything but the gate."""
         m = self.select.mask(tb)
         if self.exclude is not None:
             m &= ~self.exclude.mask(tb)
-        if self.rows is not None:
-            if len(self.rows) != tb.n_rows:
+        if self.rows_R is not None:
+            if self.rows_R.shape[0] != tb.n_rows:
                 raise ValueError(
-                    f"steering was given {len(self.rows)} per-row configs but the batch has {tb.n_rows} rows; "
+                    f"steering was given {self.rows_R.shape[0]} per-row configs but the batch has {tb.n_rows} rows; "
                     "pass exactly one config (or None) per row"
                 )
-            m &= torch.tensor(self.rows, dtype=torch.bool, device=m.device)[tb.row_N]
+            m &= self.rows_R[tb.row_N]
         return m

@@ -28,6 +28,11 @@ class TokenBatch:
     """Token ids, ``(N,)`` long; None when the model was fed embeddings."""
     new_rows_R: Tensor
     """Rows whose sequence starts in this step (their per-row state must be reset), ``(R,)`` bool."""
+    has_prompt: bool = True
+    """Host-side: the step may hold prompt tokens (False only when certainly not). Lets a prompt-only op be skipped
+    without reading a device tensor (no host sync on the hot path)."""
+    has_generated: bool = True
+    """Host-side: the step may hold generated tokens (False only when certainly not)."""
 
     @property
     def n_rows(self) -> int:
@@ -74,4 +79,6 @@ def from_padded(
         prompt_len_R=prompt_len_B,
         token_ids_N=None if token_ids_BT is None else token_ids_BT.reshape(-1).to(device),
         new_rows_R=torch.full((batch,), new_rows, dtype=torch.bool, device=device),
+        has_prompt=new_rows,
+        has_generated=not new_rows,
     )

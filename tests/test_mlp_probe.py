@@ -15,6 +15,7 @@ from steerlib.hf.generate import generate, render_prompts
 from steerlib.hf.recording import record
 from steerlib.mlp_probe import MlpProbe, load_mlp_probe
 from steerlib.policy import Gate, LatentCache
+from steerlib.run_state import GateState
 from steerlib.tokens import TokenBatch
 from steerlib.vectors import SteeringVector
 
@@ -100,30 +101,27 @@ def test_pooled_mean_is_the_same_whether_the_prompt_comes_in_one_step_or_in_chun
     rows, positions = torch.tensor([0, 0, 0, 0, 1, 1, 1]), torch.tensor([0, 1, 2, 3, 0, 1, 2])
     prompt_len = torch.tensor([4, 3])
 
-    def step(idx: list[int], new: list[bool], gate: Gate) -> None:
+    gate = Gate(lambda x, c: probe.scores(c.x_in_ND), 0.0, None, "prompt", "mean", pooled=probe.scores)
+
+    def step(idx: list[int], new: list[bool], state: GateState) -> None:
         tb = TokenBatch(rows[idx], positions[idx], torch.ones(len(idx), dtype=torch.bool), prompt_len, None,
                         torch.tensor(new))  # fmt: skip
-        gate.mask(x_ND[idx], LatentCache(x_ND[idx]), tb)
+        gate.mask(x_ND[idx], LatentCache(x_ND[idx]), tb, state)
 
-    def gate() -> Gate:
-        return Gate(lambda x, c: probe.scores(c.x_in_ND), 0.0, None, "prompt", "mean", pooled=probe.scores)
-
-    one, chunked = gate(), gate()
+    one, chunked = (GateState.empty(gate, 2, D, torch.device("cpu")) for _ in range(2))
     step(list(range(7)), [True, True], one)
     step([0, 1, 4], [True, True], chunked)
     step([2, 3, 5, 6], [False, False], chunked)
     expected = probe.scores(torch.stack([x_ND[:4].mean(0), x_ND[4:].mean(0)]))
-    for g_ in (one, chunked):
-        decided = g_.decided()
-        assert decided is not None
-        torch.testing.assert_close(decided[1], expected)
-        assert decided[0].tolist() == (expected > 0).tolist()
+    for st in (one, chunked):
+        verdict_R, score_R = st.decided()
+        torch.testing.assert_close(score_R, expected)
+        assert verdict_R.tolist() == (expected > 0).tolist()
     # a new sequence in row 0 starts from nothing: its verdict is its own mean's
     step([0, 1], [True, False], chunked)
+    assert chunked.decided()[1][0].isnan()  # undecided until its last prompt token is read
     step([2, 3], [False, False], chunked)
-    decided = chunked.decided()
-    assert decided is not None
-    torch.testing.assert_close(decided[1][0], probe.scores(x_ND[:4].mean(0, keepdim=True))[0])
+    torch.testing.assert_close(chunked.decided()[1][0], probe.scores(x_ND[:4].mean(0, keepdim=True))[0])
 
 
 @pytest.mark.parametrize(

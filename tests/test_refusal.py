@@ -82,8 +82,8 @@ def test_forced_message_ends_with_end_of_turn(model: torch.nn.Module) -> None:
     probe = torch.randn(D)
     with steer(model, refuse_cfg(probe, -1e9)) as handle, torch.no_grad():
         seq = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                             logits_processor=LogitsProcessorList([ForcedRefusal(handle.plan, tok)]))  # fmt: skip
-        fired = refusals(handle.plan)
+                             logits_processor=LogitsProcessorList([ForcedRefusal(handle, tok)]))  # fmt: skip
+        fired = refusals(handle)
     assert seq[0, enc["input_ids"].shape[1] :].tolist() == [100, 101, 102, EOS_ID]
     assert list(fired) == [0] and fired[0].detector == "harm-probe"
 

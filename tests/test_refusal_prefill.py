@@ -13,7 +13,7 @@ from transformers import LogitsProcessorList
 from steerlib import SteeringConfig, hooks_installed, steer
 from steerlib.hf.generate import generate
 from steerlib.hf.refusal import ForcedRefusal, refusals
-from steerlib.ops import forced_token, refusal_ids
+from steerlib.refusal import forced_token, refusal_ids
 
 D = 64
 PROMPTS = ["w10 w11 w12 w13", "w50 w60 w70", "w90 w91"]
@@ -49,7 +49,7 @@ def new_ids(model: torch.nn.Module, ids_BT: torch.Tensor, config: list[SteeringC
         if config is None:
             return model.generate(input_ids=ids_BT, **kwargs)[:, ids_BT.shape[1] :]  # type: ignore[operator]
         with steer(model, config) as handle:
-            forced = LogitsProcessorList([ForcedRefusal(handle.plan, word_tokenizer())])
+            forced = LogitsProcessorList([ForcedRefusal(handle, word_tokenizer())])
             seq = model.generate(input_ids=ids_BT, logits_processor=forced, **kwargs)  # type: ignore[operator]
         return seq[:, ids_BT.shape[1] :]
 
@@ -107,7 +107,7 @@ def test_message_mode_is_the_default_and_unchanged(model: torch.nn.Module) -> No
 def test_refusals_report_the_mode(model: torch.nn.Module) -> None:
     with steer(model, [cfg(refuse()), cfg(refuse("message"))]) as handle, torch.no_grad():
         model(**word_tokenizer()(["w5 w6", "w7 w8"], return_tensors="pt"))
-        fired = refusals(handle.plan)
+        fired = refusals(handle)
     assert {r: f.mode for r, f in fired.items()} == {0: "prefill", 1: "message"}
 
 

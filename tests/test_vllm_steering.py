@@ -179,7 +179,7 @@ def hf_greedy(hf: tuple[Any, Any], ids: list[int], cfg: dict[str, Any] | None) -
             out = model.generate(x, max_new_tokens=N_NEW, do_sample=False, pad_token_id=tok.pad_token_id)
         else:
             with steerlib.steer(model, steerlib.SteeringConfig.from_dict(cfg), tokenizer=tok) as handle:
-                forced = [ForcedRefusal(handle.plan, tok)]
+                forced = [ForcedRefusal(handle, tok)]
                 out = model.generate(
                     x, max_new_tokens=N_NEW, do_sample=False, pad_token_id=tok.pad_token_id, logits_processor=forced
                 )

@@ -82,11 +82,11 @@ def _generate_batch(
             seqs = model.generate(**enc, **kwargs)  # type: ignore[operator]
         else:
             with steer(model, config, tokenizer=tokenizer) as handle:
-                if handle.plan.detectors():
-                    forced = ForcedRefusal(handle.plan, tokenizer)
+                if handle.plan.detectors:
+                    forced = ForcedRefusal(handle, tokenizer)
                     kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), forced])
                 seqs = model.generate(**enc, **kwargs)  # type: ignore[operator]
-                fired = refusals(handle.plan)
+                fired = refusals(handle)
     width = enc["input_ids"].shape[1]
     results = []
     for i, prompt in enumerate(prompts):

@@ -31,6 +31,7 @@ from steerlib.hf.targets import (
 )
 from steerlib.hf.tracker import StepState, stack_pre_hook
 from steerlib.plan import BoundOp, Plan, Resources, TokenizerLike, build_plan, spec_of
+from steerlib.run_state import RunState
 from steerlib.runner import run_site
 
 _MARK = "_steerlib_hook"
@@ -38,9 +39,13 @@ _MARK = "_steerlib_hook"
 
 @dataclass
 class SteeringHandle:
-    """Installed steering; ``remove()`` takes every hook out (idempotent). Also a context manager."""
+    """Installed steering; ``remove()`` takes every hook out (idempotent). Also a context manager.
+
+    ``plan`` is what the config means (immutable); ``state`` is what happened while it ran on this model (the
+    prompt verdicts of its gates and detectors, see :func:`steerlib.hf.refusal.refusals`)."""
 
     plan: Plan
+    state: RunState
     _hooks: list[RemovableHandle] = field(default_factory=list)
 
     @property
@@ -71,13 +76,13 @@ def attach(
     """
     layout = get_layout(model)
     plan = build_plan(config, spec_of(model, layout.n_layers, layout.d_model), tokenizer, resources)
-    handle = SteeringHandle(plan)
-    state = StepState()
+    handle = SteeringHandle(plan, plan.new_state())
+    step = StepState()
     try:
-        handle._hooks.append(_register_pre(layout.base, stack_pre_hook(layout.base, state)))
+        handle._hooks.append(_register_pre(layout.base, stack_pre_hook(layout.base, step)))
         for layer, site in plan.sites:  # sorted: resid_post(L-1) hooks before resid_pre(L)
             ops = plan.ops[(layer, site)]
-            handle._hooks.append(_install_site(layout, layer, site, ops, state))
+            handle._hooks.append(_install_site(layout, layer, site, ops, step, handle.state))
     except BaseException:
         handle.remove()
         raise
@@ -103,30 +108,32 @@ def steer(
 # -- site hooks -------------------------------------------------------------------------------------------------
 
 
-def _run(ops: Sequence[BoundOp], x_BTD: Tensor, state: StepState, x_in_BTD: Tensor | None = None) -> Tensor:
-    tb = state.batch()
+def _run(
+    ops: Sequence[BoundOp], x_BTD: Tensor, step: StepState, state: RunState, x_in_BTD: Tensor | None = None
+) -> Tensor:
+    tb = step.batch()
     B, T, D = x_BTD.shape
     if tb.row_N.shape[0] != B * T:
         raise RuntimeError(f"steering: activation has {B}x{T} tokens but the step has {tb.row_N.shape[0]}")
     x_in = None if x_in_BTD is None else x_in_BTD.reshape(B * T, -1)
-    return run_site(ops, x_BTD.reshape(B * T, D), tb, x_in).reshape(B, T, D)
+    return run_site(ops, x_BTD.reshape(B * T, D), tb, state, x_in).reshape(B, T, D)
 
 
 def _install_site(
-    layout: ModelLayout, layer: int, site: str, ops: Sequence[BoundOp], state: StepState
+    layout: ModelLayout, layer: int, site: str, ops: Sequence[BoundOp], step: StepState, state: RunState
 ) -> RemovableHandle:
     t = target(layout, layer, site)
     if t.kind == "input":
 
         def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-            return replace_first_input(args, kwargs, _run(ops, first_input(args, kwargs), state))
+            return replace_first_input(args, kwargs, _run(ops, first_input(args, kwargs), step, state))
 
         return _register_pre(t.module, pre)
 
     def post(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         # mlp_out ops may be transcoders: they read the MLP's input too.
         x_in = first_input(args, kwargs) if site == "mlp_out" else None
-        return replace_first_output(output, _run(ops, first_output(output), state, x_in))
+        return replace_first_output(output, _run(ops, first_output(output), step, state, x_in))
 
     return _register_post(t.module, post)
 

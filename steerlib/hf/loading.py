@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
@@ -31,6 +32,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from steerlib.devices import resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -49,22 +52,25 @@ _LOCK_TIMEOUT_S = 1800.0
 def load_model(
     name: str | None = None,
     *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
     cache_dir: str | Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM in eval mode and its tokenizer (left padding, a pad token).
 
     ``name`` is ``None`` for the embedded SmolLM2-135M-Instruct, a local model folder, a local PEFT
     adapter folder (one with ``adapter_config.json``; the adapter is merged into its base model), or a
-    hub id that transformers resolves (from its cache when offline). ``cache_dir`` is where the embedded
+    hub id that transformers resolves (from its cache when offline). ``device`` and ``dtype`` are settings as in
+    :mod:`steerlib.devices` (``auto``: CUDA when present; the checkpoint's dtype where the hardware runs it fast,
+    else float32; the embedded model's converted checkpoint is float32). ``cache_dir`` is where the embedded
     model is converted to; it defaults to ``$STEERLIB_CACHE``, else ``~/.cache/steerlib``.
     """
+    dev = resolve_device(device)
     if name is None:
-        model, tokenizer = _from_pretrained(str(embedded_model_folder(cache_dir)), dtype, local_only=True)
+        model, tokenizer = _from_pretrained(str(embedded_model_folder(cache_dir)), dtype, dev, local_only=True)
     else:
-        model, tokenizer = _load_named(name, dtype, cache_dir)
-    model.to(device)  # type: ignore[arg-type]  # transformers wraps `to` with functools.wraps, which mypy misreads
+        model, tokenizer = _load_named(name, dtype, dev, cache_dir)
+    model.to(dev)  # type: ignore[arg-type]  # transformers wraps `to` with functools.wraps, which mypy misreads
     model.eval()
     _prepare_tokenizer(tokenizer, model)
     return model, tokenizer
@@ -181,18 +187,18 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def _load_named(
-    name: str, dtype: torch.dtype, cache_dir: str | Path | None
+    name: str, dtype: str | torch.dtype, device: torch.device, cache_dir: str | Path | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     path = Path(name).expanduser()
     if path.is_dir():
         if (path / "adapter_config.json").is_file():
-            return _load_adapter(path, dtype, cache_dir)
-        return _from_pretrained(str(path), dtype, local_only=True)
+            return _load_adapter(path, dtype, device, cache_dir)
+        return _from_pretrained(str(path), dtype, device, local_only=True)
     if path.exists():
         raise NotADirectoryError(f"{name!r} is a file; give a model folder, a hub id, or None (embedded model)")
     if _looks_like_path(name):
         raise FileNotFoundError(f"model folder {name!r} does not exist")
-    return _from_hub(name, dtype)
+    return _from_hub(name, dtype, device)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -201,18 +207,22 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _from_pretrained(
-    source: str, dtype: torch.dtype, *, local_only: bool
+    source: str, dtype: str | torch.dtype, device: torch.device, *, local_only: bool
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+    config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+    chosen = resolve_dtype(dtype, device, checkpoint_dtype(config))
+    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=chosen, local_files_only=local_only)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     logger.info("loaded %s (%s) in %.1f s", source, type(model).__name__, time.perf_counter() - start)
     return model, tokenizer
 
 
-def _from_hub(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _from_hub(
+    name: str, dtype: str | torch.dtype, device: torch.device
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
-        return _from_pretrained(name, dtype, local_only=False)
+        return _from_pretrained(name, dtype, device, local_only=False)
     except OSError as e:
         if _caused_by(e, LocalEntryNotFoundError):
             raise OSError(
@@ -238,7 +248,7 @@ def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
 
 
 def _load_adapter(
-    folder: Path, dtype: torch.dtype, cache_dir: str | Path | None
+    folder: Path, dtype: str | torch.dtype, device: torch.device, cache_dir: str | Path | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a PEFT adapter's base model and merge the adapter into it.
 
@@ -253,7 +263,7 @@ def _load_adapter(
     base_name = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base_name:
         raise ValueError(f"{folder / 'adapter_config.json'} names no base_model_name_or_path")
-    base, tokenizer = load_model(_adapter_base(base_name), dtype=dtype, cache_dir=cache_dir)
+    base, tokenizer = load_model(_adapter_base(base_name), dtype=dtype, device=device, cache_dir=cache_dir)
     peft_model = PeftModel.from_pretrained(base, str(folder))
     if not hasattr(peft_model, "merge_and_unload"):
         raise ValueError(f"the adapter in {folder} cannot be merged into its base model (only LoRA-style can)")
@@ -274,6 +284,14 @@ def _adapter_base(base_name: str) -> str | None:
     if not path.is_dir() and path.name == EMBEDDED_NAME and _looks_like_path(base_name):
         return None
     return base_name
+
+
+def checkpoint_dtype(config: Any) -> torch.dtype | None:
+    """The dtype a checkpoint's config records (``dtype``; ``torch_dtype`` before transformers 5), if any."""
+    raw = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(raw, str):
+        raw = getattr(torch, raw, None)
+    return raw if isinstance(raw, torch.dtype) else None
 
 
 def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:

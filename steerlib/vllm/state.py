@@ -10,7 +10,6 @@ keeps its per-request verdict in a slot that the request holds from its first st
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,8 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from steerlib.ops import RefuseDetector, forced_token, refusal_ids
 from steerlib.plan import BoundOp, ModelSpec, Plan, build_plan
+from steerlib.refusal import forced_token, refusal_ids, row_refusal
+from steerlib.run_state import RunState
 from steerlib.runner import run_site
 from steerlib.tokens import TokenBatch
 from steerlib.vllm.params import config_key, parse_steering
@@ -38,6 +38,9 @@ class _Row:
     owner: object = None
     """The request's live output-token list (vLLM passes the same object whenever the request re-enters)."""
     new: bool = True
+    returned: bool = False
+    """The request left the batch and came back (unscheduled for a while, or preempted: then vLLM may compute its
+    prompt again), so which of its tokens are prompt is no longer known on the host."""
     forced: list[int] | None = None
     """Tokens a ``refuse`` detector makes this request emit ([] when none fired; None until its prompt is read)."""
     n_forced: int = 0
@@ -48,9 +51,14 @@ class _Row:
 @dataclass
 class _Shared:
     plan: Plan
+    state: RunState
+    """Its gates' per-slot verdicts (every request with this config holds a slot of its own)."""
     users: int = 0
-    refuses: bool = False
-    """The config has a ``refuse`` op (its rows are checked after their prompt is read)."""
+
+    @property
+    def refuses(self) -> bool:
+        """The config has a ``refuse`` op (its rows are checked after their prompt is read)."""
+        return bool(self.plan.detectors)
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,7 @@ class _Job:
     """The group's tokens in the step (None: every token of the step)."""
     ops: tuple[BoundOp, ...]
     tb: TokenBatch
+    state: RunState
 
 
 @dataclass
@@ -91,6 +100,7 @@ class SteeringState:
         self.remove(index)
         back = self.parked.pop(id(owner), None) if owner is not None else None
         if back is not None and back.owner is owner:
+            back.returned = True
             self.rows[index] = back
             return
         self._sweep()
@@ -100,7 +110,7 @@ class SteeringState:
         key = config_key(cfg)
         if key not in self.plans:
             plan = build_plan(cfg, self.spec, self._tokenizer())
-            self.plans[key] = _Shared(plan, refuses=bool(plan.detectors()))
+            self.plans[key] = _Shared(plan, plan.new_state())
         self.plans[key].users += 1
         while not self._free_slots and self.parked:
             self._release(self.parked.pop(next(iter(self.parked))))
@@ -173,8 +183,9 @@ class SteeringState:
             if idx_N.shape[0] == 0:
                 continue
             whole = idx_N.shape[0] == positions_N.shape[0]
-            for site_key, ops in self.plans[key].plan.ops.items():
-                self._sites.setdefault(site_key, []).append(_Job(None if whole else idx_N, ops, tb))
+            shared = self.plans[key]
+            for site_key, ops in shared.plan.ops.items():
+                self._sites.setdefault(site_key, []).append(_Job(None if whole else idx_N, ops, tb, shared.state))
         for row in self.rows.values():
             row.new = False
 
@@ -200,8 +211,17 @@ class SteeringState:
             prompt_len_R=prompt_len_R,
             token_ids_N=None if token_ids_N is None else token_ids_N[idx_N].long(),
             new_rows_R=new_R,
+            has_prompt=any(self._may_read_prompt(self.rows[i], qsl[i + 1] - qsl[i]) for i in idxs),
+            has_generated=not all(self.rows[i].new for i in idxs),
         )
         return tb, idx_N
+
+    @staticmethod
+    def _may_read_prompt(row: _Row, n_tokens: int) -> bool:
+        """Host-side and conservative: a request may have prompt tokens in a step unless it is decoding one token
+        after producing output, and has not left the batch since (a preempted request computes its prompt again)."""
+        produced = row.owner is not None and len(row.owner) > 0  # type: ignore[arg-type]
+        return n_tokens > 1 or not produced or row.returned or row.new
 
     def run(self, layer: int, site: str, x_ND: Tensor, other_ND: Tensor | None) -> Tensor:
         """Steered ``x_ND`` at ``(layer, site)``; ``other_ND`` is the residual (resid sites) or mlp_in (mlp_out).
@@ -218,10 +238,10 @@ class SteeringState:
         out = base
         for job in jobs:
             if job.idx_N is None:
-                out = run_site(job.ops, out, job.tb, x_in)
+                out = run_site(job.ops, out, job.tb, job.state, x_in)
             else:
                 sub_in = None if x_in is None else x_in[job.idx_N]
-                out = out.index_copy(0, job.idx_N, run_site(job.ops, out[job.idx_N], job.tb, sub_in))
+                out = out.index_copy(0, job.idx_N, run_site(job.ops, out[job.idx_N], job.tb, job.state, sub_in))
         if summed:
             return x_ND + (out - base)
         return out.clone() if out is x_ND else out
@@ -254,18 +274,17 @@ class SteeringState:
     def _refusal(self, row: _Row) -> list[int] | None:
         """The row's message ids (+ end-of-turn unless in prefill mode) if a detector fired, [] if none did, None if
         not decided yet."""
-        for b in self.plans[row.key].plan.detectors():
-            decided = None if b.policy.gate is None else b.policy.gate.decided()
-            if decided is None or math.isnan(float(decided[1][row.slot])):
-                return None
-            if bool(decided[0][row.slot]):
-                tok = self._tokenizer()
-                if tok is None:
-                    raise RuntimeError("steerlib: op refuse needs the model's tokenizer in the vLLM worker")
-                assert isinstance(b.op, RefuseDetector)
-                row.prefill = b.op.mode == "prefill"
-                return refusal_ids(tok, b.op.message, b.op.mode)
-        return []
+        shared = self.plans[row.key]
+        decided, refusal = row_refusal(shared.plan.detectors, shared.state, row.slot)
+        if not decided:
+            return None
+        if refusal is None:
+            return []
+        tok = self._tokenizer()
+        if tok is None:
+            raise RuntimeError("steerlib: op refuse needs the model's tokenizer in the vLLM worker")
+        row.prefill = refusal.mode == "prefill"
+        return refusal_ids(tok, refusal.message, refusal.mode)
 
 
 def model_spec(vllm_config: Any, device: torch.device) -> ModelSpec:
