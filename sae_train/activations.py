@@ -61,13 +61,14 @@ def harvest(
         out.append({k: v.float() for k, v in acts.items()})
 
     n = contexts_NT.shape[0]
+    device = next(model.parameters()).device
     bar = tqdm(range(0, n, batch_size), desc="harvest", unit="batch", disable=not progress)
     with record(model, list(sites), select=select, on_step=on_step, keep=False):
         # registered after record's hooks, so on the same module it runs after them
         stop = get_layout(model).layers[_last_layer(sites)].register_forward_hook(_stop_forward)
         try:
             for start in bar:
-                ids = contexts_NT[start : start + batch_size]
+                ids = contexts_NT[start : start + batch_size].to(device)
                 # no_grad around the forward only: a mode entered around the yields would stay on in the caller's
                 # code (a streamed training step) while this generator is suspended
                 with torch.no_grad(), contextlib.suppress(_StopForward):

@@ -44,9 +44,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` or None; read with ``weights_only=True`` (no code is unpickled)."""
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any] | None:
+    """The checkpoint at ``path`` or None, its tensors on ``device`` (whatever device saved it); read with
+    ``weights_only=True`` (no code is unpickled)."""
     if not path.is_file():
         return None
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    state: dict[str, Any] = torch.load(path, map_location=device, weights_only=True)
     return state

@@ -7,10 +7,12 @@ frozen plan the trainer runs, so the config is never edited after loading.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from steerlib.devices import DEVICE_HELP, DTYPE_HELP, DtypeName, check_device_name, dtype_name
 
 DEFAULT_SOURCES = ["corpus:sotu", "corpus:moby-dick", "corpus:shakespeare", "corpus:python-docs"]
 
@@ -55,11 +57,6 @@ class ActivationConfig(_Strict):
         description="Train only on tokens whose input norm is at most this times the median norm: the rare "
         "'massive activation' tokens (Sun et al., arXiv 2402.17762; norms 100x the median in SmolLM2's middle "
         "layers) otherwise dominate the loss. null keeps every token. Applied when training; the cache keeps all.",
-    )
-    model_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32",
-        description="Dtype of the model while harvesting (bfloat16 is ~3x faster on CPUs with AVX512-BF16; "
-        "evaluation always runs the model in float32).",
     )
 
 
@@ -106,8 +103,10 @@ class OptimConfig(_Strict):
         "geometric_median", description="Initial decoder bias."
     )
     init_sample: int = Field(4096, gt=0, description="Tokens used for the scale and the b_dec init.")
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Compute dtype; bfloat16 = mixed precision (weights and Adam state stay fp32)."
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "float32",
+        description="Training compute dtype; bfloat16 = mixed precision by torch.autocast on the run's device "
+        "(weights and Adam state stay fp32); auto = bfloat16 where the device runs it natively, else float32.",
     )
     seed: int = Field(0, description="Seed for initialisation and batch order.")
 
@@ -127,6 +126,14 @@ class TrainConfig(_Strict):
         None,
         description="Model: null = the embedded SmolLM2-135M-Instruct, else a "
         "local folder or hub id (steerlib.load_model).",
+    )
+    device: Annotated[str, AfterValidator(check_device_name)] = Field(
+        "auto",
+        description=f"Where the model harvests and the SAE trains: {DEVICE_HELP}. With torchrun on CUDA each "
+        "process takes cuda:LOCAL_RANK.",
+    )
+    dtype: Annotated[DtypeName, BeforeValidator(dtype_name)] = Field(
+        "auto", description=f"The model's dtype while harvesting and evaluating: {DTYPE_HELP}."
     )
     data: DataConfig = Field(default_factory=DataConfig)
     activations: ActivationConfig = Field(default_factory=ActivationConfig)

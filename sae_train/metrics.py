@@ -57,6 +57,10 @@ def _logprobs(model: nn.Module, ids: Tensor) -> Tensor:
     return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1].float().log_softmax(-1)
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _nll_sum(logp: Tensor, ids: Tensor) -> float:
     return float(-logp.gather(-1, ids[:, 1:, None]).sum())
 
@@ -71,17 +75,19 @@ def _downstream(
     """
     layout = get_layout(model)
     res = Resources(spec_of(model, layout.n_layers, layout.d_model))
-    ce = torch.zeros(3, dtype=torch.float64)
+    ce = torch.zeros(3, dtype=torch.float64, device="cpu")
     kl = 0.0
     with torch.inference_mode():
         for s in range(0, ids_NT.shape[0], batch):
-            ids = ids_NT[s : s + batch]
+            ids = ids_NT[s : s + batch].to(res.spec.device)
             clean = _logprobs(model, ids)
             with steer(model, sae_cfg, resources=res):
                 spliced = _logprobs(model, ids)
             with steer(model, zero_cfg, resources=res):
                 zeroed = _logprobs(model, ids)
-            ce += torch.tensor([_nll_sum(lp, ids) for lp in (clean, spliced, zeroed)], dtype=torch.float64)
+            ce += torch.tensor(
+                [_nll_sum(lp, ids) for lp in (clean, spliced, zeroed)], dtype=torch.float64, device="cpu"
+            )
             kl += float((clean.exp() * (clean - spliced)).sum())
     n = ids_NT[:, 1:].numel()
     return float(ce[0]) / n, float(ce[1]) / n, float(ce[2]) / n, kl / n
@@ -115,9 +121,11 @@ def _reconstruction(
 ) -> tuple[float, ...]:
     sites = [s for s in dict.fromkeys([sae.meta.input_site, sae.meta.output_site]) if s is not None]
     select = {"window": [1, None]} if skip_bos else None
-    with torch.inference_mode(), record(model, sites, select=select) as rec:
+    dev = _device(model)
+    sae = sae.to(dev)
+    with torch.inference_mode(), record(model, sites, select=select, device=dev) as rec:
         for s in range(0, ids_NT.shape[0], batch):
-            ids = ids_NT[s : s + batch]
+            ids = ids_NT[s : s + batch].to(dev)
             model(input_ids=ids, attention_mask=torch.ones_like(ids))
     x_in = rec[sites[0]].float()
     x_out = rec[sites[-1]].float()

@@ -13,7 +13,6 @@ false``, stream from the model through a shuffle buffer while training (:mod:`sa
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -29,12 +28,13 @@ from sae_train.batches import CacheRows
 from sae_train.checkpoint import atomic_write_bytes
 from sae_train.config import TrainConfig
 from sae_train.data import Tokenizer, contexts, packing_for
-from sae_train.dist import DistInfo, init_from_env
+from sae_train.dist import DistInfo, init_from_env, process_device
 from sae_train.export import export_saelens
 from sae_train.metrics import SaeMetrics, evaluate
 from sae_train.models import ArchSpec, TrainSae, get_train_architecture
 from sae_train.stream import Chunks, StreamBatches
 from sae_train.trainer import Trainer, TrainPlan
+from steerlib.devices import resolve_device
 from steerlib.hf.loading import cache_root, load_model
 from steerlib.sae import Sae, save_sae
 
@@ -73,24 +73,42 @@ def build_cache(cfg: TrainConfig, model: torch.nn.Module, tok: Tokenizer, folder
     return ActivationCache.write(folder, chunks, a.n_tokens, dtype=a.dtype, fingerprint=fp)
 
 
-def _harvester(cfg: TrainConfig, model: torch.nn.Module, tok: Tokenizer, progress: bool) -> Callable[[], Chunks]:
-    """A function that starts a harvest of the training contexts from the first one each time it is called."""
+def _harvester(
+    cfg: TrainConfig, model: torch.nn.Module, tok: Tokenizer, progress: bool, info: DistInfo | None = None
+) -> Callable[[], Chunks]:
+    """A function that starts a harvest of the training contexts from the first one each time it is called; with
+    ``info``, of this process's share of them."""
+    a = cfg.activations
+    ids, sites = train_contexts(cfg, tok, info), sites_of(cfg)
+    return lambda: harvest(model, ids, sites, batch_size=a.harvest_batch, skip_bos=a.skip_bos, progress=progress)
+
+
+def train_contexts(cfg: TrainConfig, tok: Tokenizer, info: DistInfo | None = None) -> torch.Tensor:
+    """The training contexts ``(N, T)``; with ``info``, this process's share: every ``world``-th from ``rank``."""
     a, d = cfg.activations, cfg.data
     per_ctx = d.ctx_len - int(a.skip_bos)
     ids = contexts(d.sources, tok, packing_for(tok, d.ctx_len, d.bos), "train",
                    heldout_fraction=d.heldout_fraction, max_contexts=math.ceil(a.n_tokens / per_ctx))  # fmt: skip
-    runner = model if a.model_dtype == "float32" else copy.deepcopy(model).to(torch.bfloat16)
-    sites = sites_of(cfg)
-    return lambda: harvest(runner, ids, sites, batch_size=a.harvest_batch, skip_bos=a.skip_bos, progress=progress)
+    return ids if info is None or info.world == 1 else ids[info.rank :: info.world]
 
 
-def stream_source(cfg: TrainConfig, model: torch.nn.Module, tok: Tokenizer) -> StreamBatches:
-    """Batches harvested while training, through a shuffle buffer (``activations.cache: false``)."""
+def stream_source(
+    cfg: TrainConfig, model: torch.nn.Module, tok: Tokenizer, info: DistInfo | None = None
+) -> StreamBatches:
+    """Batches harvested while training, through a shuffle buffer (``activations.cache: false``). With several
+    processes each harvests its own share of the contexts and yields its own share of every batch."""
     a = cfg.activations
+    world = 1 if info is None else info.world
+    if cfg.optim.batch_size % world or a.shuffle_buffer % world:
+        raise ValueError(
+            f"optim.batch_size={cfg.optim.batch_size} and activations.shuffle_buffer={a.shuffle_buffer} must divide "
+            f"by the {world} processes"
+        )
     return StreamBatches(
-        _harvester(cfg, model, tok, progress=False), cfg.sae.input_site, cfg.sae.output_site or cfg.sae.input_site,
-        batch_size=cfg.optim.batch_size, buffer_rows=a.shuffle_buffer, seed=cfg.optim.seed,
-        max_norm_factor=a.max_norm_factor, norm_sample=cfg.optim.init_sample,
+        _harvester(cfg, model, tok, progress=False, info=info), cfg.sae.input_site,
+        cfg.sae.output_site or cfg.sae.input_site, batch_size=cfg.optim.batch_size // world,
+        buffer_rows=a.shuffle_buffer // world, seed=cfg.optim.seed, max_norm_factor=a.max_norm_factor,
+        norm_sample=cfg.optim.init_sample,
     )  # fmt: skip
 
 
@@ -124,14 +142,15 @@ def run(cfg: TrainConfig, base_dir: Path, info: DistInfo | None = None) -> RunRe
     """Train and evaluate the SAE ``cfg`` describes; paths in ``cfg`` are relative to ``base_dir``."""
     import time
 
-    info = info or init_from_env()
+    device = process_device(resolve_device(cfg.device))
+    info = info or init_from_env(device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     out = (base_dir / cfg.run.out_dir).resolve()
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, device=device, dtype=cfg.dtype)
     source, d_in, d_out, n_rows = _source(cfg, model, tok, base_dir, info)
     train_sae = make_sae(cfg, d_in, d_out)
-    trainer = Trainer(train_sae, make_plan(cfg, train_sae.spec.d_sae, n_rows), source, out, info)
+    trainer = Trainer(train_sae, make_plan(cfg, train_sae.spec.d_sae, n_rows), source, out, info, device)
     t0 = time.perf_counter()
     try:
         trainer.fit()
@@ -156,7 +175,7 @@ def _source(
     """The training rows (cached or streamed), the input and output widths, and the number of rows per epoch."""
     in_site, out_site = cfg.sae.input_site, cfg.sae.output_site or cfg.sae.input_site
     if not cfg.activations.cache:
-        stream = stream_source(cfg, model, tok)
+        stream = stream_source(cfg, model, tok, info)
         d_in, d_out = stream.dims()
         return stream, d_in, d_out, cfg.activations.n_tokens
     cache_dir = (

@@ -25,11 +25,19 @@ from tqdm import tqdm
 
 from sae_train.batches import RowSource, batch_indices, shard
 from sae_train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from sae_train.dist import DistInfo, all_reduce_grads, any_over_ranks, broadcast_parameters, sum_over_ranks
+from sae_train.dist import (
+    DistInfo,
+    all_reduce_grads,
+    any_over_ranks,
+    broadcast_parameters,
+    broadcast_tensor,
+    sum_over_ranks,
+)
 from sae_train.models import TrainSae
 from sae_train.normalize import fold_scales, geometric_median, norm_scale
 from sae_train.schedule import lr_factor, sparsity_factor
 from sae_train.stream import StreamBatches
+from steerlib.devices import mixed_precision
 from steerlib.sae import Sae
 
 logger = logging.getLogger(__name__)
@@ -85,13 +93,16 @@ class Trainer:
         source: RowSource | StreamBatches,
         out_dir: str | Path | None = None,
         info: DistInfo | None = None,
+        device: torch.device | None = None,
     ) -> None:
-        self.model, self.plan, self.source = model, plan, source
+        self.device = torch.device("cpu") if device is None else device
+        self.model, self.plan, self.source = model.to(self.device), plan, source
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.info = info or DistInfo()
-        self.opt = torch.optim.Adam(model.parameters(), lr=plan.lr, betas=(0.9, 0.999))
+        self.autocast = mixed_precision(plan.dtype, self.device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=plan.lr, betas=(0.9, 0.999))
         self.step = 0
-        self.since_fired_F = torch.zeros(model.spec.d_sae, dtype=torch.long)
+        self.since_fired_F = torch.zeros(model.spec.d_sae, dtype=torch.long, device=self.device)
         self.c_in = self.c_out = 1.0
         if not self._resume():
             self._initialize()
@@ -101,13 +112,13 @@ class Trainer:
     def _resume(self) -> bool:
         if self.out_dir is None or not self.plan.resume:
             return False
-        state = load_checkpoint(self.out_dir / CHECKPOINT_FILE)
+        state = load_checkpoint(self.out_dir / CHECKPOINT_FILE, self.device)
         if state is None:
             return False
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
-        self.since_fired_F = state["since_fired"]
+        self.since_fired_F = state["since_fired"].to(self.device)
         self.c_in, self.c_out = float(state["c_in"]), float(state["c_out"])
         logger.info("resumed from %s at step %d", self.out_dir / CHECKPOINT_FILE, self.step)
         self._truncate_log()
@@ -115,17 +126,21 @@ class Trainer:
 
     @torch.no_grad()
     def _initialize(self) -> None:
-        gen = torch.Generator().manual_seed(self.plan.seed)
+        """Scales and ``b_dec`` from a sample of rows (on the host; with several processes rank 0's are broadcast),
+        weights from a seeded CPU generator: the same initial SAE on every device."""
+        gen = torch.Generator(device="cpu").manual_seed(self.plan.seed)
         if isinstance(self.source, StreamBatches):
             x_in, x_out = self.source.sample(self.plan.init_sample)
         else:
             n = min(self.plan.init_sample, len(self.source))
-            x_in, x_out = self.source.rows(torch.randperm(len(self.source), generator=gen)[:n])
-        self.c_in, self.c_out = norm_scale(x_in), norm_scale(x_out)
+            x_in, x_out = self.source.rows(torch.randperm(len(self.source), generator=gen, device="cpu")[:n])
+        scales = torch.tensor([norm_scale(x_in), norm_scale(x_out)], dtype=torch.float64, device=self.device)
+        broadcast_tensor(scales, self.info)
+        self.c_in, self.c_out = float(scales[0]), float(scales[1])
         y = x_out * self.c_out
         init = self.plan.b_dec_init
         b_dec = geometric_median(y) if init == "geometric_median" else y.mean(0) if init == "mean" else y[0] * 0
-        self.model.initialize(b_dec, gen)
+        self.model.initialize(b_dec.to(self.device), gen)
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> list[StepMetrics]:
@@ -170,7 +185,7 @@ class Trainer:
         model.normalize_decoder()
         fired = any_over_ranks(out.fired_F, self.info)
         self.since_fired_F += plan.batch_size
-        self.since_fired_F[fired] = 0
+        self.since_fired_F.masked_fill_(fired, 0)
         self.step += 1
         return self._metrics(out.recon, out.l0, out.aux, loss, x_out, lr)
 
@@ -183,17 +198,23 @@ class Trainer:
                            dead, lr)  # fmt: skip
 
     def _batch(self) -> tuple[Tensor, Tensor]:
+        """This process's share of global batch ``step``, on the device (a stream is this process's share already)."""
         if isinstance(self.source, StreamBatches):
-            mine = shard(torch.arange(self.plan.batch_size), self.info.rank, self.info.world)
-            x_in, x_out = (x[mine] for x in self.source.batch(self.step))
+            x_in, x_out = self.source.batch(self.step)
         else:
             idx = batch_indices(self.step, self.plan.batch_size, len(self.source), self.plan.seed)
             x_in, x_out = self.source.rows(shard(idx, self.info.rank, self.info.world))
-        return x_in * self.c_in, x_out * self.c_out
+        return self._to_device(x_in) * self.c_in, self._to_device(x_out) * self.c_out
+
+    def _to_device(self, x: Tensor) -> Tensor:
+        """Host rows to the device: through pinned memory, without waiting, when the device is a GPU."""
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device)
 
     def _precision(self) -> contextlib.AbstractContextManager[object]:
-        if self.plan.dtype == "bfloat16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+        if self.autocast is not None:
+            return torch.autocast(self.device.type, dtype=self.autocast)
         return contextlib.nullcontext()
 
     # -- outputs --------------------------------------------------------------------------------------

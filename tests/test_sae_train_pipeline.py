@@ -8,10 +8,13 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from tiny_models import BOS_ID, EOS_ID, tiny_model
 
 import sae_train.pipeline as pipeline
 from sae_train.__main__ import main
+from sae_train.config import TrainConfig
+from sae_train.dist import DistInfo
 from steerlib.sae import load_sae
 
 
@@ -39,9 +42,9 @@ run: {{out_dir: out, checkpoint_every: 5, log_every: 4, eval_contexts: 4}}
 def tiny(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     loads: list[Any] = []
 
-    def fake_load(name: str | None) -> tuple[Any, TinyTokenizer]:
-        loads.append(name)
-        return tiny_model("llama"), TinyTokenizer()
+    def fake_load(name: str | None, **kwargs: Any) -> tuple[Any, TinyTokenizer]:
+        loads.append((name, kwargs))
+        return tiny_model("llama").to(kwargs["device"]), TinyTokenizer()
 
     monkeypatch.setattr(pipeline, "load_model", fake_load)
     return loads
@@ -98,3 +101,24 @@ def test_streaming_trains_without_an_activation_cache(
     assert json.loads((out / "eval.json").read_text())["n_tokens"] == 4 * 15
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [4, 8, 12]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml", "docs", "out"]  # no cache folder at all
+
+
+def test_device_and_dtype_settings_reach_the_model_and_the_trained_sae(tmp_path: Path, tiny: list[Any]) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("device: cpu\ndtype: fp32\n" + CONFIG.format(docs=_docs(tmp_path), arch="topk"))
+    assert main([str(cfg)]) == 0
+    assert tiny == [("tiny", {"device": torch.device("cpu"), "dtype": "float32"})]
+    assert json.loads((tmp_path / "out" / "train_config.json").read_text())["device"] == "cpu"
+
+
+def test_bad_device_names_the_allowed_forms(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cuda:N"):
+        TrainConfig.model_validate({"device": "gpu0"})
+
+
+def test_streaming_processes_harvest_disjoint_shares_of_the_contexts(tmp_path: Path) -> None:
+    cfg = TrainConfig.model_validate(yaml.safe_load(CONFIG.format(docs=_docs(tmp_path), arch="topk")))
+    full = pipeline.train_contexts(cfg, TinyTokenizer())
+    shares = [pipeline.train_contexts(cfg, TinyTokenizer(), DistInfo(rank, 2)) for rank in (0, 1)]
+    assert [s.shape[0] for s in shares] == [(full.shape[0] + 1) // 2, full.shape[0] // 2]
+    assert torch.equal(torch.cat(shares), torch.cat([full[0::2], full[1::2]]))

@@ -69,11 +69,33 @@ def test_resume_after_kill_continues_the_same_loss_curve(tmp_path: Path) -> None
     assert logged == sorted(set(logged))  # lines past the checkpoint were dropped, not duplicated
 
 
-def test_bfloat16_mixed_precision_trains_like_fp32() -> None:
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+"""Every device this machine has (CI: the CPU; a GPU machine runs the same tests on CUDA)."""
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_checkpoint_resumes_on_whatever_device_resumes_it(tmp_path: Path, device: str) -> None:
     x = synthetic()
-    tr = Trainer(get_train_architecture("topk")(spec()), _plan(dtype="bfloat16"), TensorRows(x, x))
+    arch = get_train_architecture("topk")
+    full = Trainer(arch(spec()), _plan(checkpoint_every=5), TensorRows(x, x)).fit()
+    out = tmp_path / "run"
+    Trainer(arch(spec()), _plan(checkpoint_every=5), TensorRows(x, x), out).fit(stop_after=5)  # saved on the CPU
+    resumed = Trainer(arch(spec()), _plan(checkpoint_every=5), TensorRows(x, x), out, device=torch.device(device))
+    assert resumed.step == 5
+    state = [*resumed.model.parameters(), resumed.since_fired_F]
+    state += [v for s in resumed.opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim()]
+    assert {t.device.type for t in state} == {device}
+    rest = resumed.fit()
+    torch.testing.assert_close([m.loss for m in rest], [m.loss for m in full[5:]], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_mixed_precision_trains_like_fp32(device: str) -> None:
+    x, dev = synthetic(), torch.device(device)
+    tr = Trainer(get_train_architecture("topk")(spec()), _plan(dtype="bfloat16"), TensorRows(x, x), device=dev)
+    assert tr.autocast == torch.bfloat16
     hist = tr.fit()
-    ref = Trainer(get_train_architecture("topk")(spec()), _plan(), TensorRows(x, x)).fit()
+    ref = Trainer(get_train_architecture("topk")(spec()), _plan(), TensorRows(x, x), device=dev).fit()
     assert hist[-1].loss < 0.85 * hist[0].loss  # measured 0.302 from 0.367 in 20 steps
     assert abs(hist[-1].loss - ref[-1].loss) < 0.02 * ref[-1].loss  # fp32 ends at 0.303
     assert tr.model.sae.W_enc.dtype == torch.float32  # autocast: weights and optimizer state stay fp32

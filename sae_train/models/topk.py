@@ -21,9 +21,10 @@ from sae_train.models.registry import register
 from sae_train.models.sparse_ops import sparse_decode, topk_encode
 
 
-def compute_dtype(default: torch.dtype) -> torch.dtype:
-    """bf16 inside a CPU autocast region (mixed precision), else ``default``."""
-    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else default
+def compute_dtype(default: torch.dtype, device: torch.device) -> torch.dtype:
+    """The autocast dtype inside an autocast region for ``device`` (mixed precision), else ``default``."""
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else default
 
 
 @register("topk")
@@ -36,7 +37,7 @@ class TopKTrainSae(TrainSae):
         sae = self.sae
         assert sae.b_enc is not None and self.spec.k is not None
         x = x_in_ND - sae.b_dec if sae.subtract_b_dec else x_in_ND
-        dt = compute_dtype(sae.W_enc.dtype)
+        dt = compute_dtype(sae.W_enc.dtype, x_in_ND.device)
         values_NK, indices_NK = topk_encode(x.to(dt), sae.W_enc, sae.b_enc, self.spec.k)
         values_NK = values_NK.float()
         x_hat = sparse_decode(values_NK, indices_NK, sae.W_dec) + sae.b_dec + self.skip_path(x_in_ND)
