@@ -58,7 +58,7 @@ def attacked(arms: Sequence[Arm], direction: torch.Tensor, *, seed: int = 0) -> 
             continue
         name = "attack" if arm.steering is None else f"{arm.name}+attack"
         out.append(Arm(name, combine(arm.steering, attack), arm.coefficient, layer=arm.layer))
-    gen = torch.Generator().manual_seed(seed)
-    r = torch.randn(direction.shape, generator=gen)
+    gen = torch.Generator(device="cpu").manual_seed(seed)  # host-drawn: one seed, one control on every device
+    r = torch.randn(direction.shape, generator=gen, device="cpu").to(direction.device)
     out.append(Arm("random-ablation", ablation_attack(r / r.norm() * direction.norm()), control_of="attack"))
     return out

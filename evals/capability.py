@@ -96,7 +96,7 @@ def mmlu_accuracy(
     batch_size: int = 8,
 ) -> Rate:
     """Accuracy (with a Wilson interval) of the highest-likelihood letter, steered by ``config`` when given."""
-    letters = torch.tensor(letter_ids(tokenizer))
+    letters = torch.tensor(letter_ids(tokenizer), device=device_of(model))
     rendered = render_prompts(tokenizer, [mmlu_prompt(q) for q in questions])
     correct = 0
     for sl in batches(len(questions), batch_size):
@@ -105,6 +105,6 @@ def mmlu_accuracy(
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
         with torch.no_grad(), steer(model, config) if config is not None else nullcontext():
             logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
-        pick = logits[:, -1, letters.to(logits.device)].argmax(-1).cpu()
+        pick = logits[:, -1, letters].argmax(-1).cpu()
         correct += sum(int(p) == q.answer for p, q in zip(pick, questions[sl], strict=True))
     return wilson(correct, len(questions))

@@ -20,19 +20,19 @@ from steerlib.vectors import load_vector
 def _vectors(config: SteeringConfig, iv: AddOp | AblateOp) -> dict[int | None, torch.Tensor]:
     """The intervention's vector(s): ``{None: v}`` for one vector, ``{layer: v}`` for a per-layer file."""
     if isinstance(iv.vector, list):
-        return {None: torch.tensor(iv.vector, dtype=torch.float32)}
+        return {None: torch.tensor(iv.vector, dtype=torch.float32, device="cpu")}
     return dict(load_vector(config.resolve(iv.vector)).by_layer)
 
 
 def _random_like(v: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Gaussian rows with the norms of ``v``'s rows (``(D,)`` or ``(K, D)``)."""
-    r = torch.randn(v.shape, generator=gen)
+    r = torch.randn(v.shape, generator=gen, device="cpu").to(v.device)
     return r / r.norm(dim=-1, keepdim=True) * v.norm(dim=-1, keepdim=True)
 
 
 def random_control(config: SteeringConfig, seed: int = 0) -> SteeringConfig:
     """The config with each add / ablate vector replaced by a random one of the same norm (seeded, per layer)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     out: list[dict[str, Any]] = []
     for iv in config.interventions:
         data = iv.model_dump(mode="json", exclude_none=True)

@@ -85,10 +85,10 @@ def sae_quality(
     batch_size: int = 8,
 ) -> SaeQuality:
     """Measure the SAE at ``sae_path`` as it would be used by ``{op: replace, layer, site, sae}``."""
-    sae = load_sae(sae_path)
+    sae = load_sae(sae_path, device=device_of(model))
     seqs = [list(tokenizer(t)["input_ids"])[:max_tokens] for t in texts]
     in_name, out_name = _input_site(sae, layer, site), tl_name(layer, site)
-    active_F = torch.zeros(sae.d_sae, dtype=torch.bool)
+    active_F = torch.zeros(sae.d_sae, dtype=torch.bool, device="cpu")  # the recordings are on the CPU
     l0_sum, err, n = 0.0, 0.0, 0
     xs: list[torch.Tensor] = []
     for sl in batches(len(seqs), batch_size):
@@ -97,8 +97,9 @@ def sae_quality(
             run_stack(model, ids, mask)
         x_in, x_out = rec[in_name].float(), rec[out_name].float()
         with torch.no_grad():
-            z = sae.encode(x_in.to(sae.W_enc.device))
-            x_hat = sae.decode(z, x_in).float().cpu()
+            x_in_sae = x_in.to(sae.W_enc.device)
+            z = sae.encode(x_in_sae)
+            x_hat = sae.decode(z, x_in_sae).float().cpu()
         active_F |= (z != 0).any(0).cpu()
         l0_sum += float((z != 0).sum())
         err += float(((x_out - x_hat) ** 2).sum())

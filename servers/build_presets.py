@@ -43,7 +43,7 @@ def _projections(model: torch.nn.Module, tok: object, prompts: list[str], unit_D
         with torch.no_grad(), record(model, [SITE]) as rec:
             model(input_ids=ids)
         out.append(float(rec[SITE][-1] @ unit_D))
-    return torch.tensor(out)
+    return torch.tensor(out, device="cpu")
 
 
 def _auc(pos: torch.Tensor, neg: torch.Tensor) -> float:

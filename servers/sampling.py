@@ -34,13 +34,14 @@ class RowSampler:
         self.params = params
         self.generator: torch.Generator | None = None
         if params.temperature > 0:
-            self.generator = torch.Generator()
+            # Sampling runs on the host: one seed picks the same tokens whichever device computed the logits.
+            self.generator = torch.Generator(device="cpu")
             self.generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
 
     def choose(self, logits_V: Tensor) -> int:
         if self.generator is None:
             return int(logits_V.argmax())
-        probs_V = torch.softmax(logits_V.float() / self.params.temperature, dim=-1)
+        probs_V = torch.softmax(logits_V.float().cpu() / self.params.temperature, dim=-1)
         if self.params.top_p < 1.0:
             probs_V = _nucleus(probs_V, self.params.top_p)
         return int(torch.multinomial(probs_V, 1, generator=self.generator))

@@ -71,9 +71,11 @@ def feature_stats(
     name = sae_site(model, sae, site=site)
     docs = [tuple(tokenizer(t, add_special_tokens=True)["input_ids"][:max_tokens]) for t in texts]
     F = sae.d_sae
-    count, total, vmax = torch.zeros(F), torch.zeros(F), torch.zeros(F)
-    hist = torch.zeros(F, len(HIST_EDGES) - 1)
-    top_v, top_d, top_p = torch.zeros(F, k), torch.full((F, k), -1), torch.full((F, k), -1)
+    # The summaries are kept on the host (each batch's latents come back to the CPU): F x k is small.
+    count, total, vmax = (torch.zeros(F, device="cpu") for _ in range(3))
+    hist = torch.zeros(F, len(HIST_EDGES) - 1, device="cpu")
+    top_v = torch.zeros(F, k, device="cpu")
+    top_d, top_p = torch.full((F, k), -1, device="cpu"), torch.full((F, k), -1, device="cpu")
     n_tokens = 0
     for start in range(0, len(docs), batch_size):
         z_NF, doc_N, pos_N = _encode_batch(model, sae, name, docs[start : start + batch_size], start)
@@ -91,25 +93,27 @@ def feature_stats(
 def _encode_batch(
     model: nn.Module, sae: Sae, site: str, docs: Sequence[tuple[int, ...]], first_doc: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Latents ``(N, F)`` of every real token of a batch, with each token's document index and position."""
+    """Latents ``(N, F)`` of every real token of a batch, with each token's document index and position (on the
+    CPU); the activations are recorded straight onto the SAE's device."""
     width = max(len(d) for d in docs)
-    ids = torch.tensor([[0] * (width - len(d)) + list(d) for d in docs])  # left padding: masked, never recorded
-    mask = torch.tensor([[0] * (width - len(d)) + [1] * len(d) for d in docs])
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # a padded row reads as it would alone
     device = next(model.parameters()).device
-    with record(model, [site]) as rec, torch.no_grad():
-        model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device))
+    # left padding: masked, never recorded
+    ids = torch.tensor([[0] * (width - len(d)) + list(d) for d in docs], device=device)
+    mask = torch.tensor([[0] * (width - len(d)) + [1] * len(d) for d in docs], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # a padded row reads as it would alone
+    with record(model, [site], device=sae.W_dec.device) as rec, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=positions)
         z = sae.encode(rec[site]).float()
-    return z.cpu(), rec.rows + first_doc, rec.positions
+    return z.cpu(), rec.rows.cpu() + first_doc, rec.positions.cpu()
 
 
 def _histogram(z_NF: Tensor) -> Tensor:
     nz = z_NF > 0
     bins = torch.bucketize(z_NF.clamp(HIST_EDGES[0], HIST_EDGES[-1] * 0.999), HIST_EDGES) - 1
     bins = bins.clamp(0, len(HIST_EDGES) - 2)
-    out = torch.zeros(z_NF.shape[1], len(HIST_EDGES) - 1)
-    feat = torch.arange(z_NF.shape[1]).expand_as(z_NF)
-    out.index_put_((feat[nz], bins[nz]), torch.ones(int(nz.sum())), accumulate=True)
+    out = torch.zeros(z_NF.shape[1], len(HIST_EDGES) - 1, device=z_NF.device)
+    feat = torch.arange(z_NF.shape[1], device=z_NF.device).expand_as(z_NF)
+    out.index_put_((feat[nz], bins[nz]), torch.ones(int(nz.sum()), device=z_NF.device), accumulate=True)
     return out
 
 

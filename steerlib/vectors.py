@@ -98,4 +98,8 @@ def metadata_json(meta: dict[str, object]) -> dict[str, str]:
 
 
 def as_tensor(values: list[float] | Tensor) -> Tensor:
-    return values.detach().float().cpu() if isinstance(values, Tensor) else torch.tensor(values, dtype=torch.float32)
+    return (
+        values.detach().float().cpu()
+        if isinstance(values, Tensor)
+        else torch.tensor(values, dtype=torch.float32, device="cpu")
+    )

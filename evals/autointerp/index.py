@@ -145,15 +145,16 @@ def truncated(model: nn.Module, last_layer: int) -> nn.Module:
 
 
 def _encode(model: nn.Module, sae: Sae, site: str, docs: Sequence[tuple[int, ...]]) -> list[Tensor]:
-    """Latents ``(T, F)`` of each document (run together, left-padded)."""
+    """Latents ``(T, F)`` of each document on the CPU (run together, left-padded; recorded onto the SAE's device)."""
     width = max(len(d) for d in docs)
-    ids = torch.tensor([[0] * (width - len(d)) + list(d) for d in docs])
-    mask = torch.tensor([[0] * (width - len(d)) + [1] * len(d) for d in docs])
+    device = next(model.parameters()).device
+    ids = torch.tensor([[0] * (width - len(d)) + list(d) for d in docs], device=device)
+    mask = torch.tensor([[0] * (width - len(d)) + [1] * len(d) for d in docs], device=device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    with record(model, [site]) as rec, torch.no_grad():
+    with record(model, [site], device=sae.W_dec.device) as rec, torch.no_grad():
         model(input_ids=ids, attention_mask=mask, position_ids=positions)
-        z_NF = sae.encode(rec[site]).float()
-    rows = rec.rows
+        z_NF = sae.encode(rec[site]).float().cpu()
+    rows = rec.rows.cpu()
     return [z_NF[rows == i] for i in range(len(docs))]
 
 
@@ -185,7 +186,8 @@ def _contexts(
     rng = random.Random(plan.seed)
     lengths = [len(d) for d in stats.docs]
     flat = rng.sample(range(sum(lengths)), min(plan.n_random, sum(lengths)))
-    starts = torch.tensor(lengths).cumsum(0) - torch.tensor(lengths)
+    length_N = torch.tensor(lengths, device="cpu")
+    starts = length_N.cumsum(0) - length_N
     rand_at: dict[int, list[int]] = defaultdict(list)
     for x in sorted(flat):
         d = int(torch.searchsorted(starts, x, right=True)) - 1

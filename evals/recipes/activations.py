@@ -48,24 +48,26 @@ def last_token_activations(
     chunks: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     starts = range(0, len(texts), batch_size)
     select = {"positions": [-1]} if pool == "last" else None
+    device = next(model.parameters()).device
     for start in tqdm(starts, desc="activations", disable=not progress):
         batch = texts[start : start + batch_size]
-        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with record(model, [(layer, site) for layer in layers], select=select) as rec, torch.no_grad():
             model(**enc)
         for layer in layers:
             acts_nD = rec[(layer, site)]
             if pool == "mean":
                 rows_n = rec.rows.to(acts_nD.device)
-                sums_BD = torch.zeros(len(batch), acts_nD.shape[1], dtype=torch.float64).index_add(
-                    0, rows_n, acts_nD.double()
-                )
+                sums_BD = torch.zeros(
+                    len(batch), acts_nD.shape[1], dtype=torch.float64, device=acts_nD.device
+                ).index_add(0, rows_n, acts_nD.double())
                 counts_B = torch.bincount(rows_n, minlength=len(batch)).clamp_min(1)
                 acts_nD = (sums_BD / counts_B[:, None]).to(acts_nD.dtype)
             chunks[layer].append(acts_nD)
-    back = torch.empty(len(order), dtype=torch.long)
-    back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    return {layer: torch.cat(c)[back] if c else torch.empty(0) for layer, c in chunks.items()}
+    # record() keeps what it records on the CPU, so the reordering is done there too
+    back = torch.empty(len(order), dtype=torch.long, device="cpu")
+    back[torch.tensor(order, dtype=torch.long, device="cpu")] = torch.arange(len(order), device="cpu")
+    return {layer: torch.cat(c)[back] if c else torch.empty(0, device="cpu") for layer, c in chunks.items()}
 
 
 def cached_last_token_activations(

@@ -108,7 +108,7 @@ def rate_facts(margins: Tensor) -> dict[str, Any]:
 def rates_report(pos: dict[str, Tensor], neg: dict[str, Tensor]) -> dict[str, Any]:
     """ROC AUC and flag rates per dataset from margins ``score - threshold`` of harmful (``pos``) and harmless
     (``neg``) prompts."""
-    all_pos, all_neg = (torch.cat([torch.empty(0), *d.values()]) for d in (pos, neg))
+    all_pos, all_neg = (torch.cat([torch.empty(0, device="cpu"), *d.values()]) for d in (pos, neg))
     return {
         "roc_auc": roc_auc(all_pos, all_neg) if len(all_pos) and len(all_neg) else None,
         "true_positive_rate": {n: rate_facts(m) for n, m in pos.items()} | {"all": rate_facts(all_pos)},

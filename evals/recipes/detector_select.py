@@ -26,9 +26,9 @@ L2_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0)
 OVERREFUSAL = "rho_overrefusal"
 NEG_WEIGHTS: dict[str, Callable[[list[str]], Tensor | None]] = {
     "uniform": lambda names: None,
-    "per_set": lambda names: torch.tensor([1.0 / names.count(n) for n in names]),
-    "overrefusal_x3": lambda names: torch.tensor([3.0 if n == OVERREFUSAL else 1.0 for n in names]),
-    "overrefusal_x10": lambda names: torch.tensor([10.0 if n == OVERREFUSAL else 1.0 for n in names]),
+    "per_set": lambda names: torch.tensor([1.0 / names.count(n) for n in names], device="cpu"),
+    "overrefusal_x3": lambda names: torch.tensor([3.0 if n == OVERREFUSAL else 1.0 for n in names], device="cpu"),
+    "overrefusal_x10": lambda names: torch.tensor([10.0 if n == OVERREFUSAL else 1.0 for n in names], device="cpu"),
 }
 """How the negative class's loss is spread over the harmless prompts, by the dataset each comes from."""
 MLP_WEIGHT_DECAY = 1e-2
@@ -62,11 +62,15 @@ class Sets:
     def by_set(self, kind: str, values: Tensor) -> dict[str, Tensor]:
         """Per-row ``values`` (in the order of :meth:`texts` ``(kind)``) grouped by dataset."""
         names = self.names(kind)
-        return {n: values[torch.tensor([m == n for m in names], dtype=torch.bool)] for n in getattr(self, kind)}
+        return {
+            n: values[torch.tensor([m == n for m in names], dtype=torch.bool, device=values.device)]
+            for n in getattr(self, kind)
+        }
 
     def mask(self, kind: str, keep: Callable[[str, Prompt], bool]) -> Tensor:
         """Boolean rows of :meth:`texts` ``(kind)`` for which ``keep`` holds (to slice activations alike)."""
-        return torch.tensor([keep(n, p) for n, ps in getattr(self, kind).items() for p in ps], dtype=torch.bool)
+        keep_N = [keep(n, p) for n, ps in getattr(self, kind).items() for p in ps]
+        return torch.tensor(keep_N, dtype=torch.bool, device="cpu")  # activations are recorded to the CPU
 
 
 def rows(acts: Features, mask: Tensor) -> Features:
@@ -137,8 +141,8 @@ def choose(
     weighting in :data:`NEG_WEIGHTS`, and an MLP probe for each width in ``mlp_hidden``. Ties go to the higher
     out-of-fold AUC. Returns the choice and every candidate's out-of-fold facts.
     """
-    fp = torch.tensor([fold_of(t, folds) for t in train.texts("harmful")])
-    fn = torch.tensor([fold_of(t, folds) for t in train.texts("harmless")])
+    fp = torch.tensor([fold_of(t, folds) for t in train.texts("harmful")], device="cpu")
+    fn = torch.tensor([fold_of(t, folds) for t in train.texts("harmless")], device="cpu")
     neg_names = train.names("harmless")
     kinds = [("linear", l2, weights) for l2 in l2_grid for weights in NEG_WEIGHTS]
     kinds += [(f"mlp{h}", MLP_WEIGHT_DECAY, MLP_WEIGHTS) for h in mlp_hidden]
@@ -199,7 +203,9 @@ def nested_cv(
     def outer(n: str, p: Prompt) -> int:
         return -1 if n in EXTRA_HARMLESS_TRAIN else fold_of(p.text, folds, salt="detector-outer")
 
-    margins = {kind: torch.full((len(sets.texts(kind)),), float("nan")) for kind in ("harmful", "harmless")}
+    margins = {
+        kind: torch.full((len(sets.texts(kind)),), float("nan"), device="cpu") for kind in ("harmful", "harmless")
+    }
     choices: list[Choice] = []
     for k in range(folds):
 

@@ -109,7 +109,7 @@ def _sample(
     tokenizer: object, enc: tuple[list[list[int]], list[int]], k: int, gen: torch.Generator, device: torch.device
 ) -> Batch:
     seqs, starts = enc
-    idx = torch.randperm(len(seqs), generator=gen)[:k].tolist()
+    idx = torch.randperm(len(seqs), generator=gen, device="cpu")[:k].tolist()
     return make_batch(tokenizer, [seqs[i] for i in idx], [starts[i] for i in idx], device)
 
 
@@ -130,7 +130,7 @@ def train_vector(
     layout = get_layout(model)
     layout.layer(settings.layer)  # range check with a clear error
     device = device_of(model)
-    gen = torch.Generator().manual_seed(settings.seed)
+    gen = torch.Generator(device="cpu").manual_seed(settings.seed)  # draws which examples, on the host
     enc_refuse, enc_keep = encode(tokenizer, refuse), encode(tokenizer, keep) if keep else ([], [])
     vector_D = torch.zeros(layout.d_model, device=device, requires_grad=True)
     opt = torch.optim.Adam([vector_D], lr=settings.lr)
@@ -143,7 +143,7 @@ def train_vector(
             batch_r = _sample(tokenizer, enc_refuse, settings.batch_size, gen, device)
             loss_r = reply_nll(model, batch_r, settings.layer, vector_D)
             loss = loss_r
-            loss_k = torch.zeros(())
+            loss_k = torch.zeros((), device=device)
             if settings.keep_weight > 0:
                 batch_k = _sample(tokenizer, enc_keep, settings.keep_batch_size, gen, device)
                 loss_k = reply_nll(model, batch_k, settings.layer, vector_D)

@@ -46,7 +46,7 @@ def out_of_fold_scores(
     neg_weight_N: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Every example scored by a probe fitted without its fold: honest scores to pick settings and thresholds on."""
-    s_pos, s_neg = torch.empty(len(pos_ND)), torch.empty(len(neg_ND))
+    s_pos, s_neg = torch.empty(len(pos_ND), device=pos_ND.device), torch.empty(len(neg_ND), device=neg_ND.device)
     for k in range(folds):
         w = None if neg_weight_N is None else neg_weight_N[fold_neg != k]
         probe = fit(pos_ND[fold_pos != k], neg_ND[fold_neg != k], w)

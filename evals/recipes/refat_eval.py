@@ -96,7 +96,8 @@ class ModelArms:
 
 def random_direction(like: Tensor, seed: int = 0) -> Tensor:
     """A seeded random direction of the same width and norm (ablation only uses its direction)."""
-    v = torch.randn(like.shape[-1], generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator(device="cpu").manual_seed(seed)  # host-drawn: one seed, one direction on every device
+    v = torch.randn(like.shape[-1], generator=gen, device="cpu").to(like.device)
     return v / v.norm() * like.float().norm()
 
 

@@ -95,13 +95,13 @@ def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``(ids_BT, mask_BT)`` with every row right-aligned."""
+    """``(ids_BT, mask_BT)`` on ``device`` with every row right-aligned (built on the host, then copied once)."""
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, device="cpu")
     for b, s in enumerate(seqs):
         if s:
-            ids[b, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+            ids[b, width - len(s) :] = torch.tensor(list(s), dtype=torch.long, device="cpu")
             mask[b, width - len(s) :] = 1
     return ids.to(device), mask.to(device)
 
@@ -149,7 +149,7 @@ def span_means(
     device = model_device(model)
     n_batches = -(-len(spans) // batch_size)
     for batch in with_progress(batched(spans, batch_size), progress, n_batches, "activations"):
-        starts_B = torch.tensor([s.start for s in batch])
+        starts_B = torch.tensor([s.start for s in batch], device="cpu")  # record() keeps its tokens on the CPU
         ids, mask = left_pad([s.ids for s in batch], pad_id, device)
         # The window drops the tokens before the earliest span; each row's own start is applied below.
         with torch.no_grad(), record(model, names, select={"window": (int(starts_B.min()), None)}) as rec:
@@ -159,6 +159,6 @@ def span_means(
         count_B = torch.bincount(rows, minlength=len(batch)).clamp_min(1)
         for layer, name in zip(layers, names, strict=True):
             acts_ND = rec[name][keep].float()
-            sums_BD = torch.zeros(len(batch), acts_ND.shape[-1]).index_add_(0, rows, acts_ND)
+            sums_BD = torch.zeros(len(batch), acts_ND.shape[-1], device=acts_ND.device).index_add_(0, rows, acts_ND)
             chunks[layer].append(sums_BD / count_B[:, None])
     return {layer: torch.cat(c) for layer, c in chunks.items()}

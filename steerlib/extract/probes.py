@@ -35,12 +35,22 @@ class Probe(Protocol):
     def scores(self, x_ND: Tensor) -> Tensor: ...
 
 
-def _example_weights(n_pos: int, n_neg: int, neg_weight_N: Tensor | None) -> Tensor:
-    """Per-example loss weights: half to the positives (equal), half to the negatives (by ``neg_weight_N``)."""
-    w_neg = torch.ones(n_neg, dtype=torch.float64) if neg_weight_N is None else neg_weight_N.double()
+def _example_weights(n_pos: int, n_neg: int, neg_weight_N: Tensor | None, device: torch.device) -> Tensor:
+    """Per-example loss weights on ``device``: half to the positives (equal), half to the negatives (by
+    ``neg_weight_N``)."""
+    if neg_weight_N is None:
+        w_neg = torch.ones(n_neg, dtype=torch.float64, device=device)
+    else:
+        w_neg = neg_weight_N.to(device=device, dtype=torch.float64)
     if w_neg.shape != (n_neg,) or bool((w_neg < 0).any()) or float(w_neg.sum()) <= 0:
         raise ValueError(f"neg_weight_N must be {n_neg} non-negative weights with a positive sum")
-    return torch.cat([torch.full((n_pos,), 0.5 / n_pos, dtype=torch.float64), 0.5 * w_neg / w_neg.sum()])
+    w_pos = torch.full((n_pos,), 0.5 / n_pos, dtype=torch.float64, device=device)
+    return torch.cat([w_pos, 0.5 * w_neg / w_neg.sum()])
+
+
+def _labels(n_pos: int, n_neg: int, device: torch.device) -> Tensor:
+    """1 for each positive, then 0 for each negative (float32)."""
+    return torch.cat([torch.ones(n_pos, device=device), torch.zeros(n_neg, device=device)])
 
 
 def fit_logistic_probe(
@@ -52,12 +62,12 @@ def fit_logistic_probe(
     negatives, e.g. to give each harmless dataset the same weight however many prompts it has.
     """
     x = torch.cat([pos_ND, neg_ND]).double()
-    y = torch.cat([torch.ones(len(pos_ND)), torch.zeros(len(neg_ND))]).double()
-    weights = _example_weights(len(pos_ND), len(neg_ND), neg_weight_N)
+    y = _labels(len(pos_ND), len(neg_ND), x.device).double()
+    weights = _example_weights(len(pos_ND), len(neg_ND), neg_weight_N, x.device)
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mu) / sd
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, device=x.device, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
@@ -88,16 +98,17 @@ def fit_mlp_probe(
     :func:`fit_logistic_probe`, trained full batch with AdamW from a seeded initialisation on standardised
     activations."""
     x = torch.cat([pos_ND, neg_ND]).float()
-    y = torch.cat([torch.ones(len(pos_ND)), torch.zeros(len(neg_ND))])
-    weights = _example_weights(len(pos_ND), len(neg_ND), neg_weight_N).float()
+    y = _labels(len(pos_ND), len(neg_ND), x.device)
+    weights = _example_weights(len(pos_ND), len(neg_ND), neg_weight_N, x.device).float()
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mu) / sd
-    gen = torch.Generator().manual_seed(seed)
+    # The initialisation is drawn on the CPU, so one seed gives one probe whatever device trains it.
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     bound = 1 / x.shape[1] ** 0.5
-    W = ((torch.rand(hidden, x.shape[1], generator=gen) * 2 - 1) * bound).requires_grad_()
-    b1 = ((torch.rand(hidden, generator=gen) * 2 - 1) * bound).requires_grad_()
-    w = ((torch.rand(hidden, generator=gen) * 2 - 1) / hidden**0.5).requires_grad_()
-    b = torch.zeros((), requires_grad=True)
+    W = ((torch.rand(hidden, x.shape[1], generator=gen, device="cpu") * 2 - 1) * bound).to(x.device).requires_grad_()
+    b1 = ((torch.rand(hidden, generator=gen, device="cpu") * 2 - 1) * bound).to(x.device).requires_grad_()
+    w = ((torch.rand(hidden, generator=gen, device="cpu") * 2 - 1) / hidden**0.5).to(x.device).requires_grad_()
+    b = torch.zeros((), device=x.device, requires_grad=True)
     opt = torch.optim.AdamW([W, b1, w, b], lr=lr, weight_decay=weight_decay)
     for _ in range(epochs):
         opt.zero_grad()

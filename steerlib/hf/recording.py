@@ -38,6 +38,8 @@ class Recording:
 
     sites: tuple[str, ...]
     keep: bool = True
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where the recorded tensors are kept (an empty recording is empty there too)."""
     _acts: dict[str, list[Tensor]] = field(default_factory=dict)
     _rows: list[Tensor] = field(default_factory=list)
     _positions: list[Tensor] = field(default_factory=list)
@@ -49,26 +51,26 @@ class Recording:
         if name not in self.sites:
             raise KeyError(f"site {name} was not recorded; recorded: {list(self.sites)}")
         chunks = self._acts.get(name, [])
-        return torch.cat(chunks) if chunks else torch.empty(0)
+        return torch.cat(chunks) if chunks else torch.empty(0, device=self.device)
 
     @property
     def rows(self) -> Tensor:
         """Batch row of each recorded token ``(N,)``."""
-        return torch.cat(self._rows) if self._rows else torch.empty(0, dtype=torch.long)
+        return torch.cat(self._rows) if self._rows else torch.empty(0, dtype=torch.long, device=self.device)
 
     @property
     def positions(self) -> Tensor:
         """Position of each recorded token in its row ``(N,)`` (0 = first non-padding token)."""
-        return torch.cat(self._positions) if self._positions else torch.empty(0, dtype=torch.long)
+        return torch.cat(self._positions) if self._positions else torch.empty(0, dtype=torch.long, device=self.device)
 
     @property
     def is_prompt(self) -> Tensor:
-        return torch.cat(self._prompt) if self._prompt else torch.empty(0, dtype=torch.bool)
+        return torch.cat(self._prompt) if self._prompt else torch.empty(0, dtype=torch.bool, device=self.device)
 
     @property
     def steps(self) -> Tensor:
         """Index of the forward step each token was recorded in ``(N,)``."""
-        return torch.cat(self._steps) if self._steps else torch.empty(0, dtype=torch.long)
+        return torch.cat(self._steps) if self._steps else torch.empty(0, dtype=torch.long, device=self.device)
 
     def clear(self) -> None:
         for lst in (self._rows, self._positions, self._prompt, self._steps, *self._acts.values()):
@@ -109,7 +111,7 @@ def record(
     sel = TokenSelector.model_validate(select or {}) if not isinstance(select, TokenSelector) else select
     spec = spec_of(model, layout.n_layers, layout.d_model)
     selector = resolve_selector(sel, Resources(spec), tokenizer, "select")
-    rec = Recording(names, keep)
+    rec = Recording(names, keep, torch.device(device))
     state = StepState()
     step_acts: dict[str, Tensor] = {}
     handles: list[RemovableHandle] = []

@@ -92,8 +92,9 @@ class TopKSae(Sae):
         subtract_b_dec: bool = False,
         skip: bool = False,
         dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
     ) -> None:
-        super().__init__(meta, subtract_b_dec=subtract_b_dec, skip=skip, dtype=dtype)
+        super().__init__(meta, subtract_b_dec=subtract_b_dec, skip=skip, dtype=dtype, device=device)
         self.k = _checked_k(meta)
 
     def encode_sparse(self, x_BD: Tensor) -> SparseLatents:
@@ -122,10 +123,13 @@ class BatchTopKSae(Sae):
         subtract_b_dec: bool = False,
         skip: bool = False,
         dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
         global_threshold: bool = True,
     ) -> None:
-        super().__init__(meta, subtract_b_dec=subtract_b_dec, skip=skip, dtype=dtype)
-        self.threshold: nn.Parameter | None = nn.Parameter(torch.zeros((), dtype=dtype)) if global_threshold else None
+        super().__init__(meta, subtract_b_dec=subtract_b_dec, skip=skip, dtype=dtype, device=device)
+        self.threshold: nn.Parameter | None = (
+            nn.Parameter(torch.zeros((), dtype=dtype, device=device)) if global_threshold else None
+        )
         # k is only needed for the top-k fallback; when given it must still be valid.
         self.k: int | None = None if global_threshold and meta.k is None else _checked_k(meta)
 
@@ -171,9 +175,10 @@ class JumpReluSae(Sae):
         subtract_b_dec: bool = False,
         skip: bool = False,
         dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
     ) -> None:
-        super().__init__(meta, subtract_b_dec=subtract_b_dec, skip=skip, dtype=dtype)
-        self.threshold = nn.Parameter(torch.zeros(meta.d_sae, dtype=dtype))
+        super().__init__(meta, subtract_b_dec=subtract_b_dec, skip=skip, dtype=dtype, device=device)
+        self.threshold = nn.Parameter(torch.zeros(meta.d_sae, dtype=dtype, device=device))
 
     def activate(self, pre_BF: Tensor) -> Tensor:
         return pre_BF.relu() * (pre_BF > self.threshold)
@@ -192,11 +197,12 @@ class GatedSae(Sae):
         subtract_b_dec: bool = False,
         skip: bool = False,
         dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
     ) -> None:
-        super().__init__(meta, subtract_b_dec=subtract_b_dec, skip=skip, dtype=dtype)
-        self.b_gate = nn.Parameter(torch.zeros(meta.d_sae, dtype=dtype))
-        self.r_mag = nn.Parameter(torch.zeros(meta.d_sae, dtype=dtype))
-        self.b_mag = nn.Parameter(torch.zeros(meta.d_sae, dtype=dtype))
+        super().__init__(meta, subtract_b_dec=subtract_b_dec, skip=skip, dtype=dtype, device=device)
+        self.b_gate = nn.Parameter(torch.zeros(meta.d_sae, dtype=dtype, device=device))
+        self.r_mag = nn.Parameter(torch.zeros(meta.d_sae, dtype=dtype, device=device))
+        self.b_mag = nn.Parameter(torch.zeros(meta.d_sae, dtype=dtype, device=device))
 
     def activate(self, pre_BF: Tensor) -> Tensor:
         gate_BF = (pre_BF + self.b_gate) > 0

@@ -69,6 +69,7 @@ class Sae(nn.Module, abc.ABC):
         subtract_b_dec: bool = False,
         skip: bool = False,
         dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
     ) -> None:
         super().__init__()
         if meta.architecture != self.architecture:
@@ -83,11 +84,15 @@ class Sae(nn.Module, abc.ABC):
         self.meta = meta
         self.subtract_b_dec = subtract_b_dec
         d_in, d_sae, d_out = meta.d_in, meta.d_sae, meta.d_out
-        self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae, dtype=dtype))
-        self.b_enc: nn.Parameter | None = nn.Parameter(torch.zeros(d_sae, dtype=dtype)) if self.has_b_enc else None
-        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_out, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
-        self.W_skip: nn.Parameter | None = nn.Parameter(torch.zeros(d_in, d_out, dtype=dtype)) if skip else None
+        self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae, dtype=dtype, device=device))
+        self.b_enc: nn.Parameter | None = (
+            nn.Parameter(torch.zeros(d_sae, dtype=dtype, device=device)) if self.has_b_enc else None
+        )
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_out, dtype=dtype, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype, device=device))
+        self.W_skip: nn.Parameter | None = (
+            nn.Parameter(torch.zeros(d_in, d_out, dtype=dtype, device=device)) if skip else None
+        )
 
     @classmethod
     def for_tensors(
