@@ -1,4 +1,5 @@
-"""``python -m servers [--model NAME_OR_PATH] [--presets DIR] [--host H] [--port P] [--config server.yaml] ...``
+"""``python -m servers [--model NAME_OR_PATH] [--device auto|cpu|cuda:N] [--dtype auto|bfloat16|float16|float32]
+[--presets DIR] [--host H] [--port P] [--config server.yaml] ...``
 
 Flags beat ``STEERLIB_SERVER_*`` environment variables, which beat the YAML file.
 """
@@ -31,6 +32,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict[str, Any], Path | No
     return {k: v for k, v in args.items() if v is not None}, config
 
 
+def load_served_model(settings: ServerSettings) -> tuple[Any, Any, str]:
+    """``(model, tokenizer, name clients pass)`` for ``settings``: the model on its ``device`` in its ``dtype``."""
+    import steerlib
+    from steerlib.hf.loading import EMBEDDED_NAME
+
+    model, tokenizer = steerlib.load_model(settings.model, device=settings.device, dtype=settings.dtype)
+    name = settings.model_name or (EMBEDDED_NAME if settings.model is None else Path(settings.model).name)
+    params = next(model.parameters())
+    log.info("model %s on %s in %s", name, params.device, params.dtype)
+    return model, tokenizer, name
+
+
 def main(argv: list[str] | None = None) -> None:
     flags, config = parse_args(argv)
     settings = load_settings(flags, config)
@@ -38,14 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import uvicorn
 
-    import steerlib
     from servers.app import create_app
-    from steerlib.hf.loading import EMBEDDED_NAME
 
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
-    model, tokenizer = steerlib.load_model(settings.model)
-    name = settings.model_name or (EMBEDDED_NAME if settings.model is None else Path(settings.model).name)
+    model, tokenizer, name = load_served_model(settings)
     app = create_app(settings, model, tokenizer, name)
     # uvicorn waits this long for open connections on shutdown, then the lifespan cancels what is left.
     uvicorn.run(

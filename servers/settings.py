@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -18,6 +18,15 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from steerlib.devices import DEVICE_HELP, DTYPE_HELP, DtypeName, check_device_name, dtype_name
+
+
+def _dtype_setting(value: object) -> str:
+    """:func:`dtype_name` of a YAML or env value; a non-string (``dtype: [bf16]``) is the same clear error."""
+    if not isinstance(value, str):
+        raise ValueError(f"dtype {value!r} is not one of: {DTYPE_HELP}")
+    return dtype_name(value)
+
 
 class ServerSettings(BaseSettings):
     """Everything the server can be told; every field can be a flag, an env variable or a YAML key."""
@@ -25,6 +34,12 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STEERLIB_SERVER_", extra="forbid", frozen=True)
 
     model: str | None = Field(None, description="Model folder, hub id or PEFT adapter; None = embedded SmolLM2.")
+    device: Annotated[str, AfterValidator(check_device_name)] = Field(
+        "auto", description=f"Where the model runs: {DEVICE_HELP}."
+    )
+    dtype: Annotated[DtypeName, BeforeValidator(_dtype_setting)] = Field(
+        "auto", description=f"The model's dtype: {DTYPE_HELP}."
+    )
     model_name: str | None = Field(
         None, description="The id clients pass as `model` (default: the model folder's name, or the embedded name)."
     )

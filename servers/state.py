@@ -13,7 +13,7 @@ from servers.metrics import Metrics
 from servers.registry import PresetRegistry
 from servers.settings import ServerSettings
 from servers.steering import SteeringResolver
-from steerlib.extract.activations import pad_id_of
+from steerlib.extract.activations import model_device, pad_id_of
 from steerlib.hf.layout import get_layout
 from steerlib.plan import spec_of
 from steerlib.sae import Sae, load_sae
@@ -34,9 +34,10 @@ class ServerState:
     _saes: dict[str, Sae] = field(default_factory=dict)
 
     def sae(self, name: str) -> Sae:
-        """A preset SAE by name, loaded once (call on the engine thread: it may load weights)."""
+        """A preset SAE by name, loaded once onto the model's device (call on the engine thread: it may load
+        weights)."""
         if name not in self._saes:
-            self._saes[name] = load_sae(self.registry.sae(name)).eval()
+            self._saes[name] = load_sae(self.registry.sae(name), device=model_device(self.model)).eval()
         return self._saes[name]
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
+from tiny_models import tiny_model, word_tokenizer
 
-from servers.__main__ import parse_args
+from servers.__main__ import load_served_model, parse_args
 from servers.settings import load_settings
 
 
@@ -44,3 +46,53 @@ def test_several_feature_indexes_by_flag_or_environment(monkeypatch: pytest.Monk
     assert load_settings(flags).features == [Path("idx/a"), Path("idx/b")]
     monkeypatch.setenv("STEERLIB_SERVER_FEATURES", "idx/c:idx/d")
     assert load_settings({}).features == [Path("idx/c"), Path("idx/d")]
+
+
+def test_device_and_dtype_default_to_auto() -> None:
+    s = load_settings({})
+    assert (s.device, s.dtype) == ("auto", "auto")
+
+
+def test_device_and_dtype_by_flag_env_or_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    flags, _ = parse_args(["--device", "cuda:1", "--dtype", "bf16"])
+    s = load_settings(flags)
+    assert (s.device, s.dtype) == ("cuda:1", "bfloat16")  # the alias is stored under its canonical name
+    cfg = tmp_path / "server.yaml"
+    cfg.write_text("device: cpu\ndtype: float16\n")
+    s = load_settings({}, cfg)
+    assert (s.device, s.dtype) == ("cpu", "float16")
+    monkeypatch.setenv("STEERLIB_SERVER_DEVICE", "cuda")
+    monkeypatch.setenv("STEERLIB_SERVER_DTYPE", "float32")
+    s = load_settings({}, cfg)
+    assert (s.device, s.dtype) == ("cuda", "float32")
+    s = load_settings(flags, cfg)
+    assert (s.device, s.dtype) == ("cuda:1", "bfloat16")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("device", "gpu", "cpu, cuda, cuda:N"),
+        ("device", "cuda:x", "cpu, cuda, cuda:N"),
+        ("dtype", "fp8", "bfloat16, float16, float32"),
+        ("dtype", ["bf16"], "bfloat16, float16, float32"),
+    ],
+)
+def test_bad_device_or_dtype_names_the_field_and_the_allowed_forms(field: str, value: object, allowed: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        load_settings({field: value})
+    (e,) = err.value.errors()
+    assert e["loc"] == (field,)
+    assert f"{field} {value!r} is not one of" in e["msg"] and allowed in e["msg"]
+
+
+def test_the_server_loads_its_model_on_the_device_and_dtype_set(tmp_path: Path) -> None:
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama", n_layers=2).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    flags, _ = parse_args(["--model", str(folder), "--device", "cpu", "--dtype", "bfloat16"])
+    model, _, name = load_served_model(load_settings(flags))
+    assert {(p.device, p.dtype) for p in model.parameters()} == {(torch.device("cpu"), torch.bfloat16)}
+    assert name == "tiny-llama"
+    model, _, _ = load_served_model(load_settings({"model": str(folder)}))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # auto keeps a float32 checkpoint's dtype
