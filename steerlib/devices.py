@@ -12,10 +12,12 @@ benchmark's numbers depend on (CPU model and flags, GPU name, torch version, thr
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import platform
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -182,3 +184,28 @@ def hardware_info(device: torch.device | None = None) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(dev)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
     return info
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, *, what: str = "the model") -> None:
+    """``--device`` and ``--dtype`` (default ``auto``) on a command line, checked as they are parsed.
+
+    A bad value is a usage error that lists the allowed forms; ``--dtype bf16`` arrives as ``bfloat16``.
+
+        p = argparse.ArgumentParser()
+        add_device_arguments(p)
+        args = p.parse_args(["--device", "cuda:1"])   # args.device == "cuda:1", args.dtype == "auto"
+    """
+
+    def checked(check: Callable[[str], str]) -> Callable[[str], str]:
+        def parse(value: str) -> str:
+            try:
+                return check(value)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+
+        return parse
+
+    parser.add_argument("--device", default="auto", type=checked(check_device_name),
+                        help=f"where {what} runs: {DEVICE_HELP} (default auto)")  # fmt: skip
+    parser.add_argument("--dtype", default="auto", type=checked(dtype_name),
+                        help=f"dtype of {what}: {DTYPE_HELP} (default auto)")  # fmt: skip
