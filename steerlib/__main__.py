@@ -1,7 +1,7 @@
 """Command line: generate unsteered and steered text side by side.
 
 python -m steerlib demo                                   # the shipped example config on the embedded model
-python -m steerlib generate --config steer.yaml --prompt "..." [--model NAME_OR_PATH]
+python -m steerlib generate --config steer.yaml --prompt "..." [--model NAME_OR_PATH] [--device D] [--dtype T]
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from importlib.resources import files
 from pathlib import Path
 
 import torch
+
+from steerlib.devices import add_device_arguments
 
 DEMO_CONFIG = "demo.yaml"
 DEMO_PROMPTS = [  # two harmless and two harmful requests; none of them was used to build the demo's vectors
@@ -41,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
             help="steering config (YAML or JSON)",
         )
         s.add_argument("--model", default=None, help="HF hub id or local folder (default: embedded SmolLM2-135M)")
+        add_device_arguments(s)
         s.add_argument("--prompt", action="append", default=None, help="a user prompt (repeatable)")
         s.add_argument("--system", default=None, help="system prompt")
         s.add_argument("--max-new-tokens", type=int, default=48)
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = SteeringConfig.from_file(args.config)
     prompts = args.prompt or DEMO_PROMPTS
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     common = {"max_new_tokens": args.max_new_tokens, "system": args.system}
     plain = generate(model, tok, prompts, None, **common)
     steered = generate(model, tok, prompts, config, **common)
