@@ -36,9 +36,36 @@ def _names(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from steerlib.devices import add_device_arguments
+
     p = argparse.ArgumentParser(prog="python -m evals", description="Refusal and capability evals for steerlib.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("datasets", help="list the registered benchmarks")
+    _add_run_parser(sub)
+
+    q = sub.add_parser("sae-quality", help="L0, FVU, dead latents, CE loss recovered of one SAE")
+    q.add_argument("--sae", required=True)
+    q.add_argument("--layer", type=int, required=True)
+    q.add_argument("--site", default="resid_post")
+    q.add_argument("--model", default=None)
+    add_device_arguments(q)
+    q.add_argument("--threads", type=int, default=1)
+
+    f = sub.add_parser("feature-report", help="per-token feature-ablation HTML report")
+    f.add_argument("--sae", required=True)
+    f.add_argument("--layer", type=int, required=True)
+    f.add_argument("--feature", type=int, required=True)
+    f.add_argument("--text", required=True)
+    f.add_argument("--site", default="")
+    f.add_argument("--model", default=None)
+    add_device_arguments(f)
+    f.add_argument("--out", type=Path, default=Path("feature_report.html"))
+    f.add_argument("--threads", type=int, default=1)
+    return p
+
+
+def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from steerlib.devices import add_device_arguments
 
     r = sub.add_parser("run", help="generate, judge and summarise: prompt sets x steering arms")
     g = r.add_argument_group("prompts")
@@ -54,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=int, default=None, help="first N prompts of each set (a fixed subset)")
     t = r.add_argument_group("target")
     t.add_argument("--model", default=None, help="in-process model: folder or hub id (default: embedded SmolLM2)")
+    add_device_arguments(r, what="the in-process model")
     t.add_argument("--endpoint", default=None, help="OpenAI-compatible base URL (http://host:port/v1) instead")
     t.add_argument("--endpoint-model", default="default", help="model name sent to the endpoint")
     t.add_argument("--api-key", default="not-needed")
@@ -84,24 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, default=None, help="output folder (default runs/evals-<time>)")
     r.add_argument("--no-progress", action="store_true")
 
-    q = sub.add_parser("sae-quality", help="L0, FVU, dead latents, CE loss recovered of one SAE")
-    q.add_argument("--sae", required=True)
-    q.add_argument("--layer", type=int, required=True)
-    q.add_argument("--site", default="resid_post")
-    q.add_argument("--model", default=None)
-    q.add_argument("--threads", type=int, default=1)
-
-    f = sub.add_parser("feature-report", help="per-token feature-ablation HTML report")
-    f.add_argument("--sae", required=True)
-    f.add_argument("--layer", type=int, required=True)
-    f.add_argument("--feature", type=int, required=True)
-    f.add_argument("--text", required=True)
-    f.add_argument("--site", default="")
-    f.add_argument("--model", default=None)
-    f.add_argument("--out", type=Path, default=Path("feature_report.html"))
-    f.add_argument("--threads", type=int, default=1)
-    return p
-
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -118,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     import steerlib
 
-    model, tok = steerlib.load_model(args.model)
+    model, tok = steerlib.load_model(args.model, device=args.device, dtype=args.dtype)
     if args.command == "sae-quality":
         from evals.benign_text import BENIGN_PARAGRAPHS
         from evals.sae_quality import sae_quality
@@ -156,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
     sets = _sets(args.harmful, "harmful", args.part, args.limit, args.field)
     sets += _sets(args.harmless, "harmless", args.part, args.limit, args.field)
     need_local = args.endpoint is None or args.attack or args.capability or not args.no_perplexity
-    model, tok = steerlib.load_model(args.model) if need_local else (None, None)
+    model, tok = steerlib.load_model(args.model, device=args.device, dtype=args.dtype) if need_local else (None, None)
     target: Target
     if args.endpoint:
         target = EndpointTarget(args.endpoint, args.endpoint_model, api_key=args.api_key)

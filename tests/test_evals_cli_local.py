@@ -45,3 +45,21 @@ def test_run_with_capability_writes_costs(model_dir: Path, tmp_path: Path) -> No
     assert costs["push"]["kl"] > 1e-4
     rows = (tmp_path / "out" / "rows.jsonl").read_text().splitlines()
     assert len(rows) == 2 * 3  # two arms x three prompts
+
+
+def test_run_loads_the_model_in_the_dtype_asked(model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "bad.txt").write_text("w10 w11\n")
+    (tmp_path / "good.txt").write_text("w20 w21\n")
+    base = ["run", "--model", str(model_dir), "--harmful", str(tmp_path / "bad.txt"), "--harmless",
+            str(tmp_path / "good.txt"), "--part", "all", "--capability", "--mmlu-limit", "0", "--max-new-tokens", "1",
+            "--no-perplexity", "--no-progress", "--device", "cpu"]  # fmt: skip
+    ce = {}
+    for dtype in ("auto", "float32", "bfloat16"):
+        assert main([*base, "--dtype", dtype, "--out", str(tmp_path / dtype)]) == 0
+        (cost,) = json.loads((tmp_path / dtype / "capability.json").read_text())
+        ce[dtype] = cost["ce_unsteered"]
+    assert ce["auto"] == ce["float32"]  # auto keeps the float32 checkpoint's dtype
+    assert abs(ce["bfloat16"] - ce["float32"]) > 1e-4  # bf16 rounding moves the loss: the setting reached the model
+    with pytest.raises(SystemExit) as exit_:
+        main([*base, "--device", "gpu"])
+    assert exit_.value.code == 2
