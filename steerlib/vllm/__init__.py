@@ -37,20 +37,34 @@ it with three CPU ranks against steerlib-on-HF (a rank that skipped the ops woul
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from steerlib.vllm.params import STEERING_KEY, cache_salt, parse_steering, steering_args
 
 TRACKER = "steerlib.vllm.tracker:StepTracker"
 SCHEDULER = "steerlib.vllm.scheduler.SteeringScheduler"
 
 
-def engine_kwargs() -> dict[str, object]:
-    """Keyword arguments for ``vllm.LLM(...)`` / ``EngineArgs(...)`` that switch per-request steering on."""
-    return {"logits_processors": [TRACKER], "scheduler_cls": SCHEDULER}
+def engine_kwargs(compilation_config: dict[str, Any] | None = None) -> dict[str, object]:
+    """Keyword arguments for ``vllm.LLM(...)`` / ``EngineArgs(...)`` that switch per-request steering on: the step
+    tracker, the steering scheduler and a compilation config under which CUDA graphs cannot freeze steering
+    (``compilation_config`` is yours to extend; see ``steerlib.vllm.compilation``). Imports vLLM."""
+    from steerlib.vllm.compilation import compilation_config as graph_safe
+
+    return {
+        "logits_processors": [TRACKER],
+        "scheduler_cls": SCHEDULER,
+        "compilation_config": graph_safe(compilation_config),
+    }
 
 
-def serve_args() -> list[str]:
+def serve_args(compilation_config: dict[str, Any] | None = None) -> list[str]:
     """The same as command-line flags for vLLM's OpenAI server (``python -m vllm.entrypoints.openai.api_server``)."""
-    return ["--logits-processors", TRACKER, "--scheduler-cls", SCHEDULER]
+    from steerlib.vllm.compilation import compilation_config as graph_safe
+
+    compiled = json.dumps(graph_safe(compilation_config), separators=(",", ":"))
+    return ["--logits-processors", TRACKER, "--scheduler-cls", SCHEDULER, "--compilation-config", compiled]
 
 
 __all__ = [

@@ -4,7 +4,9 @@ The op is a registered torch custom op with a fake (shape-only) implementation, 
 compiled mode) keeps it in the graph as an opaque call instead of tracing into it: the compiled graph calls back
 into Python each step and reads that step's per-token jobs from :mod:`steerlib.vllm.state`. (A forward hook added
 after loading would be dropped by compilation; a layer built with the op from the start is not.) With no steered
-request in the step the op is a copy.
+request in the step the op is a copy. The op writes into an output buffer the layer allocates just before it, so
+that under piecewise CUDA graphs, where the op is a splitting op run eagerly between captured pieces, its result
+sits where the next piece was captured to read it (see :mod:`steerlib.vllm.compilation`).
 
 The model class subclasses vLLM's own and passes a layer type, so parameter names and weight loading are vLLM's.
 The step layout is read in the (uncompiled) outer ``forward`` from the forward context's attention metadata.
@@ -25,32 +27,34 @@ from steerlib.vllm.state import SteeringState, model_spec, tokenizer_loader
 _SITE_ID = {name: i for i, name in enumerate(SITES)}
 
 
-@torch.library.custom_op("steerlib::site", mutates_args=())
+@torch.library.custom_op("steerlib::site", mutates_args=("out",))
 def site_op(
     x: Tensor,
     other: Optional[Tensor],  # noqa: UP045 (custom_op reads the annotation)
+    out: Tensor,
     layer: int,
     site: int,
-) -> Tensor:
-    """Steered copy of ``x`` at ``(layer, SITES[site])`` for the current step (a plain copy when unsteered)."""
+) -> None:
+    """Write the steered ``x`` at ``(layer, SITES[site])`` for the current step into ``out`` (``x`` unsteered)."""
     st = steering_state.current()
-    if st is None:
-        return x.clone()
-    return st.run(layer, SITES[site], x, other)
+    out.copy_(x if st is None else st.run(layer, SITES[site], x, other))
 
 
 @site_op.register_fake
 def _site_fake(
     x: Tensor,
     other: Optional[Tensor],  # noqa: UP045
+    out: Tensor,
     layer: int,
     site: int,
-) -> Tensor:
-    return torch.empty_like(x)
+) -> None:
+    return None
 
 
 def _site(x: Tensor, other: Tensor | None, layer: int, site: str) -> Tensor:
-    return torch.ops.steerlib.site(x, other, layer, _SITE_ID[site])
+    out = torch.empty_like(x)  # allocated inside the compiled piece before the op: a stable address under graphs
+    torch.ops.steerlib.site(x, other, out, layer, _SITE_ID[site])
+    return out
 
 
 class SteerableLlamaDecoderLayer(LlamaDecoderLayer):

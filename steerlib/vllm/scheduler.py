@@ -11,6 +11,9 @@ Runs in vLLM's engine-core process, where every request passes before it is sche
   found here, by resolving the config against the model as the workers will. Such a request is never scheduled:
   it finishes at once with ``finish_reason="error"`` (vLLM's OpenAI server answers it with an error, the log names
   the field) and the engine goes on serving the others. Verdicts are kept per distinct config.
+- **CUDA graphs.** On an engine whose compilation config would replay steering frozen (full CUDA graphs, or
+  piecewise graphs not split at the site op: see ``steerlib.vllm.compilation``), every steered request is refused
+  the same way, naming the fix: never served unsteered.
 
 ``SteeringAsyncScheduler`` is the same over vLLM's asynchronous scheduler (GPU engines with async scheduling on).
 """
@@ -30,6 +33,7 @@ from vllm.v1.request import RequestStatus
 
 from steerlib.config import SteeringConfig
 from steerlib.plan import ModelSpec, build_plan
+from steerlib.vllm.compilation import unsafe_reason
 from steerlib.vllm.params import cache_salt, config_key, parse_steering
 from steerlib.vllm.state import model_spec, tokenizer_loader
 
@@ -83,13 +87,14 @@ class _SteeringMixin:
 
     def _steering_init(self) -> None:
         self._check = ModelCheck(model_spec(self.vllm_config, torch.device("cpu")), tokenizer_loader(self.vllm_config))
+        self._unsafe = unsafe_reason(self.vllm_config.compilation_config)
         self._failed: dict[str, str] = {}
         self._rejected: list[Any] = []
 
     def add_request(self, request: Any) -> None:
         try:
             cfg = salt_request(request)
-            err = None if cfg is None else self._check.error(cfg)
+            err = None if cfg is None else self._unsafe or self._check.error(cfg)
         except ValueError as e:  # only reached when the front end's validation was bypassed
             err = str(e)
         super().add_request(request)  # type: ignore[misc]

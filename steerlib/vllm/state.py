@@ -172,14 +172,14 @@ class SteeringState:
         groups: dict[str, list[int]] = {}
         for i in sorted(self.rows):
             groups.setdefault(self.rows[i].key, []).append(i)
-        prompt_len_R = torch.zeros(self.capacity, dtype=torch.long)
-        new_R = torch.zeros(self.capacity, dtype=torch.bool)
+        # per-slot facts built on the host, sent to the device in one copy each (the outer forward runs eagerly)
+        slot_facts = torch.zeros(2, self.capacity, dtype=torch.long, device="cpu")
         for row in self.rows.values():
-            prompt_len_R[row.slot] = row.prompt_len
-            new_R[row.slot] = row.new
+            slot_facts[0, row.slot], slot_facts[1, row.slot] = row.prompt_len, int(row.new)
         dev = positions_N.device
+        prompt_len_R, new_R = slot_facts.to(dev)
         for key, idxs in groups.items():
-            tb, idx_N = self._group_batch(idxs, qsl, token_ids_N, positions_N, prompt_len_R.to(dev), new_R.to(dev))
+            tb, idx_N = self._group_batch(idxs, qsl, token_ids_N, positions_N, prompt_len_R, new_R.bool())
             if idx_N.shape[0] == 0:
                 continue
             whole = idx_N.shape[0] == positions_N.shape[0]
@@ -198,11 +198,12 @@ class SteeringState:
         prompt_len_R: Tensor,
         new_R: Tensor,
     ) -> tuple[TokenBatch, Tensor]:
-        dev = positions_N.device
-        idx_N = torch.cat([torch.arange(qsl[i], qsl[i + 1], device=dev) for i in idxs])
-        counts = torch.tensor([qsl[i + 1] - qsl[i] for i in idxs], device=dev)
-        slots = torch.tensor([self.rows[i].slot for i in idxs], device=dev)
-        row_N = slots.repeat_interleave(counts)
+        host = torch.cat(
+            [torch.stack([torch.arange(qsl[i], qsl[i + 1], device="cpu"),
+                          torch.full((qsl[i + 1] - qsl[i],), self.rows[i].slot, device="cpu")]) for i in idxs],
+            dim=1,
+        )  # fmt: skip
+        idx_N, row_N = host.to(positions_N.device)
         pos_N = positions_N[idx_N].long()
         tb = TokenBatch(
             row_N=row_N,
@@ -224,14 +225,15 @@ class SteeringState:
         return n_tokens > 1 or not produced or row.returned or row.new
 
     def run(self, layer: int, site: str, x_ND: Tensor, other_ND: Tensor | None) -> Tensor:
-        """Steered ``x_ND`` at ``(layer, site)``; ``other_ND`` is the residual (resid sites) or mlp_in (mlp_out).
+        """Steered ``x_ND`` at ``(layer, site)`` (``x_ND`` itself when no request is steered there; the op copies it
+        into its output buffer); ``other_ND`` is the residual (resid sites) or mlp_in (mlp_out).
 
         vLLM carries the residual stream as ``hidden + residual``; ops see the sum and their change is added to
         ``hidden``, so untouched tokens stay bit-identical.
         """
         jobs = self._sites.get((layer, site))
         if not jobs:
-            return x_ND.clone()
+            return x_ND
         summed = site in RESIDUAL_SITES and other_ND is not None
         base = x_ND + other_ND if summed and other_ND is not None else x_ND
         x_in = other_ND if site == "mlp_out" else None
@@ -244,7 +246,7 @@ class SteeringState:
                 out = out.index_copy(0, job.idx_N, run_site(job.ops, out[job.idx_N], job.tb, job.state, sub_in))
         if summed:
             return x_ND + (out - base)
-        return out.clone() if out is x_ND else out
+        return out
 
     # -- detector-gated refusal (from the tracker, after each forward) -------------------------------------------
 
