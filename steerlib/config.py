@@ -263,8 +263,10 @@ Intervention = Annotated[AddOp | AblateOp | SaeOp | ReplaceOp | RefuseOp, Field(
 
 
 class SteeringConfig(_Strict):
-    """A list of interventions, applied in order at each site."""
+    """A list of interventions, applied in order at each site. A preset (``servers/presets/*.yaml``) is a config with
+    a ``description``: it loads everywhere a config does."""
 
+    description: str | None = Field(None, description="What the config does (presets say what it was measured on).")
     interventions: list[Intervention] = Field(default_factory=list)
     base_dir: Path | None = Field(
         None,

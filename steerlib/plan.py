@@ -180,7 +180,7 @@ def _per_row_jobs(
             continue
         if not isinstance(cfg, SteeringConfig):
             raise SteeringConfigError(f"configs[{r}] must be a SteeringConfig or None, got {type(cfg).__name__}")
-        key = f"{cfg.base_dir}|{cfg.model_dump_json()}"
+        key = f"{cfg.base_dir}|{cfg.model_dump_json(exclude={'description'})}"
         groups.setdefault(key, (cfg, []))[1].append(r)
     n = len(configs)
     return [(cfg, tuple(r in rows for r in range(n)), f"configs[{rows[0]}].") for cfg, rows in groups.values()]

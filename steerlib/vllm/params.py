@@ -46,8 +46,8 @@ def parse_steering(extra_args: Mapping[str, Any] | None) -> SteeringConfig | Non
 
 
 def config_key(config: SteeringConfig) -> str:
-    """Equal for configs that steer identically (same fields, same base folder)."""
-    body = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """Equal for configs that steer identically (same fields but the description, same base folder)."""
+    body = json.dumps(config.model_dump(mode="json", exclude={"description"}), sort_keys=True, separators=(",", ":"))
     return f"{config.base_dir}|{body}"
 
 
