@@ -148,7 +148,7 @@ def test_measure_runs_the_given_preset_on_the_heldout_sets_and_builds_nothing(
     model = tiny_model("llama", n_layers=4)
     monkeypatch.setattr(steering, "heldout", fake_heldout)
     monkeypatch.setattr(steering, "build", lambda *a: pytest.fail("--measure must not build"))
-    monkeypatch.setattr(steerlib, "load_model", lambda name: (model, word_tokenizer()))
+    monkeypatch.setattr(steerlib, "load_model", lambda name, *, device, dtype: (model, word_tokenizer()))
     monkeypatch.setattr(steering, "attack_prompts", lambda n: (["w1 w2", "w5 w6"][:n], ["w30 w40", "w7"][:n]))
     out = tmp_path / "out"
     steering.main(["--out", str(out), "--measure", str(preset), "--heldout-cap", "96", "--mmlu", "7"])

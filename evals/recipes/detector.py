@@ -50,6 +50,7 @@ from evals.recipes.detector_select import (
 )
 from evals.recipes.probe import roc_auc
 from steerlib.config import DEFAULT_REFUSAL
+from steerlib.devices import add_device_arguments
 from steerlib.extract.probes import LinearProbe, Probe
 from steerlib.mlp_probe import MlpProbe
 from steerlib.vectors import SteeringVector
@@ -285,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--out", type=Path, required=True, help="folder for refuse.yaml, vectors/ and report.json")
     ap.add_argument("--model", default=None, help="HF hub id or local folder (default: the embedded model)")
+    add_device_arguments(ap)
     ap.add_argument("--max-fpr", type=float, default=0.02, help="false-positive budget per harmless training set")
     ap.add_argument("--cap", type=int, default=None, help="at most this many prompts per dataset and split")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     from steerlib import load_model
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     report = build(
         model,
         tok,

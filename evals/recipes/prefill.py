@@ -32,6 +32,7 @@ from evals.metrics import rate
 from evals.recipes.steering import heldout_as_told, load_preset
 from evals.runner import Arm
 from steerlib.config import AddOp, RefuseOp, SteeringConfig
+from steerlib.devices import add_device_arguments
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="folder for report.json and heldout_rows.jsonl")
     ap.add_argument("--preset", type=Path, default=Path("servers/presets/refusal_prefill_steering.yaml"))
     ap.add_argument("--model", default=None, help="HF hub id or local folder (default: the embedded model)")
+    add_device_arguments(ap)
     ap.add_argument("--heldout-cap", type=int, default=32, help="held-out prompts per dataset")
     ap.add_argument("--mmlu", type=int, default=100, help="held-out MMLU questions")
     ap.add_argument("--max-new-tokens", type=int, default=48)
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         Arm("prefill+steer", config),
         Arm("random(prefill+steer)", random_control(config, seed=0), control_of="prefill+steer"),
     ]
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     args.out.mkdir(parents=True, exist_ok=True)
     report = heldout_as_told(model, tok, config, args, arms)
     lines = (args.out / "heldout_rows.jsonl").read_text(encoding="utf-8").splitlines()

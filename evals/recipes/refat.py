@@ -34,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from steerlib.devices import add_device_arguments
 from steerlib.extract.activations import left_pad, pad_id_of
 from steerlib.hf.generate import generate, render_prompts
 from steerlib.hf.layout import get_layout
@@ -355,11 +356,15 @@ def build_examples(
     )
 
 
-def run(out: Path, cfg: RefatConfig, model_name: str | None = None) -> dict[str, Any]:
-    """Build the data, train, save the adapter and ``train_log.json`` under ``out``."""
+def run(
+    out: Path, cfg: RefatConfig, model_name: str | None = None, *, device: str = "auto", dtype: str = "auto"
+) -> dict[str, Any]:
+    """Build the data, train, save the adapter and ``train_log.json`` under ``out`` (the model on ``device``, in
+    ``dtype``: settings as in :mod:`steerlib.devices`)."""
     from steerlib import load_model
 
-    model, tok = load_model(model_name)
+    model, tok = load_model(model_name, device=device, dtype=dtype)
+    params = next(model.parameters())
     harmful_prompts, harmless_prompts = training_prompts(cfg)
     harmful, harmless = build_examples(model, tok, harmful_prompts, harmless_prompts, cfg)
     log.info("training on %d harmful and %d harmless examples", len(harmful), len(harmless))
@@ -373,6 +378,8 @@ def run(out: Path, cfg: RefatConfig, model_name: str | None = None) -> dict[str,
         "n_harmless_examples": len(harmless),
         "steps": len(tlog.losses),
         "threads": torch.get_num_threads(),
+        "device": str(params.device),
+        "dtype": str(params.dtype).removeprefix("torch."),
         **asdict(tlog),
     }
     (out / "train_log.json").write_text(json.dumps(summary, indent=1))
@@ -383,6 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--out", type=Path, required=True, help="folder for the PEFT adapter and train_log.json")
     ap.add_argument("--model", default=None, help="HF hub id or local folder (default: the embedded model)")
+    add_device_arguments(ap)
     ap.add_argument("--minutes", type=float, default=18.0, help="training time budget")
     ap.add_argument("--steps", type=int, default=400, help="maximum optimiser steps")
     ap.add_argument("--batch-harmless", type=int, default=4, help="harmless retention pairs per batch")
@@ -406,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
         retain=args.retain,
         seed=args.seed,
     )
-    summary = run(args.out, cfg, args.model)
+    summary = run(args.out, cfg, args.model, device=args.device, dtype=args.dtype)
     log.info("trained %d steps in %.0f s; last losses %s", summary["steps"], summary["seconds"], summary["losses"][-5:])
 
 

@@ -48,6 +48,7 @@ from evals.recipes.refat_eval import attack_prompts
 from evals.runner import Arm, PromptSet, Row, Scorer, perplexity_scorer, run, summarise
 from evals.targets import InProcessTarget
 from steerlib.config import RefuseOp, SteeringConfig
+from steerlib.devices import add_device_arguments
 from steerlib.hf.generate import generate
 from steerlib.vectors import SteeringVector
 
@@ -388,6 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--out", type=Path, required=True, help="folder for refusal_steering.yaml, vectors/, report.json")
     ap.add_argument("--model", default=None, help="HF hub id or local folder (default: the embedded model)")
+    add_device_arguments(ap)
     ap.add_argument(
         "--gate",
         type=Path,
@@ -429,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     from steerlib import load_model
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     args.out.mkdir(parents=True, exist_ok=True)
     report = build(model, tok, args.out, args) if args.measure is None else measure(model, tok, args.measure, args)
     logging.getLogger(__name__).info("report: %s", json.dumps(report.get("heldout", {}).get("pooled", {}), indent=2))
