@@ -15,7 +15,7 @@ import torch
 from tiny_models import tiny_model, word_tokenizer
 
 from evals.autointerp.cache import CachedChat, EndpointError, ResponseCache
-from evals.autointerp.cli import ExplainConfig, main, parse_features
+from evals.autointerp.cli import ExplainConfig, IndexConfig, main, parse_features
 from evals.autointerp.explain import run_explain
 from evals.autointerp.index import IndexPlan, build_index, chunk_texts, truncated
 from evals.autointerp.records import (
@@ -305,6 +305,13 @@ def test_cli_validation_names_the_field(tmp_path: Path) -> None:
         ExplainConfig.model_validate({"index": tmp_path, "endpoint": "http://x/v1", "model": "m", "featurs": "1"})
     with pytest.raises(FileNotFoundError, match="build the index first"):
         main(["explain", "--index", str(tmp_path), "--endpoint", "http://127.0.0.1:9/v1", "--model", "m"])
+    cfg = IndexConfig(sae=tmp_path, out=tmp_path)
+    assert (cfg.device, cfg.dtype) == ("auto", "auto")
+    assert IndexConfig(sae=tmp_path, out=tmp_path, device="cuda:1", dtype="bf16").dtype == "bfloat16"
+    with pytest.raises(ValueError, match=r"device\n.*device 'gpu' is not one of: auto .*, cpu, cuda, cuda:N"):
+        IndexConfig(sae=tmp_path, out=tmp_path, device="gpu")
+    with pytest.raises(ValueError, match=r"dtype\n.*dtype 'fp8' is not one of: auto .*, bfloat16, float16, float32"):
+        main(["index", "--sae", str(tmp_path), "--out", str(tmp_path), "--dtype", "fp8"])
 
 
 def test_index_cli_writes_a_readable_index(tmp_path: Path) -> None:
@@ -316,7 +323,8 @@ def test_index_cli_writes_a_readable_index(tmp_path: Path) -> None:
     model.save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
     out = tmp_path / "idx"
-    argv = ["index", "--sae", str(tmp_path / "sae"), "--out", str(out), "--model", str(folder), "--corpus", str(texts)]
+    argv = ["index", "--sae", str(tmp_path / "sae"), "--out", str(out), "--model", str(folder), "--corpus", str(texts),
+            "--device", "cpu", "--dtype", "float32"]  # fmt: skip
     assert main([*argv, "--tokens", "100000", "--top-k", "5", "--n-random", "10"]) == 0
     assert read_meta(out).n_tokens == 40 * 12 and read_meta(out).sources == [str(texts)]
     rows = list(read_jsonl(out / FEATURES_FILE, FeatureRecord))

@@ -11,9 +11,11 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from steerlib.devices import DEVICE_HELP, DTYPE_HELP, DtypeName, check_device_name, dtype_name
 
 logger = logging.getLogger("evals.autointerp")
 
@@ -26,6 +28,12 @@ class IndexConfig(BaseModel):
     sae: Path = Field(description="SAE folder (steerlib, SAELens or sparsify layout).")
     out: Path = Field(description="Output folder for features.jsonl, random_contexts.jsonl and meta.json.")
     model: str | None = Field(None, description="Model folder or hub id; None = the embedded SmolLM2-135M-Instruct.")
+    device: Annotated[str, AfterValidator(check_device_name)] = Field(
+        "auto", description=f"Where the model and the SAE run: {DEVICE_HELP}."
+    )
+    dtype: Annotated[DtypeName, BeforeValidator(dtype_name)] = Field(
+        "auto", description=f"The model's dtype (the SAE keeps its own): {DTYPE_HELP}."
+    )
     corpus: list[str] = Field(
         default_factory=lambda: list(DEFAULT_SOURCES),
         description="Text sources; registry corpora are read on their held-out split.",
@@ -134,8 +142,8 @@ def _index(cfg: IndexConfig) -> int:
     from steerlib.sae import load_sae
 
     torch.set_num_threads(cfg.threads)
-    model, tokenizer = load_model(cfg.model)
-    sae = load_sae(cfg.sae)
+    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    sae = load_sae(cfg.sae, device=next(model.parameters()).device)
     plan = IndexPlan(
         tokens=cfg.tokens,
         top_k=cfg.top_k,

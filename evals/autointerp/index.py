@@ -223,7 +223,7 @@ def vocab_tables(
     out = []
     for s in range(0, sae.d_sae, chunk):
         with torch.no_grad():
-            logits_CV = sae.W_dec[s : s + chunk].detach().float() @ W_U.T
+            logits_CV = sae.W_dec[s : s + chunk].detach().float().to(W_U.device) @ W_U.T
         up, down = logits_CV.topk(k, dim=1), (-logits_CV).topk(k, dim=1)
         for uv, ui, dv, di in zip(up.values, up.indices, down.values, down.indices, strict=True):
             promoted = list(zip(decode(ui.tolist()), [round(v, 4) for v in uv.tolist()], strict=True))
