@@ -1,6 +1,6 @@
 """Load test of the steered OpenAI-compatible server on the embedded model: 1, 4 and 16 concurrent clients.
 
-    python bench/server_load.py [--tokens 64] [--threads 1] [--out bench/results/server_load.json]
+    python bench/server_load.py [--tokens 64] [--threads 1] [--device D] [--dtype T] [--out FILE.json]
 
 Starts the server in-process on a loopback port (uvicorn in a thread, the shipped presets), then for each level runs
 closed-loop clients (each sends its next request when the previous one returns) with mixed steering: none, each
@@ -28,9 +28,10 @@ import httpx
 import torch
 import uvicorn
 
-import steerlib
+from servers.__main__ import load_served_model
 from servers.app import create_app
 from servers.settings import ServerSettings
+from steerlib.devices import add_device_arguments, hardware_info
 from steerlib.hf.loading import EMBEDDED_NAME
 
 log = logging.getLogger("bench.server_load")
@@ -119,14 +120,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
+    add_device_arguments(p)
     p.add_argument("--levels", default=LEVELS, help=f"clients:requests,... (default {LEVELS})")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "server_load.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
-    model, tok = steerlib.load_model(None)
-    app = create_app(ServerSettings(presets=PRESETS, max_batch=16, batch_wait_ms=20), model, tok, EMBEDDED_NAME)
+    settings = ServerSettings(presets=PRESETS, max_batch=16, batch_wait_ms=20, device=args.device, dtype=args.dtype)
+    model, tok, name = load_served_model(settings)  # as `python -m servers` loads it
+    params = next(model.parameters())
+    app = create_app(settings, model, tok, name)
     server, thread, url = _serve(app)
     results = []
     try:
@@ -153,6 +157,8 @@ def main() -> None:
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "machine": platform.machine(),
         "torch": torch.__version__,
+        "dtype": str(params.dtype).removeprefix("torch."),
+        "hardware": hardware_info(params.device),
         "levels": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Steering overhead on the embedded model: generation time steered / unsteered, measured alternately in one run.
 
-    python bench/steering_overhead.py [--batch 8] [--new-tokens 64] [--repeats 3] [--threads 1]
+    python bench/steering_overhead.py [--batch 8] [--new-tokens 64] [--repeats 3] [--threads 1] [--device D] [--dtype T]
 
 Targets (issue 2): add at one layer <= 1.03; SAE edit at one layer with 4608 latents <= 1.10; conditional
 (``when``) <= 1.10, also for a ``refuse`` detector read from the prompt (a linear probe, or an MLP probe of the mean
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 import steerlib
+from steerlib.devices import add_device_arguments, hardware_info
 from steerlib.mlp_probe import MlpProbe
 from steerlib.sae import get_architecture, save_sae
 from steerlib.sae.base import SaeMeta
@@ -116,6 +117,8 @@ def timed_generate(
     model: Any, enc: dict[str, torch.Tensor], new_tokens: int, cfg: steerlib.SteeringConfig | None
 ) -> float:
     kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 2}
+    device = enc["input_ids"].device
+    _sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
         if cfg is None:
@@ -123,7 +126,13 @@ def timed_generate(
         else:
             with steerlib.steer(model, cfg):
                 model.generate(**enc, **kwargs)
+    _sync(device)  # a GPU's queued work counts toward the time it took
     return time.perf_counter() - t0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -132,16 +141,18 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    add_device_arguments(ap)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "steering_overhead.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok = steerlib.load_model()
+    model, tok = steerlib.load_model(device=args.device, dtype=args.dtype)
+    params = next(model.parameters())
     d_model = model.config.hidden_size
     texts = [
         tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in (PROMPTS * (args.batch // len(PROMPTS) + 1))[: args.batch]
     ]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(params.device)
     with tempfile.TemporaryDirectory() as tmp:
         mlp_probe = random_mlp_probe(Path(tmp) / "probe.safetensors", d_model)
         cfgs = configs(random_sae(Path(tmp) / "sae", d_model), mlp_probe, d_model)
@@ -161,8 +172,10 @@ def main() -> None:
         "batch": args.batch,
         "new_tokens": args.new_tokens,
         "threads": args.threads,
+        "dtype": str(params.dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "machine": platform.machine(),
+        "hardware": hardware_info(params.device),
         "targets": {
             "add_1_layer": 1.03,
             "sae_edit_1_layer_4608": 1.10,

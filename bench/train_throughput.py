@@ -6,7 +6,9 @@ architecture and size (TopK, k=32, 8x expansion by default) with Adam at the sam
 The trainers take turns, batch by batch, in one process, so that on a shared machine they run under the same load.
 Reported per trainer: tokens/s over the timed steps (the first step is warm-up and not timed, nor are the
 evaluations) and the FVU on held-out rows of the cache after the same numbers of tokens (``--eval-at`` and the last
-step). The torch thread count is set and recorded; the ratios are the figures to read.
+step). The torch thread count is set and recorded; the ratios are the figures to read. The trainers all run on the
+CPU (so the ratios compare like with like); ``--device`` / ``--dtype`` say where and in which dtype the model harvests
+the bench's own cache.
 
     PYTHONPATH=. V/bin/python bench/train_throughput.py --steps 300 --eval-at 40,100 \
         --cache ~/.cache/steerlib/activations/<folder> --out bench/results/train_throughput.json
@@ -51,6 +53,7 @@ from sae_train.config import ActivationConfig, DataConfig, SaeConfig, TrainConfi
 from sae_train.models import ArchSpec, get_train_architecture
 from sae_train.pipeline import build_cache, fingerprint, sites_of
 from sae_train.trainer import Trainer, TrainPlan
+from steerlib.devices import add_device_arguments, hardware_info
 from steerlib.hf.loading import cache_root, load_model
 
 logger = logging.getLogger("bench.train_throughput")
@@ -63,11 +66,11 @@ def _load_rows(args: argparse.Namespace) -> Tensor:
         cache = ActivationCache(args.cache)
     else:
         cfg = TrainConfig(activations=ActivationConfig(n_tokens=args.tokens), sae=SaeConfig(input_site=args.site),
-                          data=DataConfig())  # fmt: skip
+                          data=DataConfig(), device=args.device, dtype=args.dtype)  # fmt: skip
         folder = cache_root() / "activations" / f"bench-{args.site}-{args.tokens}"
         found = ActivationCache.find(folder, fingerprint(cfg, sites_of(cfg)))
         if found is None:
-            model, tok = load_model()
+            model, tok = load_model(device=cfg.device, dtype=cfg.dtype)
             found = build_cache(cfg, model, tok, folder)
         cache = found
     return cache.rows(args.site, typical_rows(cache, args.site, args.max_norm_factor))
@@ -224,6 +227,7 @@ def main() -> None:
     p.add_argument("--auxk-alpha", type=float, default=1 / 32)
     p.add_argument("--dead-tokens", type=int, default=1_000_000)
     p.add_argument("--threads", type=int, default=1)
+    add_device_arguments(p, what="the model that harvests the bench's own cache (the trainers run on the CPU)")
     p.add_argument("--max-norm-factor", type=float, default=10.0, help="drop massive-activation tokens (all trainers)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_throughput.json")
     args = p.parse_args()
@@ -265,6 +269,7 @@ def _write(args: argparse.Namespace, n_train: int, results: dict[str, Any]) -> d
     ratios = {f"ratio_to_{base}": _ratios(results, base) for base in ("sparsify_fp32", "saelens_fp32", "saelens_bf16")}
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+              "hardware": hardware_info(torch.device("cpu")),  # where the timed trainers run
               "n_train_rows": n_train, "results": results, **ratios}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,6 +1,9 @@
 """Steering inside vLLM, side by side in one run: cost of steering, vLLM vs HF, many configs vs one.
 
     /opt/vllm-venv/bin/python bench/vllm_steering.py [--eager] [--batch 32] [--new-tokens 32] [--repeats 2]
+        [--device D] [--dtype T]
+
+``--device`` / ``--dtype`` set the HF arm's model only (vLLM's engine is configured apart: float32 here).
 
 Ratios (issue 5's targets): vLLM steered / unsteered throughput (>= 0.95); vLLM steered / HF steered at batch 32
 (>= 3); 8 distinct configs in the batch / one config (>= 0.85). Throughput is generated tokens per second, every
@@ -124,7 +127,7 @@ def bench_hf(args: argparse.Namespace, texts: list[str], threads: int) -> float:
     import steerlib
     from steerlib.hf.generate import generate
 
-    model, tok = steerlib.load_model()
+    model, tok = steerlib.load_model(device=args.device, dtype=args.dtype)
     cfg = steerlib.SteeringConfig.from_dict(_config(0))
 
     def run() -> None:
@@ -148,11 +151,14 @@ def bench_hf(args: argparse.Namespace, texts: list[str], threads: int) -> float:
 
 
 def main() -> None:
+    from steerlib.devices import add_device_arguments
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--eager", action="store_true", help="vLLM with enforce_eager (default: compiled)")
+    add_device_arguments(ap, what="the HF arm's model")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "vllm_steering.json")
     ap.add_argument("--stock-only", action="store_true", help=argparse.SUPPRESS)  # the child of bench_stock
     args = ap.parse_args()
@@ -182,6 +188,20 @@ def main() -> None:
     secs["hf_steered_all_cores"] = bench_hf(args, texts, threads=os.cpu_count() or 1)
     tokens = args.batch * args.new_tokens
     tps = {k: tokens / v for k, v in secs.items()}
+    result = _result(args, secs, tps)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    for k, v in tps.items():
+        print(f"{k:24s} {v:8.1f} tok/s")
+    for k, v in result["ratios"].items():
+        target = result["targets"][k]
+        print(f"{k:40s} {v:6.2f}" + (f"  (target {target})" if target is not None else ""))
+
+
+def _result(args: argparse.Namespace, secs: dict[str, float], tps: dict[str, float]) -> dict[str, Any]:
+    """The JSON written: settings (with the HF arm's hardware), seconds, throughputs, ratios and their targets."""
+    from steerlib.devices import hardware_info, resolve_device
+
     ratios = {
         "vllm_steered_over_unsteered": tps["vllm_steered_1cfg"] / tps["vllm_unsteered"],
         "vllm_unsteered_over_stock": tps["vllm_unsteered"] / tps["vllm_stock"],
@@ -189,7 +209,7 @@ def main() -> None:
         "vllm_8cfg_over_1cfg": tps["vllm_steered_8cfg"] / tps["vllm_steered_1cfg"],
         "vllm_steered_over_hf_steered_all_cores": tps["vllm_steered_1cfg"] / tps["hf_steered_all_cores"],
     }
-    result = {
+    return {
         "settings": {
             **vars(args),
             "out": str(args.out),
@@ -201,6 +221,7 @@ def main() -> None:
             "ld_preload": os.environ.get("LD_PRELOAD"),
             "torch": torch.__version__,
         },
+        "hardware": hardware_info(resolve_device(args.device)),  # the HF arm's device
         "seconds": secs,
         "tokens_per_second": tps,
         "ratios": ratios,
@@ -212,13 +233,6 @@ def main() -> None:
             "vllm_steered_over_hf_steered_all_cores": None,
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    for k, v in tps.items():
-        print(f"{k:24s} {v:8.1f} tok/s")
-    for k, v in ratios.items():
-        target = result["targets"][k]
-        print(f"{k:40s} {v:6.2f}" + (f"  (target {target})" if target is not None else ""))
 
 
 if __name__ == "__main__":
