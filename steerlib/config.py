@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -162,14 +164,14 @@ class _InterventionBase(_Strict):
 
     @field_validator("site")
     @classmethod
-    def _known_site(cls, v: str) -> str:
-        if v not in SITES:
+    def _known_site(cls, v: str | None) -> str | None:
+        if v is not None and v not in SITES:
             raise ValueError(f"unknown site {v!r}; allowed: {', '.join(SITES)}")
         return v
 
     @field_validator("layer")
     @classmethod
-    def _layer_nonneg(cls, v: int | list[int] | str) -> int | list[int] | str:
+    def _layer_nonneg(cls, v: int | list[int] | str | None) -> int | list[int] | str | None:
         layers = [v] if isinstance(v, int) else v if isinstance(v, list) else []
         if any(layer < 0 for layer in layers):
             raise ValueError(f"layer must be >= 0, got {v}")
@@ -209,7 +211,22 @@ class FeatureEdit(_Strict):
     value: FiniteFloat
 
 
-class SaeOp(_InterventionBase):
+class _SaeSited(_InterventionBase):
+    """An op that runs an SAE: by default where the SAE was trained (its metadata's layer and site)."""
+
+    layer: int | list[int] | Literal["all"] | None = Field(  # type: ignore[assignment]
+        None, description="Layer index, list or 'all'; null = the layer the SAE was trained at (its cfg's hook)."
+    )
+    site: str | None = Field(  # type: ignore[assignment]
+        None, description=f"One of {', '.join(SITES)}; null = the site the SAE was trained at."
+    )
+    any_site: bool = Field(
+        False,
+        description="Allow a layer or site other than the SAE's own (an SAE is checked against where it was trained).",
+    )
+
+
+class SaeOp(_SaeSited):
     """Encode with an SAE (or transcoder), edit latents, decode back."""
 
     op: Literal["sae"]
@@ -222,7 +239,7 @@ class SaeOp(_InterventionBase):
     )
 
 
-class ReplaceOp(_InterventionBase):
+class ReplaceOp(_SaeSited):
     """Replace the activation with the SAE's (or transcoder's) reconstruction, for reconstruction-loss studies."""
 
     op: Literal["replace"]
@@ -294,3 +311,48 @@ class SteeringConfig(_Strict):
         if p.is_absolute() or self.base_dir is None:
             return p
         return self.base_dir / p
+
+    def refs(self) -> list[FileRef]:
+        """Every file reference of the config (inline vectors are not files), in config order."""
+        out: list[FileRef] = []
+        for i, iv in enumerate(self.model_dump(mode="json", exclude_none=True)["interventions"]):
+            out += [FileRef(where, kind, ref) for where, kind, ref, _ in _ref_slots(iv, f"interventions[{i}]")]
+        return out
+
+    def map_refs(self, fn: Callable[[FileRef], str]) -> SteeringConfig:
+        """A copy whose every file reference is replaced by ``fn(ref)`` (to resolve names, confine, make portable).
+
+        The one walk over a config's references: servers, presets and recipes map references through it."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        for i, iv in enumerate(data["interventions"]):
+            for where, kind, ref, (holder, key) in _ref_slots(iv, f"interventions[{i}]"):
+                holder[key] = fn(FileRef(where, kind, ref))
+        return SteeringConfig.from_dict(data, base_dir=self.base_dir)
+
+
+RefKind = Literal["vector", "sae", "probe"]
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """One file a config names: where (``interventions[0].apply.when.probe``), what kind, and the reference."""
+
+    where: str
+    kind: RefKind
+    ref: str
+
+
+def _ref_slots(iv: dict[str, Any], where: str) -> list[tuple[str, RefKind, str, tuple[dict[str, Any], str]]]:
+    """The file-reference fields of one dumped intervention: (where, kind, reference, (holder, key))."""
+    slots: list[tuple[str, RefKind, str, tuple[dict[str, Any], str]]] = []
+    when = iv.get("apply", {}).get("when") or {}
+    for holder, key, kind, path in (
+        (iv, "vector", "vector", where),
+        (iv, "sae", "sae", where),
+        (when, "vector", "vector", f"{where}.apply.when"),
+        (when, "probe", "probe", f"{where}.apply.when"),
+        (when, "sae", "sae", f"{where}.apply.when"),
+    ):
+        if isinstance(holder.get(key), str):
+            slots.append((f"{path}.{key}", kind, holder[key], (holder, key)))  # type: ignore[arg-type]
+    return slots

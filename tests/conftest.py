@@ -32,5 +32,11 @@ def _vllm_importable() -> bool:
 collect_ignore = (
     []
     if _vllm_importable()
-    else ["test_vllm_steering.py", "test_vllm_compiled.py", "test_vllm_server.py", "test_vllm_tensor_parallel.py"]
+    else [
+        "test_vllm_steering.py",
+        "test_vllm_compiled.py",
+        "test_vllm_server.py",
+        "test_vllm_tensor_parallel.py",
+        "test_vllm_compilation.py",
+    ]
 )

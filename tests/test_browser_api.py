@@ -198,6 +198,7 @@ def test_save_a_preset_then_list_and_use_it(server: tuple[httpx.Client, Any, Any
         {
             "op": "sae",
             "layer": SAE_LAYER,
+            "site": "resid_post",  # where the SAE runs, recorded (an SAE op's default is the SAE's own site)
             "sae": "tiny",  # the index's name, not its SAE's path: the preset travels with the index
             "edits": [{"feature": PLANTED, "mode": "set", "value": 40.0}],
         }

@@ -102,3 +102,30 @@ def test_config_is_frozen() -> None:
     cfg = SteeringConfig.model_validate({"interventions": [{"op": "add", "layer": 1, "vector": [1.0]}]})
     with pytest.raises(ValidationError):
         cfg.interventions[0].coefficient = 3.0  # type: ignore[misc]
+
+
+def test_every_file_reference_is_listed_and_mapped_in_one_walk(tmp_path: Path) -> None:
+    cfg = SteeringConfig.from_dict(
+        {
+            "interventions": [
+                {"layer": 1, "op": "add", "vector": "v.safetensors", "apply": {"when": {"probe": "p.safetensors",
+                                                                                       "above": 0, "scope": "prompt"}}},
+                {"layer": 2, "op": "ablate", "vector": [1.0, 0.0]},
+                {"op": "sae", "sae": "saes/a", "apply": {"when": {"feature": 3, "sae": "saes/b", "above": 0}}},
+                {"layer": 0, "op": "refuse", "apply": {"when": {"vector": "h.safetensors", "above": 0,
+                                                                "scope": "prompt"}}},
+            ]
+        },
+        base_dir=tmp_path,
+    )  # fmt: skip
+    assert [(r.where, r.kind, r.ref) for r in cfg.refs()] == [
+        ("interventions[0].vector", "vector", "v.safetensors"),
+        ("interventions[0].apply.when.probe", "probe", "p.safetensors"),
+        ("interventions[2].sae", "sae", "saes/a"),
+        ("interventions[2].apply.when.sae", "sae", "saes/b"),
+        ("interventions[3].apply.when.vector", "vector", "h.safetensors"),
+    ]
+    mapped = cfg.map_refs(lambda r: f"/root/{r.kind}/{r.ref}")
+    assert [r.ref for r in mapped.refs()] == [f"/root/{r.kind}/{r.ref}" for r in cfg.refs()]
+    assert mapped.base_dir == cfg.base_dir and mapped.interventions[1] == cfg.interventions[1]  # inline kept
+    assert cfg.refs()[0].ref == "v.safetensors"  # the original is untouched

@@ -54,7 +54,7 @@ def test_random_control_keeps_norm_site_and_policy(tmp_path: Path) -> None:
         ("add", 3, "mlp_out"),
         ("add", 1, "resid_post"),
         ("add", 2, "resid_post"),
-        ("replace", 0, "resid_post"),
+        ("replace", 0, None),  # an SAE op runs at the SAE's own site unless given
     ]
     first = ctl.interventions[0]
     assert isinstance(first, AddOp) and first.coefficient == 2.0 and first.apply.tokens == "generated"

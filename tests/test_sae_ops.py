@@ -149,8 +149,28 @@ def test_transcoder_replaces_mlp_out(model: torch.nn.Module, ids: Tensor, tmp_pa
     ):
         hidden(model, ids)
     torch.testing.assert_close(out["blocks.1.hook_mlp_out"], tc(mlp_in).detach(), atol=1e-5, rtol=1e-5)
-    with pytest.raises(SteeringConfigError, match="set site: mlp_out"):
+    with pytest.raises(SteeringConfigError, match="trained at layer 1, site mlp_out"):
         attach(model, cfg(tmp_path, {"op": "replace", "layer": 1, "site": "resid_post", "sae": "tc"}))
+    with pytest.raises(SteeringConfigError, match="set site: mlp_out"):
+        attach(model, cfg(tmp_path, {"op": "replace", "layer": 1, "site": "resid_post", "sae": "tc", "any_site": True}))
+
+
+def test_an_sae_runs_where_it_was_trained_unless_told_otherwise(
+    model: torch.nn.Module, ids: Tensor, tmp_path: Path
+) -> None:
+    """Its metadata's site is the default; another layer, or every layer, is an error unless any_site says so."""
+    make_sae(tmp_path / "sae")  # trained at blocks.1.hook_resid_post
+    with steer(model, cfg(tmp_path, {"op": "replace", "sae": "sae"})) as own:
+        assert sorted(own.plan.ops) == [(1, "resid_post")]
+        by_default = hidden(model, ids)
+    with steer(model, cfg(tmp_path, {"op": "replace", "sae": "sae", "layer": 1, "site": "resid_post"})):
+        torch.testing.assert_close(hidden(model, ids)[2], by_default[2], rtol=0, atol=0)
+    for elsewhere in ({"layer": 2}, {"layer": "all"}, {"site": "resid_pre"}, {"layer": [1, 2]}):
+        with pytest.raises(SteeringConfigError, match="trained at layer 1, site resid_post.*any_site: true"):
+            attach(model, cfg(tmp_path, {"op": "sae", "sae": "sae", **elsewhere}))
+    with steer(model, cfg(tmp_path, {"op": "replace", "sae": "sae", "layer": "all", "any_site": True})) as anywhere:
+        assert sorted(anywhere.plan.ops) == [(0, "resid_post"), (1, "resid_post"), (2, "resid_post")]
+    assert hooks_installed(model) == 0
 
 
 def test_sae_errors_name_the_field(model: torch.nn.Module, tmp_path: Path) -> None:

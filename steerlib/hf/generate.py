@@ -23,6 +23,8 @@ class Generation:
     n_new_tokens: int
     refused_by: str | None = None
     """Name of the ``refuse`` detector that answered instead of the model (None: the model generated)."""
+    token_ids: tuple[int, ...] = ()
+    """The generated token ids, up to and including the first end-of-turn token."""
 
 
 def render_prompts(
@@ -95,5 +97,6 @@ def _generate_batch(
         n_new = int(ends[0, 0]) + 1 if len(ends) else len(new)  # up to and including the first end-of-turn token
         text = tokenizer.decode(new, skip_special_tokens=True).strip()
         by = fired[i].detector if i in fired else None
-        results.append(Generation(prompt, text, int(enc["attention_mask"][i].sum()), n_new, by))
+        ids = tuple(int(t) for t in new[:n_new].tolist())
+        results.append(Generation(prompt, text, int(enc["attention_mask"][i].sum()), n_new, by, ids))
     return results
