@@ -110,7 +110,7 @@ class ShuffleBuffer:
         if capacity < 2 * batch_size:
             raise ValueError(f"shuffle buffer capacity {capacity} must be at least 2x the batch size {batch_size}")
         self.capacity, self.batch_size = capacity, batch_size
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)  # the buffer lives on the host
 
     def batches(self, chunks: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
         """Random batches of ``batch_size`` rows (every site shuffled with the same permutation)."""
@@ -126,7 +126,7 @@ class ShuffleBuffer:
             n = _rows(pool)
             if n < self.batch_size:
                 return
-            perm = torch.randperm(n, generator=self.gen)
+            perm = torch.randperm(n, generator=self.gen, device="cpu")
             pool = {k: v[perm] for k, v in pool.items()}
             take = n - self.capacity // 2 if not exhausted else n  # keep half the buffer for mixing
             take = max(self.batch_size, take - take % self.batch_size)

@@ -65,7 +65,8 @@ def batch_indices(step: int, batch_size: int, n_rows: int, seed: int) -> Tensor:
     if per_epoch == 0:
         raise ValueError(f"batch size {batch_size} is larger than the {n_rows} rows of training data")
     epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n_rows, generator=gen, device="cpu")
     return perm[i * batch_size : (i + 1) * batch_size]
 
 

@@ -130,7 +130,7 @@ def iter_contexts(
         if packing.sep_id is not None:
             buf.append(packing.sep_id)
         while len(buf) >= body:
-            yield torch.tensor(head + buf[:body], dtype=torch.long)
+            yield torch.tensor(head + buf[:body], dtype=torch.long, device="cpu")
             del buf[:body]
             made += 1
             if max_contexts is not None and made >= max_contexts:

@@ -97,13 +97,13 @@ class TrainSae(nn.Module, abc.ABC):
     def initialize(self, b_dec_D: Tensor, generator: torch.Generator) -> None:
         """Random unit decoder rows, encoder = decoder transpose (Gao et al. §2.3) scaled to ``encoder_init_norm``,
         ``b_dec`` given (a median)."""
-        W = torch.randn(self.spec.d_sae, self.spec.d_out, generator=generator)
+        W = torch.randn(self.spec.d_sae, self.spec.d_out, generator=generator, device="cpu")  # one init everywhere
         W /= W.norm(dim=1, keepdim=True)
         self.sae.W_dec.copy_(W)
         if self.spec.d_in == self.spec.d_out:
             W_enc = W.T.clone()
         else:
-            W_enc = torch.randn(self.spec.d_in, self.spec.d_sae, generator=generator)
+            W_enc = torch.randn(self.spec.d_in, self.spec.d_sae, generator=generator, device="cpu")
             W_enc /= W_enc.norm(dim=0, keepdim=True)
         self.sae.W_enc.copy_(W_enc * self.encoder_init_norm)
         self.sae.b_dec.copy_(b_dec_D)

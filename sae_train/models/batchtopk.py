@@ -31,7 +31,7 @@ class BatchTopKTrainSae(TrainSae):
     def __init__(self, spec: ArchSpec) -> None:
         super().__init__(spec)
         self.running_threshold: Tensor
-        self.register_buffer("running_threshold", torch.tensor(-1.0))
+        self.register_buffer("running_threshold", torch.tensor(-1.0, device="cpu"))  # moved with the module
 
     def latents(self, x_in_ND: Tensor) -> Tensor:
         assert self.spec.k is not None

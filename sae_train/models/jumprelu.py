@@ -61,7 +61,9 @@ class JumpReluTrainSae(TrainSae):
 
     def __init__(self, spec: ArchSpec) -> None:
         super().__init__(spec)
-        self.log_threshold = nn.Parameter(torch.full((spec.d_sae,), math.log(spec.jumprelu_init_threshold)))
+        self.log_threshold = nn.Parameter(
+            torch.full((spec.d_sae,), math.log(spec.jumprelu_init_threshold), device="cpu")
+        )
 
     def forward(self, x_in_ND: Tensor, x_out_ND: Tensor, dead_F: Tensor | None) -> TrainOutput:
         pre_NF = self.sae.pre_acts(x_in_ND).float()
