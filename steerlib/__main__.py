@@ -2,6 +2,7 @@
 
 python -m steerlib demo                                   # the shipped example config on the embedded model
 python -m steerlib generate --config steer.yaml --prompt "..." [--model NAME_OR_PATH] [--device D] [--dtype T]
+python -m steerlib convert IN OUT [--scale S] [--layer-range A B]  # GGUF control vector <-> config / vector file
 """
 
 from __future__ import annotations
@@ -49,10 +50,19 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--max-new-tokens", type=int, default=48)
         s.add_argument("--threads", type=int, default=1, help="torch threads (1 is robust on a busy 2-core box)")
         s.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    c = sub.add_parser(
+        "convert", add_help=False, help="GGUF control vector <-> steerlib config or vector file (see convert -h)"
+    )
+    c.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["convert"]:  # its own parser (steerlib.convert): every option after the word is its
+        from steerlib import convert
+
+        return convert.main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)

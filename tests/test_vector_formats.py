@@ -266,10 +266,10 @@ def test_cli_names_allowed_suffixes(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "unknown suffix '.pt'; allowed: .gguf, .yaml, .yml, .json, .safetensors" in capsys.readouterr().err
 
 
-def test_python_m_convert_runs_and_imports_no_optional_package(tmp_path: Path) -> None:
+def test_python_m_steerlib_convert_runs_and_imports_no_optional_package(tmp_path: Path) -> None:
     save_gguf(SteeringVector.per_layer({1: torch.ones(D)}), tmp_path / "c.gguf", model_hint="llama")
     run = subprocess.run(
-        [sys.executable, "-m", "steerlib.convert", str(tmp_path / "c.gguf"), str(tmp_path / "c.yaml")],
+        [sys.executable, "-m", "steerlib", "convert", str(tmp_path / "c.gguf"), str(tmp_path / "c.yaml")],
         cwd=ROOT,
         capture_output=True,
         text=True,
