@@ -12,6 +12,7 @@ conversion never leaves a half-written folder that a later call would trust, and
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -19,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +60,10 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM in eval mode and its tokenizer (left padding, a pad token).
 
-    ``name`` is ``None`` for the embedded SmolLM2-135M-Instruct, a local model folder, a local PEFT
-    adapter folder (one with ``adapter_config.json``; the adapter is merged into its base model), or a
-    hub id that transformers resolves (from its cache when offline). ``device`` and ``dtype`` are settings as in
+    ``name`` is ``None`` for the embedded SmolLM2-135M-Instruct, a local model folder, a ``.gguf`` checkpoint
+    (llama.cpp's format; dequantised once to an fp32 folder in the cache), a local PEFT adapter folder (one with
+    ``adapter_config.json``; the adapter is merged into its base model), or a hub id that transformers resolves
+    (from its cache when offline). ``device`` and ``dtype`` are settings as in
     :mod:`steerlib.devices` (``auto``: CUDA when present; the checkpoint's dtype where the hardware runs it fast,
     else float32; the embedded model's converted checkpoint is float32). ``cache_dir`` is where the embedded
     model is converted to; it defaults to ``$STEERLIB_CACHE``, else ``~/.cache/steerlib``.
@@ -106,20 +109,34 @@ def embedded_gguf_path() -> Path:
 
 def embedded_model_folder(cache_dir: str | Path | None = None) -> Path:
     """The converted fp32 folder of the embedded model, converting the GGUF first if needed."""
+    return _converted(embedded_gguf_path, EMBEDDED_NAME, cache_dir)
+
+
+def gguf_model_folder(gguf: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """A GGUF checkpoint (llama.cpp's format) converted once to an fp32 safetensors folder in the cache, keyed by the
+    file's name, size and modification time (a changed file converts again)."""
+    path = Path(gguf).expanduser().resolve()
+    st = path.stat()
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return _converted(lambda: path, f"gguf-{path.stem}-{key}", cache_dir)
+
+
+def _converted(source: Callable[[], Path], name: str, cache_dir: str | Path | None) -> Path:
+    """``<cache>/models/<name>``, converted from the GGUF ``source()`` names under a file lock unless done."""
     models = cache_root(cache_dir) / "models"
-    folder = models / EMBEDDED_NAME
+    folder = models / name
     if _is_complete(folder):
         return folder
     models.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(models / f"{EMBEDDED_NAME}.lock"), timeout=_LOCK_TIMEOUT_S)
+    lock = FileLock(str(models / f"{name}.lock"), timeout=_LOCK_TIMEOUT_S)
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        logger.info("another process is converting the embedded model; waiting for %s", lock.lock_file)
+        logger.info("another process is converting %s; waiting for %s", name, lock.lock_file)
         lock.acquire()
     try:
         if not _is_complete(folder):  # another process may have converted while we waited
-            _convert_atomically(embedded_gguf_path(), folder)
+            _convert_atomically(source(), folder)
     finally:
         lock.release()
     return folder
@@ -194,8 +211,12 @@ def _load_named(
         if (path / "adapter_config.json").is_file():
             return _load_adapter(path, dtype, device, cache_dir)
         return _from_pretrained(str(path), dtype, device, local_only=True)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _from_pretrained(str(gguf_model_folder(path, cache_dir)), dtype, device, local_only=True)
     if path.exists():
-        raise NotADirectoryError(f"{name!r} is a file; give a model folder, a hub id, or None (embedded model)")
+        raise NotADirectoryError(
+            f"{name!r} is a file; give a model folder, a .gguf checkpoint, a hub id, or None (embedded model)"
+        )
     if _looks_like_path(name):
         raise FileNotFoundError(f"model folder {name!r} does not exist")
     return _from_hub(name, dtype, device)
