@@ -41,7 +41,7 @@ import time
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -49,10 +49,10 @@ from tqdm import tqdm
 
 from sae_train.activations import ActivationCache, typical_rows
 from sae_train.batches import TensorRows, batch_indices
-from sae_train.config import ActivationConfig, DataConfig, SaeConfig, TrainConfig
-from sae_train.models import ArchSpec, get_train_architecture
+from sae_train.config import ActivationConfig, DataConfig, OptimConfig, SaeConfig, TrainConfig
+from sae_train.models import build_train_sae
 from sae_train.pipeline import build_cache, fingerprint, sites_of
-from sae_train.trainer import Trainer, TrainPlan
+from sae_train.trainer import Trainer
 from steerlib.devices import add_device_arguments, hardware_info
 from steerlib.hf.loading import cache_root, load_model
 
@@ -106,12 +106,15 @@ def race(contestants: dict[str, Contestant], held: Tensor, steps: int, marks: li
             for n, c in contestants.items()}  # fmt: skip
 
 
-def sae_train_contestant(rows: TensorRows, args: argparse.Namespace, dtype: str) -> Contestant:
+def sae_train_contestant(
+    rows: TensorRows, args: argparse.Namespace, dtype: Literal["float32", "bfloat16"]
+) -> Contestant:
     d = rows.x_in_ND.shape[1]
-    spec = ArchSpec(d_in=d, d_sae=args.expansion * d, d_out=d, k=args.k)
-    plan = TrainPlan(steps=args.steps, batch_size=args.batch_size, lr=args.lr, auxk_alpha=args.auxk_alpha,
-                     dead_tokens=args.dead_tokens, dtype=dtype, seed=0)  # fmt: skip
-    trainer = Trainer(get_train_architecture("topk")(spec), plan, rows)
+    sae = SaeConfig(architecture="topk", input_site=args.site, d_sae=args.expansion * d, k=args.k)
+    optim = OptimConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, auxk_alpha=args.auxk_alpha,
+                        dead_tokens=args.dead_tokens, dtype=dtype, seed=0, warmup_steps=0, decay_fraction=0.0,
+                        sparsity_coefficient=0.0)  # fmt: skip
+    trainer = Trainer(build_train_sae(sae, d, d), optim, rows)
     return Contestant(lambda i: _ignore(trainer.train_step()), trainer.export, {})
 
 

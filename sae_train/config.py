@@ -1,11 +1,13 @@
 """The training config a user writes (YAML or JSON): pydantic models with ``extra="forbid"``, a description per field.
 
-``python -m sae_train CONFIG.yaml`` reads a :class:`TrainConfig`; :func:`sae_train.plan.resolve` turns it into the
-frozen plan the trainer runs, so the config is never edited after loading.
+``python -m sae_train CONFIG.yaml`` reads a :class:`TrainConfig`; the resolved parts (``SaeConfig.resolved``,
+``OptimConfig.resolved``: copies with every null default filled in) go to the models and the trainer unchanged, as
+sparsify passes its config to its trainer; a config is never edited after loading.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,6 +16,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from steerlib.devices import DEVICE_HELP, DTYPE_HELP, DtypeName, check_device_name, dtype_name
 
+K_SPARSE = ("topk", "batchtopk", "matryoshka")
+"""Architectures with a fixed number ``k`` of active latents per token (on average, for the batch ones)."""
 DEFAULT_SOURCES = ["corpus:sotu", "corpus:moby-dick", "corpus:shakespeare", "corpus:python-docs"]
 
 
@@ -86,6 +90,28 @@ class SaeConfig(_Strict):
     jumprelu_bandwidth: float = Field(0.001, gt=0, description="Width of the straight-through kernel (JumpReLU).")
     jumprelu_init_threshold: float = Field(0.001, gt=0, description="Initial threshold (JumpReLU).")
 
+    @model_validator(mode="after")
+    def _k_needed(self) -> SaeConfig:
+        if self.architecture in K_SPARSE and self.k is None:
+            raise ValueError(f"sae.k is required for architecture {self.architecture}")
+        return self
+
+    @property
+    def out_site(self) -> str:
+        """The site predicted: ``output_site``, or ``input_site`` for an SAE."""
+        return self.output_site or self.input_site
+
+    @property
+    def transcoder(self) -> bool:
+        return self.out_site != self.input_site
+
+    def resolved(self, d_in: int) -> SaeConfig:
+        """A copy with every null default filled in for inputs of width ``d_in``: ``d_sae``, ``output_site`` and
+        ``matryoshka_prefixes`` (the copy resolves to itself)."""
+        d_sae = self.d_sae or self.expansion * d_in
+        prefixes = self.matryoshka_prefixes or [d_sae // 8, d_sae // 4, d_sae // 2, d_sae]
+        return self.model_copy(update={"d_sae": d_sae, "output_site": self.out_site, "matryoshka_prefixes": prefixes})
+
 
 class OptimConfig(_Strict):
     lr: float | None = Field(None, gt=0, description="Adam learning rate; null = 2e-4 / sqrt(d_sae / 16384) (Gao).")
@@ -109,6 +135,11 @@ class OptimConfig(_Strict):
         "(weights and Adam state stay fp32); auto = bfloat16 where the device runs it natively, else float32.",
     )
     seed: int = Field(0, description="Seed for initialisation and batch order.")
+
+    def resolved(self, d_sae: int, n_rows: int) -> OptimConfig:
+        """A copy with ``steps`` and ``lr`` filled in for ``d_sae`` latents and ``n_rows`` training rows per epoch."""
+        steps = self.steps or max(1, n_rows // self.batch_size)
+        return self.model_copy(update={"steps": steps, "lr": self.lr or 2e-4 / math.sqrt(d_sae / 16384)})
 
 
 class RunConfig(_Strict):
@@ -142,9 +173,7 @@ class TrainConfig(_Strict):
     run: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")
-    def _k_needed(self) -> TrainConfig:
-        if self.sae.architecture in ("topk", "batchtopk", "matryoshka") and self.sae.k is None:
-            raise ValueError(f"sae.k is required for architecture {self.sae.architecture}")
+    def _buffer_holds_two_batches(self) -> TrainConfig:
         if not self.activations.cache and self.activations.shuffle_buffer < 2 * self.optim.batch_size:
             raise ValueError(
                 f"activations.shuffle_buffer={self.activations.shuffle_buffer} must be at least 2x "

@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import save_file
 
 from sae_train.checkpoint import atomic_write_bytes
@@ -65,9 +64,3 @@ def export_saelens(sae: Sae, folder: str | os.PathLike[str]) -> Path:
     os.replace(out / ".sae_weights.tmp", out / "sae_weights.safetensors")
     atomic_write_bytes(out / "cfg.json", (json.dumps(cfg, indent=2) + "\n").encode())
     return out
-
-
-def same_function(a: Sae, b: Sae, x_ND: torch.Tensor, atol: float = 1e-5) -> bool:
-    """Whether two SAEs give the same reconstruction of ``x_ND`` (used to check an export)."""
-    with torch.no_grad():
-        return bool(torch.allclose(a(x_ND), b(x_ND), atol=atol))

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,9 @@ from sae_train.data import Tokenizer, contexts, packing_for
 from sae_train.dist import DistInfo, init_from_env, process_device
 from sae_train.export import export_saelens
 from sae_train.metrics import SaeMetrics, evaluate
-from sae_train.models import ArchSpec, TrainSae, get_train_architecture
+from sae_train.models import TrainSae, build_train_sae
 from sae_train.stream import Chunks, StreamBatches
-from sae_train.trainer import Trainer, TrainPlan
+from sae_train.trainer import Trainer
 from steerlib.devices import resolve_device
 from steerlib.hf.loading import cache_root, load_model
 from steerlib.sae import Sae, save_sae
@@ -57,7 +58,7 @@ def fingerprint(cfg: TrainConfig, sites: list[str]) -> str:
 
 
 def sites_of(cfg: TrainConfig) -> list[str]:
-    return list(dict.fromkeys([cfg.sae.input_site, cfg.sae.output_site or cfg.sae.input_site]))
+    return list(dict.fromkeys([cfg.sae.input_site, cfg.sae.out_site]))
 
 
 def build_cache(cfg: TrainConfig, model: torch.nn.Module, tok: Tokenizer, folder: Path) -> ActivationCache:
@@ -105,43 +106,38 @@ def stream_source(
             f"by the {world} processes"
         )
     return StreamBatches(
-        _harvester(cfg, model, tok, progress=False, info=info), cfg.sae.input_site,
-        cfg.sae.output_site or cfg.sae.input_site, batch_size=cfg.optim.batch_size // world,
-        buffer_rows=a.shuffle_buffer // world, seed=cfg.optim.seed, max_norm_factor=a.max_norm_factor,
+        _harvester(cfg, model, tok, progress=False, info=info),
+        cfg.sae.input_site,
+        cfg.sae.out_site,
+        batch_size=cfg.optim.batch_size // world,
+        buffer_rows=a.shuffle_buffer // world,
+        seed=cfg.optim.seed,
+        max_norm_factor=a.max_norm_factor,
         norm_sample=cfg.optim.init_sample,
-    )  # fmt: skip
+    )
 
 
 def make_sae(cfg: TrainConfig, d_in: int, d_out: int) -> TrainSae:
-    s = cfg.sae
-    d_sae = s.d_sae or s.expansion * d_in
-    out_site = s.output_site or s.input_site
-    prefixes = tuple(s.matryoshka_prefixes or [d_sae // 8, d_sae // 4, d_sae // 2, d_sae])
-    spec = ArchSpec(
-        d_in=d_in, d_sae=d_sae, d_out=d_out, k=s.k, transcoder=out_site != s.input_site, skip=s.skip,
-        input_site=s.input_site, output_site=out_site, model=cfg.model or "SmolLM2-135M-Instruct",
-        jumprelu_bandwidth=s.jumprelu_bandwidth, jumprelu_init_threshold=s.jumprelu_init_threshold,
-        matryoshka_prefixes=prefixes, encoder_init_norm=s.encoder_init_norm,
-    )  # fmt: skip
-    return get_train_architecture(s.architecture)(spec)
+    """The training SAE ``cfg.sae`` describes, for the widths found in the activations."""
+    return build_train_sae(cfg.sae, d_in, d_out, model=cfg.model or "SmolLM2-135M-Instruct")
 
 
-def make_plan(cfg: TrainConfig, d_sae: int, n_rows: int) -> TrainPlan:
-    o, r = cfg.optim, cfg.run
-    return TrainPlan(
-        steps=o.steps or max(1, n_rows // o.batch_size), batch_size=o.batch_size,
-        lr=o.lr or 2e-4 / math.sqrt(d_sae / 16384), warmup_steps=o.warmup_steps, decay_fraction=o.decay_fraction,
-        sparsity_coefficient=o.sparsity_coefficient, sparsity_warmup_steps=o.sparsity_warmup_steps,
-        auxk_alpha=o.auxk_alpha, dead_tokens=o.dead_tokens, b_dec_init=o.b_dec_init, init_sample=o.init_sample,
-        dtype=o.dtype, seed=o.seed, checkpoint_every=r.checkpoint_every, log_every=r.log_every, resume=r.resume,
-        progress=True,
-    )  # fmt: skip
+def make_trainer(
+    cfg: TrainConfig,
+    sae: TrainSae,
+    source: CacheRows | StreamBatches,
+    n_rows: int,
+    out: Path | None = None,
+    info: DistInfo | None = None,
+    device: torch.device | None = None,
+) -> Trainer:
+    """The trainer for ``sae``: ``cfg.optim`` resolved for its size and ``n_rows`` rows per epoch, ``cfg.run``."""
+    optim = cfg.optim.resolved(sae.d_sae, n_rows)
+    return Trainer(sae, optim, source, out, info, device, run=cfg.run, progress=True)
 
 
 def run(cfg: TrainConfig, base_dir: Path, info: DistInfo | None = None) -> RunResult:
     """Train and evaluate the SAE ``cfg`` describes; paths in ``cfg`` are relative to ``base_dir``."""
-    import time
-
     device = process_device(resolve_device(cfg.device))
     info = info or init_from_env(device)
     if cfg.run.threads:
@@ -149,8 +145,7 @@ def run(cfg: TrainConfig, base_dir: Path, info: DistInfo | None = None) -> RunRe
     out = (base_dir / cfg.run.out_dir).resolve()
     model, tok = load_model(cfg.model, device=device, dtype=cfg.dtype)
     source, d_in, d_out, n_rows = _source(cfg, model, tok, base_dir, info)
-    train_sae = make_sae(cfg, d_in, d_out)
-    trainer = Trainer(train_sae, make_plan(cfg, train_sae.spec.d_sae, n_rows), source, out, info, device)
+    trainer = make_trainer(cfg, make_sae(cfg, d_in, d_out), source, n_rows, out, info, device)
     t0 = time.perf_counter()
     try:
         trainer.fit()
@@ -173,7 +168,7 @@ def _source(
     cfg: TrainConfig, model: torch.nn.Module, tok: Tokenizer, base_dir: Path, info: DistInfo
 ) -> tuple[CacheRows | StreamBatches, int, int, int]:
     """The training rows (cached or streamed), the input and output widths, and the number of rows per epoch."""
-    in_site, out_site = cfg.sae.input_site, cfg.sae.output_site or cfg.sae.input_site
+    in_site, out_site = cfg.sae.input_site, cfg.sae.out_site
     if not cfg.activations.cache:
         stream = stream_source(cfg, model, tok, info)
         d_in, d_out = stream.dims()

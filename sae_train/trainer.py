@@ -15,7 +15,6 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from sae_train.batches import RowSource, batch_indices, shard
 from sae_train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from sae_train.config import OptimConfig, RunConfig
 from sae_train.dist import (
     DistInfo,
     all_reduce_grads,
@@ -45,29 +45,6 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
-@dataclass(frozen=True)
-class TrainPlan:
-    """Resolved training settings (see :class:`sae_train.config.OptimConfig` for each field's meaning)."""
-
-    steps: int
-    batch_size: int
-    lr: float
-    warmup_steps: int = 0
-    decay_fraction: float = 0.0
-    sparsity_coefficient: float = 0.0
-    sparsity_warmup_steps: int = 0
-    auxk_alpha: float = 1 / 32
-    dead_tokens: int = 1_000_000
-    b_dec_init: str = "geometric_median"
-    init_sample: int = 4096
-    dtype: str = "float32"
-    seed: int = 0
-    checkpoint_every: int = 200
-    log_every: int = 20
-    resume: bool = True
-    progress: bool = False
-
-
 class StepMetrics(NamedTuple):
     step: int
     loss: float
@@ -80,7 +57,8 @@ class StepMetrics(NamedTuple):
 
 
 class Trainer:
-    """Trains ``model`` on ``source`` per ``plan``; checkpoints and logs into ``out_dir`` (None: neither).
+    """Trains ``model`` on ``source`` per ``optim`` (resolved: :meth:`~sae_train.config.OptimConfig.resolved`) and
+    ``run`` (checkpoint and log intervals, resume); checkpoints and logs into ``out_dir`` (None: neither).
 
     ``source`` is rows in memory or in a cache (batch ``i`` = rows drawn from ``(seed, i)``) or a stream harvested
     on the fly (:class:`~sae_train.stream.StreamBatches`, which makes batch ``i`` itself).
@@ -89,20 +67,23 @@ class Trainer:
     def __init__(
         self,
         model: TrainSae,
-        plan: TrainPlan,
+        optim: OptimConfig,
         source: RowSource | StreamBatches,
         out_dir: str | Path | None = None,
         info: DistInfo | None = None,
         device: torch.device | None = None,
+        run: RunConfig | None = None,
+        progress: bool = False,
     ) -> None:
+        self.steps, self.lr = _steps_and_lr(optim)
         self.device = torch.device("cpu") if device is None else device
-        self.model, self.plan, self.source = model.to(self.device), plan, source
+        self.model, self.optim, self.run, self.source = model.to(self.device), optim, run or RunConfig(), source
         self.out_dir = None if out_dir is None else Path(out_dir)
-        self.info = info or DistInfo()
-        self.autocast = mixed_precision(plan.dtype, self.device)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=plan.lr, betas=(0.9, 0.999))
+        self.info, self.progress = info or DistInfo(), progress
+        self.autocast = mixed_precision(optim.dtype, self.device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.lr, betas=(0.9, 0.999))
         self.step = 0
-        self.since_fired_F = torch.zeros(model.spec.d_sae, dtype=torch.long, device=self.device)
+        self.since_fired_F = torch.zeros(model.d_sae, dtype=torch.long, device=self.device)
         self.c_in = self.c_out = 1.0
         if not self._resume():
             self._initialize()
@@ -110,7 +91,7 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------------------
     def _resume(self) -> bool:
-        if self.out_dir is None or not self.plan.resume:
+        if self.out_dir is None or not self.run.resume:
             return False
         state = load_checkpoint(self.out_dir / CHECKPOINT_FILE, self.device)
         if state is None:
@@ -128,54 +109,54 @@ class Trainer:
     def _initialize(self) -> None:
         """Scales and ``b_dec`` from a sample of rows (on the host; with several processes rank 0's are broadcast),
         weights from a seeded CPU generator: the same initial SAE on every device."""
-        gen = torch.Generator(device="cpu").manual_seed(self.plan.seed)
+        gen = torch.Generator(device="cpu").manual_seed(self.optim.seed)
         if isinstance(self.source, StreamBatches):
-            x_in, x_out = self.source.sample(self.plan.init_sample)
+            x_in, x_out = self.source.sample(self.optim.init_sample)
         else:
-            n = min(self.plan.init_sample, len(self.source))
+            n = min(self.optim.init_sample, len(self.source))
             x_in, x_out = self.source.rows(torch.randperm(len(self.source), generator=gen, device="cpu")[:n])
         scales = torch.tensor([norm_scale(x_in), norm_scale(x_out)], dtype=torch.float64, device=self.device)
         broadcast_tensor(scales, self.info)
         self.c_in, self.c_out = float(scales[0]), float(scales[1])
         y = x_out * self.c_out
-        init = self.plan.b_dec_init
+        init = self.optim.b_dec_init
         b_dec = geometric_median(y) if init == "geometric_median" else y.mean(0) if init == "mean" else y[0] * 0
         self.model.initialize(b_dec.to(self.device), gen)
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> list[StepMetrics]:
-        """Train to ``plan.steps`` (or stop after step ``stop_after`` without a final checkpoint, as a kill would)."""
+        """Train to ``optim.steps`` (or stop after step ``stop_after`` without a final checkpoint, as a kill would)."""
         history: list[StepMetrics] = []
-        end = self.plan.steps if stop_after is None else min(stop_after, self.plan.steps)
-        bar = tqdm(total=self.plan.steps, initial=self.step, disable=not (self.plan.progress and self.info.is_main))
-        t0, tokens0 = time.perf_counter(), self.step * self.plan.batch_size
+        end = self.steps if stop_after is None else min(stop_after, self.steps)
+        bar = tqdm(total=self.steps, initial=self.step, disable=not (self.progress and self.info.is_main))
+        t0, tokens0 = time.perf_counter(), self.step * self.optim.batch_size
         while self.step < end:
             m = self.train_step()
             history.append(m)
             bar.update(1)
             bar.set_postfix(fvu=f"{m.fvu:.3f}", l0=f"{m.l0:.1f}", dead=f"{m.dead_fraction:.3f}")
-            if self.step % self.plan.log_every == 0 or self.step == self.plan.steps:
-                rate = (self.step * self.plan.batch_size - tokens0) / (time.perf_counter() - t0)
+            if self.step % self.run.log_every == 0 or self.step == self.steps:
+                rate = (self.step * self.optim.batch_size - tokens0) / (time.perf_counter() - t0)
                 self._log(m, rate)
-            if self.step % self.plan.checkpoint_every == 0 and self.step < self.plan.steps:
+            if self.step % self.run.checkpoint_every == 0 and self.step < self.steps:
                 self.save_checkpoint()
         bar.close()
-        if self.step == self.plan.steps and stop_after is None:
+        if self.step == self.steps and stop_after is None:
             self.save_checkpoint()
         return history
 
     def train_step(self) -> StepMetrics:
-        plan, model = self.plan, self.model
-        lr = plan.lr * lr_factor(self.step, plan.steps, plan.warmup_steps, plan.decay_fraction)
+        o, model = self.optim, self.model
+        lr = self.lr * lr_factor(self.step, self.steps, o.warmup_steps, o.decay_fraction)
         for group in self.opt.param_groups:
             group["lr"] = lr
         x_in, x_out = self._batch()
-        dead_F = self.since_fired_F >= plan.dead_tokens if model.uses_auxk else None
+        dead_F = self.since_fired_F >= o.dead_tokens if model.uses_auxk else None
         with self._precision():
             out = model(x_in, x_out, dead_F)
-        denom = plan.batch_size * model.spec.d_out  # global tokens x width: per-element MSE of normalised data
-        coef = plan.sparsity_coefficient * sparsity_factor(self.step, plan.sparsity_warmup_steps)
-        aux_w = plan.auxk_alpha if model.uses_auxk else 1.0
+        denom = o.batch_size * model.d_out  # global tokens x width: per-element MSE of normalised data
+        coef = o.sparsity_coefficient * sparsity_factor(self.step, o.sparsity_warmup_steps)
+        aux_w = o.auxk_alpha if model.uses_auxk else 1.0
         loss = (out.recon + coef * out.sparsity + aux_w * out.aux) / denom
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -184,7 +165,7 @@ class Trainer:
         self.opt.step()
         model.normalize_decoder()
         fired = any_over_ranks(out.fired_F, self.info)
-        self.since_fired_F += plan.batch_size
+        self.since_fired_F += o.batch_size
         self.since_fired_F.masked_fill_(fired, 0)
         self.step += 1
         return self._metrics(out.recon, out.l0, out.aux, loss, x_out, lr)
@@ -192,8 +173,8 @@ class Trainer:
     def _metrics(self, recon: Tensor, l0: Tensor, aux: Tensor, loss: Tensor, x_out: Tensor, lr: float) -> StepMetrics:
         var = (x_out - x_out.mean(0)).pow(2).sum()
         sums = sum_over_ranks(torch.stack([recon.detach(), var, l0.detach(), aux.detach(), loss.detach()]), self.info)
-        dead = float((self.since_fired_F >= self.plan.dead_tokens).float().mean())
-        b = self.plan.batch_size
+        dead = float((self.since_fired_F >= self.optim.dead_tokens).float().mean())
+        b = self.optim.batch_size
         return StepMetrics(self.step, float(sums[4]), float(sums[0] / sums[1]), float(sums[2]) / b, float(sums[3]) / b,
                            dead, lr)  # fmt: skip
 
@@ -202,7 +183,7 @@ class Trainer:
         if isinstance(self.source, StreamBatches):
             x_in, x_out = self.source.batch(self.step)
         else:
-            idx = batch_indices(self.step, self.plan.batch_size, len(self.source), self.plan.seed)
+            idx = batch_indices(self.step, self.optim.batch_size, len(self.source), self.optim.seed)
             x_in, x_out = self.source.rows(shard(idx, self.info.rank, self.info.world))
         return self._to_device(x_in) * self.c_in, self._to_device(x_out) * self.c_out
 
@@ -232,7 +213,8 @@ class Trainer:
             "since_fired": self.since_fired_F,
             "c_in": self.c_in,
             "c_out": self.c_out,
-            "plan": asdict(self.plan),
+            "optim": self.optim.model_dump(),
+            "run": self.run.model_dump(),
         }
         save_checkpoint(self.out_dir / CHECKPOINT_FILE, state)
 
@@ -251,6 +233,15 @@ class Trainer:
         if path.is_file():
             keep = [ln for ln in _lines(path) if json.loads(ln)["step"] <= self.step]
             path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _steps_and_lr(optim: OptimConfig) -> tuple[int, float]:
+    if optim.steps is None or optim.lr is None:
+        raise ValueError(
+            f"optim.steps={optim.steps} and optim.lr={optim.lr} must be resolved before training: "
+            "OptimConfig.resolved(d_sae, n_rows)"
+        )
+    return optim.steps, optim.lr
 
 
 def _lines(path: Path) -> Iterator[str]:

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from sae_train.config import TrainConfig
-from sae_train.pipeline import make_plan, make_sae
+from sae_train.pipeline import make_sae
 
 EXAMPLE = Path(__file__).parent.parent / "sae_train" / "examples" / "reference_l15_topk.yaml"
 
@@ -24,10 +24,24 @@ def test_a_typo_is_an_error(tmp_path: Path) -> None:
 def test_the_reference_config_resolves() -> None:
     cfg = TrainConfig.from_file(EXAMPLE)
     sae = make_sae(cfg, 576, 576)
-    assert (sae.spec.d_sae, sae.spec.k, sae.name) == (4608, 32, "topk")
-    assert not sae.spec.transcoder and sae.sae.subtract_b_dec
-    plan = make_plan(cfg, sae.spec.d_sae, 400_000)
-    assert plan.steps == 1200 and plan.lr == pytest.approx(1e-3)
+    assert (sae.d_sae, sae.cfg.k, sae.name) == (4608, 32, "topk")
+    assert not sae.cfg.transcoder and sae.sae.subtract_b_dec
+    optim = cfg.optim.resolved(sae.d_sae, 400_000)
+    assert optim.steps == 1200 and optim.lr == pytest.approx(1e-3)
+
+
+def test_resolving_fills_every_null_default_and_is_idempotent() -> None:
+    sae = TrainConfig().sae.model_copy(update={"architecture": "matryoshka"})
+    resolved = sae.resolved(64)
+    assert (resolved.d_sae, resolved.output_site, resolved.matryoshka_prefixes) == (
+        512,
+        "blocks.15.hook_resid_post",
+        [64, 128, 256, 512],
+    )
+    assert resolved.resolved(64) == resolved
+    optim = TrainConfig().optim.resolved(16384, 10_000)
+    assert (optim.steps, optim.lr) == (2, 2e-4)
+    assert optim.resolved(1, 1) == optim
 
 
 def test_mlp_in_to_mlp_out_is_a_transcoder() -> None:
@@ -35,8 +49,8 @@ def test_mlp_in_to_mlp_out_is_a_transcoder() -> None:
         {"sae": {"input_site": "blocks.3.hook_mlp_in", "output_site": "blocks.3.hook_mlp_out", "skip": True}}
     )
     sae = make_sae(cfg, 64, 64)
-    assert sae.spec.transcoder and sae.sae.W_skip is not None and not sae.sae.subtract_b_dec
-    assert make_plan(cfg, 512, 10_000).steps == 2  # one pass over the harvested tokens
+    assert sae.cfg.transcoder and sae.sae.W_skip is not None and not sae.sae.subtract_b_dec
+    assert cfg.optim.resolved(512, 10_000).steps == 2  # one pass over the harvested tokens
 
 
 def test_streaming_settings_are_checked_and_do_not_change_the_cache_fingerprint() -> None:

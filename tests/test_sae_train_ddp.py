@@ -7,20 +7,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_sae_train_models import spec, synthetic
+from test_sae_train_models import optim, synthetic, train_sae
 
 from sae_train.batches import TensorRows
 from sae_train.dist import DistInfo
-from sae_train.models import get_train_architecture
-from sae_train.trainer import Trainer, TrainPlan
+from sae_train.trainer import Trainer
 
-PLAN = TrainPlan(steps=12, batch_size=128, lr=3e-3, dead_tokens=300, warmup_steps=2, decay_fraction=0.3)
+OPTIM = optim(steps=12, dead_tokens=300, warmup_steps=2, decay_fraction=0.3)
 
 
 def _train(info: DistInfo) -> tuple[dict[str, torch.Tensor], list[float]]:
     torch.manual_seed(0)
     x = synthetic()
-    trainer = Trainer(get_train_architecture("topk")(spec()), PLAN, TensorRows(x, x), info=info)
+    trainer = Trainer(train_sae(), OPTIM, TensorRows(x, x), info=info)
     hist = trainer.fit()
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, [m.loss for m in hist]
 

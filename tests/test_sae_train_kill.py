@@ -22,16 +22,16 @@ STEPS, CHECKPOINT_EVERY = 600, 20
 
 def _train(out: Path) -> None:
     torch.set_num_threads(1)
-    from test_sae_train_models import spec, synthetic
+    from test_sae_train_models import optim, synthetic, train_sae
 
     from sae_train.batches import TensorRows
-    from sae_train.models import get_train_architecture
-    from sae_train.trainer import Trainer, TrainPlan
+    from sae_train.config import RunConfig
+    from sae_train.trainer import Trainer
 
     x = synthetic()
-    plan = TrainPlan(steps=STEPS, batch_size=128, lr=3e-3, dead_tokens=256, checkpoint_every=CHECKPOINT_EVERY,
-                     log_every=1, warmup_steps=10, decay_fraction=0.2)  # fmt: skip
-    Trainer(get_train_architecture("topk")(spec()), plan, TensorRows(x, x), out).fit()
+    o = optim(steps=STEPS, warmup_steps=10, decay_fraction=0.2)
+    run = RunConfig(checkpoint_every=CHECKPOINT_EVERY, log_every=1)
+    Trainer(train_sae(), o, TensorRows(x, x), out, run=run).fit()
 
 
 def _start(out: Path) -> subprocess.Popen[bytes]:

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from sae_train.batches import TensorRows
+from sae_train.config import OptimConfig, SaeConfig
 from sae_train.export import export_saelens
-from sae_train.models import TRAIN_ARCHITECTURES, ArchSpec, get_train_architecture
-from sae_train.trainer import Trainer, TrainPlan
+from sae_train.models import TRAIN_ARCHITECTURES, TrainSae, build_train_sae, get_train_architecture
+from sae_train.trainer import Trainer
 from steerlib.sae import load_sae, save_sae
 
 D, F, N = 16, 64, 2048
@@ -23,15 +24,27 @@ def synthetic(n: int = N, d: int = D, seed: int = 0) -> torch.Tensor:
     return codes @ dic + 0.3
 
 
-def spec(**kw: object) -> ArchSpec:
-    base: dict[str, object] = {"d_in": D, "d_sae": F, "d_out": D, "k": 4, "matryoshka_prefixes": (8, 16, 32, 64)}
+def sae_cfg(arch: str = "topk", **kw: object) -> SaeConfig:
+    """The SAE config of these tests: F latents, k = 4, four Matryoshka prefixes."""
+    base: dict[str, object] = {"architecture": arch, "d_sae": F, "k": 4, "matryoshka_prefixes": [8, 16, 32, 64]}
     base.update(kw)
-    return ArchSpec(**base)  # type: ignore[arg-type]
+    return SaeConfig.model_validate(base)
 
 
-def plan(arch: str, steps: int = 20) -> TrainPlan:
-    coef = 0.01 if arch == "jumprelu" else 0.3
-    return TrainPlan(steps=steps, batch_size=128, lr=3e-3, sparsity_coefficient=coef, dead_tokens=256)
+def train_sae(arch: str = "topk", d_in: int = D, d_out: int = D, **kw: object) -> TrainSae:
+    return build_train_sae(sae_cfg(arch, **kw), d_in, d_out)
+
+
+def optim(**kw: object) -> OptimConfig:
+    """A resolved optimiser config: 20 steps of 128 rows at lr 3e-3, no warmup, decay or sparsity penalty."""
+    base: dict[str, object] = {"steps": 20, "batch_size": 128, "lr": 3e-3, "dead_tokens": 256, "warmup_steps": 0,
+                               "decay_fraction": 0.0, "sparsity_coefficient": 0.0}  # fmt: skip
+    base.update(kw)
+    return OptimConfig.model_validate(base)
+
+
+def plan(arch: str, steps: int = 20) -> OptimConfig:
+    return optim(steps=steps, sparsity_coefficient=0.01 if arch == "jumprelu" else 0.3)
 
 
 @pytest.mark.parametrize("arch", sorted(TRAIN_ARCHITECTURES))
@@ -39,7 +52,7 @@ def test_loss_falls_in_20_steps(arch: str) -> None:
     x = synthetic()
     # unit encoder columns for every architecture: a start far enough from the data that 20 steps must cut the loss
     # by a fifth (topk's smaller default starts lower: see the test below)
-    trainer = Trainer(get_train_architecture(arch)(spec(encoder_init_norm=1.0)), plan(arch), TensorRows(x, x))
+    trainer = Trainer(train_sae(arch, encoder_init_norm=1.0), plan(arch), TensorRows(x, x))
     hist = trainer.fit()
     assert len(hist) == 20
     first, last = sum(m.loss for m in hist[:3]) / 3, sum(m.loss for m in hist[-3:]) / 3
@@ -49,7 +62,7 @@ def test_loss_falls_in_20_steps(arch: str) -> None:
 @pytest.mark.parametrize("arch", sorted(TRAIN_ARCHITECTURES))
 def test_export_forward_is_decode_of_encode_and_saves(arch: str, tmp_path: object) -> None:
     x = synthetic()
-    trainer = Trainer(get_train_architecture(arch)(spec()), plan(arch, steps=5), TensorRows(x, x))
+    trainer = Trainer(train_sae(arch), plan(arch, steps=5), TensorRows(x, x))
     trainer.fit()
     sae = trainer.export()
     assert sae.architecture == get_train_architecture(arch).inference_architecture
@@ -67,8 +80,9 @@ def test_transcoder_learns_a_map_between_sites(skip: bool, tmp_path: object) -> 
     x = synthetic()
     W = torch.randn(D, D, generator=torch.Generator().manual_seed(1)) / D**0.5
     y = torch.relu(x @ W)
-    ts = spec(transcoder=True, skip=skip, input_site="blocks.1.hook_mlp_in", output_site="blocks.1.hook_mlp_out")
-    trainer = Trainer(get_train_architecture("topk")(ts), plan("topk", steps=30), TensorRows(x, y))
+    ts = train_sae(skip=skip, input_site="blocks.1.hook_mlp_in", output_site="blocks.1.hook_mlp_out")
+    assert ts.cfg.transcoder
+    trainer = Trainer(ts, plan("topk", steps=30), TensorRows(x, y))
     hist = trainer.fit()
     assert hist[-1].loss < 0.7 * hist[0].loss
     sae = trainer.export()
@@ -84,16 +98,21 @@ def test_unknown_architecture_lists_valid_ones() -> None:
         get_train_architecture("nope")
 
 
+def test_a_config_for_another_architecture_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"sae\.architecture is 'relu'; this training architecture is 'topk'"):
+        get_train_architecture("topk")(sae_cfg("relu"), D, D)
+
+
 def test_matryoshka_prefixes_must_end_at_d_sae() -> None:
     with pytest.raises(ValueError, match="end at d_sae=64"):
-        get_train_architecture("matryoshka")(spec(matryoshka_prefixes=(8, 16)))
+        train_sae("matryoshka", matryoshka_prefixes=[8, 16])
 
 
 @pytest.mark.parametrize(("arch", "norm", "want"), [("topk", None, 3**-0.5), ("relu", None, 1.0), ("topk", 0.25, 0.25)])
 def test_encoder_starts_as_the_decoder_transpose_at_the_encoder_init_norm(
     arch: str, norm: float | None, want: float
 ) -> None:
-    model = get_train_architecture(arch)(spec(encoder_init_norm=norm))
+    model = train_sae(arch, encoder_init_norm=norm)
     b_dec = torch.arange(D, dtype=torch.float32)
     model.initialize(b_dec, torch.Generator().manual_seed(0))
     sae = model.sae
@@ -107,7 +126,7 @@ def test_topk_default_encoder_init_trains_to_a_lower_fvu_than_unit_columns() -> 
     fvu = {}
     for norm in (None, 1.0):
         torch.manual_seed(0)
-        trainer = Trainer(get_train_architecture("topk")(spec(encoder_init_norm=norm)), plan("topk"), TensorRows(x, x))
+        trainer = Trainer(train_sae(encoder_init_norm=norm), plan("topk"), TensorRows(x, x))
         hist = trainer.fit()
         fvu[norm] = [m.fvu for m in hist]
     assert fvu[None][0] < fvu[1.0][0] and fvu[None][-1] < fvu[1.0][-1], fvu

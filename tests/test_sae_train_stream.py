@@ -6,14 +6,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from test_sae_train_models import spec
+from test_sae_train_models import optim, train_sae
 from tiny_models import BOS_ID, tiny_model
 from torch import Tensor
 
 from sae_train.activations import harvest
-from sae_train.models import get_train_architecture
+from sae_train.config import OptimConfig, RunConfig
 from sae_train.stream import StreamBatches
-from sae_train.trainer import Trainer, TrainPlan
+from sae_train.trainer import Trainer
 
 SITE = "blocks.1.hook_resid_post"
 
@@ -74,10 +74,8 @@ def test_massive_activation_tokens_never_reach_training() -> None:
     assert stream.dims() == (8, 8)
 
 
-def _plan(**kw: object) -> TrainPlan:
-    base: dict[str, object] = {"steps": 12, "batch_size": 18, "lr": 3e-3, "dead_tokens": 40, "init_sample": 30}
-    base.update(kw)
-    return TrainPlan(**base)  # type: ignore[arg-type]
+def _optim() -> OptimConfig:
+    return optim(steps=12, batch_size=18, dead_tokens=40, init_sample=30)
 
 
 def test_a_streamed_run_resumes_on_the_same_loss_curve(tmp_path: Path) -> None:
@@ -87,17 +85,17 @@ def test_a_streamed_run_resumes_on_the_same_loss_curve(tmp_path: Path) -> None:
         return StreamBatches(lambda: harvest(model, ids, [SITE], batch_size=2), SITE, SITE, batch_size=18,
                              buffer_rows=36, seed=1, max_norm_factor=10.0)  # fmt: skip
 
-    arch = get_train_architecture("topk")
     s_full = stream()
-    full = Trainer(arch(spec(d_in=64, d_out=64, d_sae=128)), _plan(), s_full).fit()
+    full = Trainer(train_sae(d_in=64, d_out=64, d_sae=128), _optim(), s_full).fit()
     s_full.close()
     assert full[-1].fvu < full[0].fvu
     out = tmp_path / "run"
     s1 = stream()
-    Trainer(arch(spec(d_in=64, d_out=64, d_sae=128)), _plan(checkpoint_every=5), s1, out).fit(stop_after=8)
+    every_5 = RunConfig(checkpoint_every=5)
+    Trainer(train_sae(d_in=64, d_out=64, d_sae=128), _optim(), s1, out, run=every_5).fit(stop_after=8)
     s1.close()
     s2 = stream()
-    resumed = Trainer(arch(spec(d_in=64, d_out=64, d_sae=128)), _plan(checkpoint_every=5), s2, out)
+    resumed = Trainer(train_sae(d_in=64, d_out=64, d_sae=128), _optim(), s2, out, run=every_5)
     assert resumed.step == 5
     rest = resumed.fit()
     s2.close()

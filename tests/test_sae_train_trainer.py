@@ -6,18 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sae_train_models import D, spec, synthetic
+from test_sae_train_models import D, optim, synthetic, train_sae
 
 from sae_train.batches import TensorRows
-from sae_train.models import get_train_architecture
+from sae_train.config import RunConfig
 from sae_train.normalize import fold_scales, geometric_median
-from sae_train.trainer import Trainer, TrainPlan
+from sae_train.trainer import Trainer
 
-
-def _plan(**kw: object) -> TrainPlan:
-    base: dict[str, object] = {"steps": 20, "batch_size": 128, "lr": 3e-3, "dead_tokens": 256}
-    base.update(kw)
-    return TrainPlan(**base)  # type: ignore[arg-type]
+EVERY_5 = RunConfig(checkpoint_every=5)
 
 
 def _plant_dead(trainer: Trainer, x: torch.Tensor, n_dead: int) -> torch.Tensor:
@@ -42,7 +38,7 @@ def test_auxk_revives_planted_dead_latents() -> None:
     runs = {}
     for alpha in (0.0, 1.0):
         torch.manual_seed(0)
-        tr = Trainer(get_train_architecture("topk")(spec()), _plan(steps=60, auxk_alpha=alpha), TensorRows(x, x))
+        tr = Trainer(train_sae(), optim(steps=60, auxk_alpha=alpha), TensorRows(x, x))
         dead = _plant_dead(tr, x, 16)
         assert not _fires(tr, x, dead).any()
         tr.fit()
@@ -53,14 +49,13 @@ def test_auxk_revives_planted_dead_latents() -> None:
 
 def test_resume_after_kill_continues_the_same_loss_curve(tmp_path: Path) -> None:
     x = synthetic()
-    arch = get_train_architecture("batchtopk")
-    full = Trainer(arch(spec()), _plan(checkpoint_every=5), TensorRows(x, x)).fit()
+    full = Trainer(train_sae("batchtopk"), optim(), TensorRows(x, x), run=EVERY_5).fit()
 
     out = tmp_path / "run"
-    first = Trainer(arch(spec()), _plan(checkpoint_every=5), TensorRows(x, x), out)
+    first = Trainer(train_sae("batchtopk"), optim(), TensorRows(x, x), out, run=EVERY_5)
     first.fit(stop_after=13)  # "killed" after step 13: the last checkpoint is step 10
     assert first.step == 13
-    resumed = Trainer(arch(spec()), _plan(checkpoint_every=5), TensorRows(x, x), out)
+    resumed = Trainer(train_sae("batchtopk"), optim(), TensorRows(x, x), out, run=EVERY_5)
     assert resumed.step == 10
     rest = resumed.fit()
     assert [m.step for m in rest] == list(range(11, 21))
@@ -76,11 +71,10 @@ DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_checkpoint_resumes_on_whatever_device_resumes_it(tmp_path: Path, device: str) -> None:
     x = synthetic()
-    arch = get_train_architecture("topk")
-    full = Trainer(arch(spec()), _plan(checkpoint_every=5), TensorRows(x, x)).fit()
+    full = Trainer(train_sae(), optim(), TensorRows(x, x), run=EVERY_5).fit()
     out = tmp_path / "run"
-    Trainer(arch(spec()), _plan(checkpoint_every=5), TensorRows(x, x), out).fit(stop_after=5)  # saved on the CPU
-    resumed = Trainer(arch(spec()), _plan(checkpoint_every=5), TensorRows(x, x), out, device=torch.device(device))
+    Trainer(train_sae(), optim(), TensorRows(x, x), out, run=EVERY_5).fit(stop_after=5)  # saved on the CPU
+    resumed = Trainer(train_sae(), optim(), TensorRows(x, x), out, device=torch.device(device), run=EVERY_5)
     assert resumed.step == 5
     state = [*resumed.model.parameters(), resumed.since_fired_F]
     state += [v for s in resumed.opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim()]
@@ -92,18 +86,24 @@ def test_a_checkpoint_resumes_on_whatever_device_resumes_it(tmp_path: Path, devi
 @pytest.mark.parametrize("device", DEVICES)
 def test_bfloat16_mixed_precision_trains_like_fp32(device: str) -> None:
     x, dev = synthetic(), torch.device(device)
-    tr = Trainer(get_train_architecture("topk")(spec()), _plan(dtype="bfloat16"), TensorRows(x, x), device=dev)
+    tr = Trainer(train_sae(), optim(dtype="bfloat16"), TensorRows(x, x), device=dev)
     assert tr.autocast == torch.bfloat16
     hist = tr.fit()
-    ref = Trainer(get_train_architecture("topk")(spec()), _plan(), TensorRows(x, x), device=dev).fit()
+    ref = Trainer(train_sae(), optim(), TensorRows(x, x), device=dev).fit()
     assert hist[-1].loss < 0.85 * hist[0].loss  # measured 0.302 from 0.367 in 20 steps
     assert abs(hist[-1].loss - ref[-1].loss) < 0.02 * ref[-1].loss  # fp32 ends at 0.303
     assert tr.model.sae.W_enc.dtype == torch.float32  # autocast: weights and optimizer state stay fp32
 
 
+def test_an_unresolved_optimiser_config_is_an_error() -> None:
+    x = synthetic()
+    with pytest.raises(ValueError, match=r"optim\.steps=None and optim\.lr=0\.003 must be resolved"):
+        Trainer(train_sae(), optim(steps=None), TensorRows(x, x))
+
+
 def test_folded_scales_reproduce_the_normalised_sae_on_raw_activations() -> None:
     x = synthetic() * 40.0  # raw scale far from normalised
-    tr = Trainer(get_train_architecture("topk")(spec()), _plan(steps=5), TensorRows(x, x))
+    tr = Trainer(train_sae(), optim(steps=5), TensorRows(x, x))
     tr.fit()
     raw = tr.export()
     with torch.no_grad():

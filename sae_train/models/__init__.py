@@ -6,15 +6,15 @@ Importing this package registers every architecture in :data:`TRAIN_ARCHITECTURE
 from __future__ import annotations
 
 from sae_train.models import batchtopk, gated, jumprelu, matryoshka, relu, topk
-from sae_train.models.base import ArchSpec, TrainOutput, TrainSae
-from sae_train.models.registry import TRAIN_ARCHITECTURES, get_train_architecture, register
+from sae_train.models.base import TrainOutput, TrainSae
+from sae_train.models.registry import TRAIN_ARCHITECTURES, build_train_sae, get_train_architecture, register
 
 __all__ = [
     "TRAIN_ARCHITECTURES",
-    "ArchSpec",
     "TrainOutput",
     "TrainSae",
     "batchtopk",
+    "build_train_sae",
     "gated",
     "get_train_architecture",
     "jumprelu",

@@ -14,39 +14,14 @@ into the saved weights.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from sae_train.config import SaeConfig
 from sae_train.models.sparse_ops import sparse_decode
 from steerlib.sae import Sae, SaeMeta, get_architecture
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Everything an architecture needs to be built (resolved from the user's config)."""
-
-    d_in: int
-    d_sae: int
-    d_out: int
-    k: int | None = None
-    """Active latents per token (TopK, BatchTopK, Matryoshka)."""
-    transcoder: bool = False
-    skip: bool = False
-    """Skip transcoder: a learned linear path ``x @ W_skip`` beside the sparse one."""
-    input_site: str | None = None
-    output_site: str | None = None
-    model: str | None = None
-    jumprelu_bandwidth: float = 0.001
-    jumprelu_init_threshold: float = 0.001
-    matryoshka_prefixes: tuple[int, ...] = ()
-    """Nested dictionary sizes, ascending, the last equal to d_sae."""
-    threshold_momentum: float = 0.99
-    """BatchTopK: weight of the running inference threshold's old value."""
-    encoder_init_norm: float | None = None
-    """Norm of each latent's encoder column at initialisation; None: the architecture's default."""
 
 
 class TrainOutput(NamedTuple):
@@ -66,7 +41,11 @@ class TrainOutput(NamedTuple):
 
 
 class TrainSae(nn.Module, abc.ABC):
-    """Base training SAE. ``self.sae`` is the inference SAE whose parameters are trained."""
+    """Base training SAE. ``self.sae`` is the inference SAE whose parameters are trained.
+
+    Built from the user's :class:`~sae_train.config.SaeConfig` (kept resolved for inputs of width ``d_in`` as
+    ``self.cfg``), the widths found in the data, and the name of the model the activations come from.
+    """
 
     name: ClassVar[str]
     inference_architecture: ClassVar[str]
@@ -74,43 +53,50 @@ class TrainSae(nn.Module, abc.ABC):
     uses_sparsity_coefficient: ClassVar[bool] = False
     default_encoder_init_norm: ClassVar[float] = 1.0
 
-    def __init__(self, spec: ArchSpec) -> None:
+    def __init__(self, cfg: SaeConfig, d_in: int, d_out: int, model: str | None = None) -> None:
         super().__init__()
-        self.spec = spec
+        if cfg.architecture != self.name:
+            raise ValueError(f"sae.architecture is {cfg.architecture!r}; this training architecture is {self.name!r}")
+        self.cfg, self.d_in, self.d_out = cfg.resolved(d_in), d_in, d_out
         meta = SaeMeta(
             architecture=self.inference_architecture,
-            d_in=spec.d_in,
-            d_sae=spec.d_sae,
-            d_out=spec.d_out,
-            input_site=spec.input_site,
-            output_site=spec.output_site,
-            model=spec.model,
-            k=spec.k,
-            transcoder=spec.transcoder,
+            d_in=d_in,
+            d_sae=self.d_sae,
+            d_out=d_out,
+            input_site=self.cfg.input_site,
+            output_site=self.cfg.out_site,
+            model=model,
+            k=self.cfg.k,
+            transcoder=self.cfg.transcoder,
         )
         self.sae: Sae = get_architecture(self.inference_architecture)(
-            meta, subtract_b_dec=not spec.transcoder, skip=spec.skip
+            meta, subtract_b_dec=not self.cfg.transcoder, skip=self.cfg.skip
         )
+
+    @property
+    def d_sae(self) -> int:
+        assert self.cfg.d_sae is not None  # resolved
+        return self.cfg.d_sae
 
     # -- initialisation and constraints -----------------------------------------------------------
     @torch.no_grad()
     def initialize(self, b_dec_D: Tensor, generator: torch.Generator) -> None:
         """Random unit decoder rows, encoder = decoder transpose (Gao et al. §2.3) scaled to ``encoder_init_norm``,
         ``b_dec`` given (a median)."""
-        W = torch.randn(self.spec.d_sae, self.spec.d_out, generator=generator, device="cpu")  # one init everywhere
+        W = torch.randn(self.d_sae, self.d_out, generator=generator, device="cpu")  # one init everywhere
         W /= W.norm(dim=1, keepdim=True)
         self.sae.W_dec.copy_(W)
-        if self.spec.d_in == self.spec.d_out:
+        if self.d_in == self.d_out:
             W_enc = W.T.clone()
         else:
-            W_enc = torch.randn(self.spec.d_in, self.spec.d_sae, generator=generator, device="cpu")
+            W_enc = torch.randn(self.d_in, self.d_sae, generator=generator, device="cpu")
             W_enc /= W_enc.norm(dim=0, keepdim=True)
         self.sae.W_enc.copy_(W_enc * self.encoder_init_norm)
         self.sae.b_dec.copy_(b_dec_D)
 
     @property
     def encoder_init_norm(self) -> float:
-        norm = self.spec.encoder_init_norm
+        norm = self.cfg.encoder_init_norm
         return self.default_encoder_init_norm if norm is None else norm
 
     @torch.no_grad()
@@ -147,11 +133,11 @@ class TrainSae(nn.Module, abc.ABC):
         if dead_F is None or not bool(dead_F.any()):
             return zero
         dead_idx = dead_F.nonzero().squeeze(1)
-        k_aux = min(self.spec.d_out // 2, dead_idx.numel())
+        k_aux = min(self.d_out // 2, dead_idx.numel())
         pre_NG = self.dead_pre_acts(x_in_ND, dead_idx)
         values_NK, local_NK = pre_NG.topk(k_aux, dim=-1, sorted=False)
         e_hat = sparse_decode(values_NK, dead_idx[local_NK], self.sae.W_dec)
-        scale = min(dead_idx.numel() / (self.spec.d_out // 2), 1.0)
+        scale = min(dead_idx.numel() / (self.d_out // 2), 1.0)
         return scale * (e_hat - residual_ND.detach()).pow(2).sum()
 
     def dead_pre_acts(self, x_in_ND: Tensor, dead_G: Tensor) -> Tensor:

@@ -7,10 +7,13 @@ each training batch, and the saved SAE is steerlib's ``batchtopk`` with that thr
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
-from sae_train.models.base import ArchSpec, TrainOutput, TrainSae
+from sae_train.config import SaeConfig
+from sae_train.models.base import TrainOutput, TrainSae
 from sae_train.models.registry import register
 from steerlib.sae import BatchTopKSae
 
@@ -27,15 +30,17 @@ def batch_topk(post_NF: Tensor, k: int) -> Tensor:
 class BatchTopKTrainSae(TrainSae):
     inference_architecture = "batchtopk"
     uses_auxk = True
+    threshold_momentum: ClassVar[float] = 0.99
+    """Weight of the running inference threshold's old value."""
 
-    def __init__(self, spec: ArchSpec) -> None:
-        super().__init__(spec)
+    def __init__(self, cfg: SaeConfig, d_in: int, d_out: int, model: str | None = None) -> None:
+        super().__init__(cfg, d_in, d_out, model)
         self.running_threshold: Tensor
         self.register_buffer("running_threshold", torch.tensor(-1.0, device="cpu"))  # moved with the module
 
     def latents(self, x_in_ND: Tensor) -> Tensor:
-        assert self.spec.k is not None
-        z_NF = batch_topk(self.sae.pre_acts(x_in_ND).relu(), self.spec.k)
+        assert self.cfg.k is not None
+        z_NF = batch_topk(self.sae.pre_acts(x_in_ND).relu(), self.cfg.k)
         if self.training:
             self._update_threshold(z_NF.detach())
         return z_NF
@@ -47,7 +52,7 @@ class BatchTopKTrainSae(TrainSae):
             return
         low = positive.min().float()
         t = self.running_threshold
-        m = self.spec.threshold_momentum
+        m = self.threshold_momentum
         t.copy_(low if t < 0 else m * t + (1 - m) * low)
 
     def forward(self, x_in_ND: Tensor, x_out_ND: Tensor, dead_F: Tensor | None) -> TrainOutput:

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from sae_train.models.base import ArchSpec, TrainOutput, TrainSae
+from sae_train.config import SaeConfig
+from sae_train.models.base import TrainOutput, TrainSae
 from sae_train.models.registry import register
 from steerlib.sae import JumpReluSae
 
@@ -59,16 +60,16 @@ class JumpReluTrainSae(TrainSae):
     inference_architecture = "jumprelu"
     uses_sparsity_coefficient = True
 
-    def __init__(self, spec: ArchSpec) -> None:
-        super().__init__(spec)
+    def __init__(self, cfg: SaeConfig, d_in: int, d_out: int, model: str | None = None) -> None:
+        super().__init__(cfg, d_in, d_out, model)
         self.log_threshold = nn.Parameter(
-            torch.full((spec.d_sae,), math.log(spec.jumprelu_init_threshold), device="cpu")
+            torch.full((self.d_sae,), math.log(self.cfg.jumprelu_init_threshold), device="cpu")
         )
 
     def forward(self, x_in_ND: Tensor, x_out_ND: Tensor, dead_F: Tensor | None) -> TrainOutput:
         pre_NF = self.sae.pre_acts(x_in_ND).float()
         theta_F = self.log_threshold.exp()
-        bw = self.spec.jumprelu_bandwidth
+        bw = self.cfg.jumprelu_bandwidth
         z_NF = _JumpRelu.apply(pre_NF, theta_F, bw)
         l0_N = _Step.apply(pre_NF, theta_F, bw).sum(-1)
         x_hat = (z_NF @ self.sae.W_dec + self.sae.b_dec + self.skip_path(x_in_ND)).float()

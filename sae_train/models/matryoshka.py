@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from sae_train.models.base import ArchSpec, TrainOutput
+from sae_train.config import SaeConfig
+from sae_train.models.base import TrainOutput
 from sae_train.models.batchtopk import BatchTopKTrainSae
 from sae_train.models.registry import register
 
@@ -19,14 +20,14 @@ from sae_train.models.registry import register
 class MatryoshkaTrainSae(BatchTopKTrainSae):
     inference_architecture = "batchtopk"
 
-    def __init__(self, spec: ArchSpec) -> None:
-        prefixes = spec.matryoshka_prefixes
-        if not prefixes or list(prefixes) != sorted(set(prefixes)) or prefixes[-1] != spec.d_sae or prefixes[0] < 1:
+    def __init__(self, cfg: SaeConfig, d_in: int, d_out: int, model: str | None = None) -> None:
+        super().__init__(cfg, d_in, d_out, model)
+        self.prefixes = tuple(self.cfg.matryoshka_prefixes or ())
+        p = self.prefixes
+        if not p or list(p) != sorted(set(p)) or p[-1] != self.d_sae or p[0] < 1:
             raise ValueError(
-                f"matryoshka_prefixes must ascend strictly from >= 1 and end at d_sae={spec.d_sae}, "
-                f"got {list(prefixes)}"
+                f"matryoshka_prefixes must ascend strictly from >= 1 and end at d_sae={self.d_sae}, got {list(p)}"
             )
-        super().__init__(spec)
 
     def forward(self, x_in_ND: Tensor, x_out_ND: Tensor, dead_F: Tensor | None) -> TrainOutput:
         z_NF = self.latents(x_in_ND)
@@ -34,9 +35,9 @@ class MatryoshkaTrainSae(BatchTopKTrainSae):
         x_hat = sae.b_dec + self.skip_path(x_in_ND)
         recon = x_out_ND.new_zeros(())
         start = 0
-        for end in self.spec.matryoshka_prefixes:  # add one group of latents at a time; each partial sum is a prefix
+        for end in self.prefixes:  # add one group of latents at a time; each partial sum is a prefix
             x_hat = x_hat + z_NF[:, start:end] @ sae.W_dec[start:end]
             recon = recon + (x_hat.float() - x_out_ND).pow(2).sum()
             start = end
-        recon = recon / len(self.spec.matryoshka_prefixes)
+        recon = recon / len(self.prefixes)
         return self.output(z_NF, x_hat.float(), recon, x_in_ND, x_out_ND, dead_F)

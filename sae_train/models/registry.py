@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
+from sae_train.config import SaeConfig
 from sae_train.models.base import TrainSae
 
 T = TypeVar("T", bound=type[TrainSae])
@@ -29,3 +30,8 @@ def get_train_architecture(name: str) -> type[TrainSae]:
     except KeyError:
         valid = ", ".join(sorted(TRAIN_ARCHITECTURES))
         raise ValueError(f"unknown training architecture {name!r}; valid: {valid}") from None
+
+
+def build_train_sae(cfg: SaeConfig, d_in: int, d_out: int, model: str | None = None) -> TrainSae:
+    """The training SAE ``cfg.architecture`` names, for inputs of width ``d_in`` and targets of width ``d_out``."""
+    return get_train_architecture(cfg.architecture)(cfg, d_in, d_out, model)

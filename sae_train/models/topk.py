@@ -35,15 +35,15 @@ class TopKTrainSae(TrainSae):
 
     def forward(self, x_in_ND: Tensor, x_out_ND: Tensor, dead_F: Tensor | None) -> TrainOutput:
         sae = self.sae
-        assert sae.b_enc is not None and self.spec.k is not None
+        assert sae.b_enc is not None and self.cfg.k is not None
         x = x_in_ND - sae.b_dec if sae.subtract_b_dec else x_in_ND
         dt = compute_dtype(sae.W_enc.dtype, x_in_ND.device)
-        values_NK, indices_NK = topk_encode(x.to(dt), sae.W_enc, sae.b_enc, self.spec.k)
+        values_NK, indices_NK = topk_encode(x.to(dt), sae.W_enc, sae.b_enc, self.cfg.k)
         values_NK = values_NK.float()
         x_hat = sparse_decode(values_NK, indices_NK, sae.W_dec) + sae.b_dec + self.skip_path(x_in_ND)
         x_hat = x_hat.float()
         active = values_NK > 0
-        fired = torch.zeros(self.spec.d_sae, dtype=torch.bool, device=x.device)
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
         fired[indices_NK[active]] = True
         return TrainOutput(
             x_hat_ND=x_hat,
