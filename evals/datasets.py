@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from evals.fetch import PackagedFile, fetch
+from sae_train.fetch import PackagedFile, fetch
 
 logger = logging.getLogger(__name__)
 

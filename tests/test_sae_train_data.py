@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sae_train.corpora import CORPORA, Archive, HashMismatchError, download, sha256_file
+from sae_train.corpora import CORPORA
 from sae_train.data import Packing, documents, is_heldout, iter_contexts, pack, split_documents
+from sae_train.fetch import Archive, HashMismatchError, download, sha256_file
 
 
 class CharTokenizer:
@@ -71,7 +72,7 @@ def test_download_checks_the_recorded_sha256(tmp_path: Path) -> None:
     assert sha256_file(path) == archive.sha256
     assert calls[0][:3] == ["npm", "pack", "@x/y@1.0.0"]
     bad = Archive("npm", "@x/y", "1.0.0", "x-y-1.0.0.tgz", "0" * 64)
-    with pytest.raises(HashMismatchError, match="expected 0000"):
+    with pytest.raises(HashMismatchError, match="does not match the recorded 0000"):
         download(bad, tmp_path, run=fake_npm)
 
 
