@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import lzma
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -174,9 +175,11 @@ def _parse(cls: type[M], path: Path, text: str, line: int | None = None) -> M:
 
 
 def _lines(cls: type[M], path: Path, *, required: bool) -> list[M]:
-    if not path.is_file():
+    """The records of a JSON-lines file, or of its xz-compressed copy ``<name>.xz`` (how the shipped index travels)."""
+    packed = path.with_name(path.name + ".xz")
+    if not path.is_file() and not packed.is_file():
         if required:
-            raise FeatureIndexError(f"{path} not found")
+            raise FeatureIndexError(f"{path} not found (nor {packed.name})")
         return []
-    with path.open() as fh:
+    with path.open() if path.is_file() else lzma.open(packed, "rt") as fh:
         return [_parse(cls, path, text, i) for i, text in enumerate(fh, 1) if text.strip()]
