@@ -22,11 +22,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from steerlib.config import AblateOp, AddOp, Condition, ReplaceOp, SaeOp, SteeringConfig
+from steerlib.config import FileRef, SteeringConfig
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 VECTOR_DIR, PROBE_DIR, SAE_DIR = "vectors", "probes", "saes"
 FILE_DIRS = {"vector": VECTOR_DIR, "probe": PROBE_DIR}
 """Kinds named by a file stem (``<dir>/<name>.safetensors``); SAEs are named by their folder or file name."""
@@ -54,7 +54,7 @@ class Preset:
 
 
 def check_name(name: str, kind: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise PresetError(f"invalid {kind} name {name!r}: use letters, digits, '_', '-', '.' (no '..', max 64)")
     return name
 
@@ -133,33 +133,24 @@ class PresetRegistry:
     def _load(self, path: Path) -> Preset:
         data = yaml.safe_load(path.read_text())
         if not isinstance(data, dict) or not isinstance(data.get("description"), str):
-            raise PresetError(f"{path}: a preset is a mapping with a 'description' string and 'interventions'")
-        description = data.pop("description")
+            raise PresetError(f"{path.name}: a preset is a mapping with a 'description' string and 'interventions'")
         raw = SteeringConfig.from_dict(data, base_dir=path.parent)
-        config = SteeringConfig.model_validate({"interventions": [self._absolute(iv, raw) for iv in raw.interventions]})
-        info = PresetInfo(name=check_name(path.stem, "preset"), description=description, config=data)
+        confined = raw.map_refs(lambda ref: self._confined(ref, raw))
+        config = SteeringConfig(description=raw.description, interventions=confined.interventions)
+        info = PresetInfo(
+            name=check_name(path.stem, "preset"),
+            description=data["description"],
+            config={k: v for k, v in data.items() if k != "description"},
+        )
         return Preset(info, config)
 
-    def _absolute(self, iv: Any, cfg: SteeringConfig) -> dict[str, Any]:
-        """One intervention as a dict whose file references are absolute and confined."""
-        out: dict[str, Any] = iv.model_dump(exclude_none=True)
-        if isinstance(iv, AddOp | AblateOp) and isinstance(iv.vector, str):
-            out["vector"] = self._confined(iv.vector, cfg)
-        if isinstance(iv, SaeOp | ReplaceOp):
-            out["sae"] = str(self.sae_path(iv.sae, cfg))
-        when: Condition | None = iv.apply.when
-        if when is not None:
-            if isinstance(when.vector, str):
-                out["apply"]["when"]["vector"] = self._confined(when.vector, cfg)
-            if when.probe is not None:
-                out["apply"]["when"]["probe"] = self._confined(when.probe, cfg)
-            if when.sae is not None:
-                out["apply"]["when"]["sae"] = str(self.sae_path(when.sae, cfg))
-        return out
-
-    def _confined(self, ref: str, cfg: SteeringConfig) -> str:
+    def _confined(self, ref: FileRef, cfg: SteeringConfig) -> str:
         """A preset's file reference as an absolute path, checked to lie inside the folder."""
-        return str(self.confine(cfg.resolve(ref)))
+        try:
+            path = self.sae_path(ref.ref, cfg) if ref.kind == "sae" else self.confine(cfg.resolve(ref.ref))
+        except PresetError as e:
+            raise PresetError(f"{ref.where}: {e}") from e
+        return str(path)
 
     def sae_path(self, ref: str, cfg: SteeringConfig) -> Path:
         """The SAE a preset's ``sae`` reference names: a path relative to the preset's folder, confined to it."""

@@ -1,190 +1,191 @@
 """A request's ``steering`` field: preset names or an inline, data-only config, turned into one SteeringConfig.
 
-Inline configs mirror steerlib's config but every file reference is a *name*: ``{"preset_vector": "refusal"}`` for
-a vector (or an inline list of floats), ``"sae": "probe"`` for an SAE and ``when: {"probe": "harm"}`` for an MLP
-probe, all looked up in the presets folder.
-A client therefore never names a server path. The result is checked against the model with ``build_plan`` (layer
-and feature ranges, vector widths, NaN) before the request is queued, so a bad config is a 400, never a 500 and
-never an unsteered answer.
+Inline interventions are steerlib's own models (:mod:`steerlib.config`: one schema for the plugin, the presets and
+the server) whose file references are *names* looked up in the presets folder: a vector is a list of floats, a name
+or ``{"preset_vector": NAME}`` (``vectors/NAME.safetensors``), an SAE a name (``saes/NAME``, or a feature index),
+an MLP probe a name (``probes/NAME.safetensors``). The names are mapped to files by
+:meth:`SteeringConfig.map_refs`, the one walk over a config's references, so a client never names a server path.
+The result is checked against the model with ``build_plan`` (layer and feature ranges, vector widths, NaN) before
+the request is queued, so a bad config is a 400, never a 500 and never an unsteered answer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from servers.errors import ApiError
 from servers.registry import PresetError, PresetRegistry
-from steerlib.config import DEFAULT_REFUSAL, FeatureEdit, SteeringConfig, TokenSelector
-from steerlib.plan import ModelSpec, SteeringConfigError, TokenizerLike, build_plan
+from steerlib.config import FileRef, Intervention, SteeringConfig
+from steerlib.plan import ModelSpec, Resources, SteeringConfigError, TokenizerLike, build_plan
 
 log = logging.getLogger(__name__)
 
-_VALIDATED_CACHE = 256
+VALIDATED_CACHE = 1024
+"""Configs remembered as valid, by a 32-byte digest (so the cache's size does not grow with the configs')."""
+MAX_INLINE_FLOATS = 65536
+MAX_EDITS = 4096
+MAX_MESSAGE_CHARS, MAX_NAME_CHARS = 2000, 64
+MAX_INTERVENTIONS = 64
 
 
-class _Strict(BaseModel):
+class InlineSteering(BaseModel):
+    """Presets (applied first, in order) followed by inline interventions (steerlib's, with names for files)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-class PresetVector(_Strict):
-    """A vector file of the presets folder, by name: ``vectors/<preset_vector>.safetensors``."""
-
-    preset_vector: str = Field(description="Name of a vector in the presets folder.")
-
-
-MAX_INLINE_FLOATS = 65536
-VectorData = Annotated[
-    Annotated[list[float], Field(max_length=MAX_INLINE_FLOATS)] | PresetVector,
-    Field(description="Inline floats (the model's width) or a preset vector by name."),
-]
-
-
-class InlineCondition(_Strict):
-    """steerlib's ``when`` with names instead of paths."""
-
-    feature: int | None = Field(None, ge=0, description="SAE latent whose activation is tested.")
-    sae: str | None = Field(None, description="Preset SAE to read `feature` from, when the op has none.")
-    vector: VectorData | None = None
-    probe: str | None = Field(
-        None, description="Name of an MLP probe in the presets folder (probes/<name>.safetensors)."
+    presets: list[str] = Field(default_factory=list, max_length=MAX_INTERVENTIONS, description="Preset names.")
+    interventions: list[Intervention] = Field(
+        default_factory=list,
+        max_length=MAX_INTERVENTIONS,
+        description="steerlib interventions; vectors as floats, a name or {preset_vector: NAME}; SAEs and probes "
+        "by name.",
     )
-    metric: Literal["dot", "cosine"] = "dot"
-    above: float | None = None
-    below: float | None = None
-    scope: Literal["token", "prompt"] = "token"
-    aggregate: Literal["last", "mean", "max"] = "last"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_vectors(cls, data: Any) -> Any:
+        """``{"preset_vector": NAME}`` (the server's original spelling) is the name NAME."""
+        if not isinstance(data, dict) or not isinstance(data.get("interventions"), list):
+            return data
+        return {**data, "interventions": [_named_vectors(iv) for iv in data["interventions"]]}
+
+    @model_validator(mode="after")
+    def _sizes(self) -> InlineSteering:
+        for i, iv in enumerate(self.interventions):
+            _check_sizes(iv, f"interventions[{i}]")
+        return self
 
 
-class InlineApply(TokenSelector):
-    """steerlib's ``apply`` policy with a name-only condition."""
-
-    when: InlineCondition | None = None
-    exclude: TokenSelector | None = None
-
-
-class _InlineBase(_Strict):
-    layer: int | list[int] | Literal["all"] = Field(description="Layer index, list of layers, or 'all'.")
-    site: str = Field("resid_post", description="resid_pre | resid_post | attn_out | mlp_out | mlp_in")
-    apply: InlineApply = Field(default_factory=lambda: InlineApply())
+def _named_vectors(iv: Any) -> Any:
+    if not isinstance(iv, dict):
+        return iv
+    out = {**iv, "vector": _name_of(iv["vector"])} if "vector" in iv else dict(iv)
+    apply = out.get("apply")
+    if isinstance(apply, dict) and isinstance(apply.get("when"), dict) and "vector" in apply["when"]:
+        out["apply"] = {**apply, "when": {**apply["when"], "vector": _name_of(apply["when"]["vector"])}}
+    return out
 
 
-class InlineAdd(_InlineBase):
-    op: Literal["add"]
-    vector: VectorData
-    coefficient: float = 1.0
-    relative: bool = False
-    norm_match: bool = False
+def _name_of(v: Any) -> Any:
+    if isinstance(v, dict) and set(v) == {"preset_vector"}:
+        return v["preset_vector"]
+    return v
 
 
-class InlineAblate(_InlineBase):
-    op: Literal["ablate"]
-    vector: VectorData
+def _check_sizes(iv: Any, where: str) -> None:
+    """Sizes a client may send (a request must not cost the server more than these)."""
+    for field, v in (("vector", getattr(iv, "vector", None)), ("apply.when.vector", _when_vector(iv))):
+        if isinstance(v, list) and len(v) > MAX_INLINE_FLOATS:
+            raise ValueError(f"{where}.{field}: {len(v)} floats; at most {MAX_INLINE_FLOATS}")
+    edits = getattr(iv, "edits", None)
+    if edits is not None and len(edits) > MAX_EDITS:
+        raise ValueError(f"{where}.edits: {len(edits)} edits; at most {MAX_EDITS}")
+    for field, limit in (("message", MAX_MESSAGE_CHARS), ("name", MAX_NAME_CHARS)):
+        text = getattr(iv, field, None)
+        if isinstance(text, str) and len(text) > limit:
+            raise ValueError(f"{where}.{field}: {len(text)} characters; at most {limit}")
 
 
-class InlineSae(_InlineBase):
-    op: Literal["sae"]
-    sae: str = Field(description="Name of an SAE in the presets folder.")
-    edits: list[FeatureEdit] = Field(default_factory=list, max_length=4096)
-    error_term: Literal["keep", "drop"] = "keep"
+def _when_vector(iv: Any) -> Any:
+    when = iv.apply.when
+    return None if when is None else when.vector
 
 
-class InlineReplace(_InlineBase):
-    op: Literal["replace"]
-    sae: str = Field(description="Name of an SAE in the presets folder.")
+SteeringField = Annotated[list[str], Field(max_length=MAX_INTERVENTIONS)] | InlineSteering
 
 
-class InlineRefuse(_InlineBase):
-    """steerlib's detector-gated refusal: a row whose prompt fires ``apply.when`` answers with ``message``."""
+@dataclass(frozen=True)
+class Resolved:
+    """What a request runs under: its config (None = unsteered) and, for each of its interventions, where it came
+    from (``preset:NAME`` or ``inline``)."""
 
-    op: Literal["refuse"]
-    message: str = Field(DEFAULT_REFUSAL, min_length=1, max_length=2000)
-    name: str | None = Field(None, max_length=64, description="Reported in `steering_refusal` when it fires.")
-    mode: Literal["message", "prefill"] = "message"
-
-
-InlineOp = InlineAdd | InlineAblate | InlineSae | InlineReplace | InlineRefuse
-InlineIntervention = Annotated[InlineOp, Field(discriminator="op")]
-
-
-class InlineSteering(_Strict):
-    """Presets (applied first, in order) followed by inline interventions."""
-
-    presets: list[str] = Field(default_factory=list, max_length=64, description="Preset names.")
-    interventions: list[InlineIntervention] = Field(default_factory=list, max_length=64)
-
-
-SteeringField = Annotated[list[str], Field(max_length=64)] | InlineSteering
+    config: SteeringConfig | None
+    presets: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
 
 
 class SteeringResolver:
     """Turns ``steering`` fields into validated configs for one model."""
 
     def __init__(
-        self, registry: PresetRegistry, spec: ModelSpec, tokenizer: TokenizerLike, defaults: list[str]
+        self,
+        registry: PresetRegistry,
+        spec: ModelSpec,
+        tokenizer: TokenizerLike,
+        defaults: list[str],
+        resources: Resources | None = None,
     ) -> None:
         self.registry, self.spec, self.tokenizer = registry, spec, tokenizer
+        self.resources = resources
         for name in defaults:
             registry.get(name)  # an unknown default preset stops the server at start
         self.defaults = list(defaults)
-        self._validated: OrderedDict[str, None] = OrderedDict()
+        self._validated: OrderedDict[bytes, None] = OrderedDict()
         self._lock = threading.Lock()  # resolve() runs in worker threads (asyncio.to_thread)
 
     def resolve(self, field: SteeringField | None) -> SteeringConfig | None:
         """The config a request runs under (None = unsteered); ApiError 400 for anything unusable."""
+        return self.resolve_all(field).config
+
+    def resolve_all(self, field: SteeringField | None) -> Resolved:
+        """:meth:`resolve` with where each intervention came from."""
         try:
-            cfg = self._to_config(field)
-            if cfg is not None:
-                self._validate(cfg)
-            return cfg
+            resolved = self._to_config(field)
+            if resolved.config is not None:
+                self._validate(resolved.config)
+            return resolved
         except (PresetError, SteeringConfigError, ValidationError, ValueError, OSError) as e:
             raise ApiError(400, f"steering: {_message(e)}", param="steering", code="invalid_steering") from e
 
-    def _to_config(self, field: SteeringField | None) -> SteeringConfig | None:
-        inline: list[InlineOp]
+    def names(self, field: SteeringField | None) -> list[str]:
+        """The presets ``field`` applies (the defaults when it is absent)."""
         if field is None:
-            names, inline = self.defaults, []
-        elif isinstance(field, list):
-            names, inline = field, []
-        else:
-            names, inline = field.presets, list(field.interventions)
-        ivs: list[Any] = [iv for n in names for iv in self.registry.get(n).interventions]
-        ivs += [self._intervention(iv) for iv in inline]
-        return SteeringConfig.model_validate({"interventions": ivs}) if ivs else None
+            return list(self.defaults)
+        return list(field) if isinstance(field, list) else list(field.presets)
 
-    def _intervention(self, iv: InlineOp) -> dict[str, Any]:
-        out: dict[str, Any] = iv.model_dump(exclude_none=True)
-        if isinstance(iv, InlineAdd | InlineAblate):
-            out["vector"] = self._vector(iv.vector)
-        elif isinstance(iv, InlineSae | InlineReplace):
-            out["sae"] = self.registry.sae(iv.sae)
-        when = iv.apply.when
-        if when is not None:
-            if when.vector is not None:
-                out["apply"]["when"]["vector"] = self._vector(when.vector)
-            if when.sae is not None:
-                out["apply"]["when"]["sae"] = self.registry.sae(when.sae)
-            if when.probe is not None:
-                out["apply"]["when"]["probe"] = self.registry.probe(when.probe)
-        return out
+    def _to_config(self, field: SteeringField | None) -> Resolved:
+        names = self.names(field)
+        inline = list(field.interventions) if isinstance(field, InlineSteering) else []
+        ivs: list[Intervention] = []
+        sources: list[str] = []
+        for name in names:
+            preset = self.registry.get(name).interventions
+            ivs += preset
+            sources += [f"preset:{name}"] * len(preset)
+        if inline:
+            ivs += SteeringConfig(interventions=inline).map_refs(self._named_file).interventions
+            sources += ["inline"] * len(inline)
+        config = SteeringConfig(interventions=ivs) if ivs else None
+        return Resolved(config, tuple(names), tuple(sources))
 
-    def _vector(self, v: list[float] | PresetVector) -> list[float] | str:
-        return list(v) if isinstance(v, list) else self.registry.vector(v.preset_vector)
+    def _named_file(self, ref: FileRef) -> str:
+        """The file a name in an inline config stands for, inside the presets folder."""
+        try:
+            if ref.kind == "vector":
+                return self.registry.vector(ref.ref)
+            if ref.kind == "probe":
+                return self.registry.probe(ref.ref)
+            return self.registry.sae(ref.ref)
+        except PresetError as e:
+            raise PresetError(f"{ref.where}: {e}") from e
 
     def _validate(self, cfg: SteeringConfig) -> None:
-        key = cfg.model_dump_json()
+        key = hashlib.sha256(cfg.model_dump_json(exclude={"description"}).encode()).digest()
         with self._lock:
             if key in self._validated:
                 self._validated.move_to_end(key)
                 return
-        build_plan([cfg], self.spec, self.tokenizer)
+        build_plan([cfg], self.spec, self.tokenizer, self.resources)
         with self._lock:
             self._validated[key] = None
-            if len(self._validated) > _VALIDATED_CACHE:
+            if len(self._validated) > VALIDATED_CACHE:
                 self._validated.popitem(last=False)
 
 

@@ -261,3 +261,29 @@ def test_an_index_named_like_a_preset_sae_stops_the_server(tmp_path: Path) -> No
 def _copy_index(tmp: Path) -> Path:
     make_sae(tmp / "sae2")
     return write_index(tmp / "probe", tmp / "sae2", [record(0, 0.1)], [])
+
+
+def test_a_saved_preset_stores_every_file_reference_relative(server: tuple[httpx.Client, Any, Any, Path]) -> None:
+    """Vectors, MLP probes and SAEs, in the op and in its condition, are stored relative to the presets folder (one
+    walk over references, ``SteeringConfig.map_refs``), so the preset works wherever the folder is served."""
+    client, tmp = server[0], server[3]
+    gated = {
+        "op": "add",
+        "layer": 1,
+        "vector": {"preset_vector": "push"},
+        "apply": {"when": {"probe": "gate", "above": -1e6, "scope": "prompt", "aggregate": "mean"}},
+    }
+    by_vector = {"op": "ablate", "layer": 2, "vector": "push", "apply": {"when": {"vector": "planted", "above": 0.0}}}
+    steering = {"interventions": [gated, by_vector]}
+    r = client.post("/v1/steering/presets", json={"name": "gated_push", "description": "d", "steering": steering})
+    assert r.status_code == 200, r.text
+    saved = yaml.safe_load((tmp / "presets" / "gated_push.yaml").read_text())["interventions"]
+    assert (saved[0]["vector"], saved[0]["apply"]["when"]["probe"]) == (
+        "vectors/push.safetensors",
+        "probes/gate.safetensors",
+    )
+    assert (saved[1]["vector"], saved[1]["apply"]["when"]["vector"]) == (
+        "vectors/push.safetensors",
+        "vectors/planted.safetensors",
+    )
+    assert chat(client, ["gated_push"]) == chat(client, steering) != chat(client, [])

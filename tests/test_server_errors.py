@@ -241,3 +241,26 @@ def test_a_preset_file_pointing_outside_the_folder_stops_the_server(tmp_path: Pa
     (tmp_path / "evil.yaml").write_text(f"description: reads elsewhere\ninterventions:\n  - {op}\n")
     with pytest.raises(PresetError, match="outside the presets folder"):
         PresetRegistry(tmp_path)
+
+
+def test_inline_configs_are_steerlib_configs(client: TestClient) -> None:
+    """Inline interventions are steerlib's models: an SAE op without a layer runs where its SAE was trained (as a
+    preset's does), elsewhere it needs any_site, and a vector may be named plainly."""
+    body = CHAT | {"max_tokens": 6, "temperature": 0}
+
+    def answer(*ivs: dict[str, Any]) -> Any:
+        return client.post("/v1/chat/completions", json=body | {"steering": {"interventions": list(ivs)}}).json()
+
+    edit = {"op": "sae", "sae": "probe", "edits": [{"feature": 3, "mode": "set", "value": 6.0}]}
+    own = answer(edit)["choices"][0]["message"]["content"]
+    assert own == answer(edit | {"layer": 1})["choices"][0]["message"]["content"]
+    assert own == client.post("/v1/chat/completions", json=body | {"steering": ["sae_edit"]}).json()["choices"][0][
+        "message"
+    ]["content"]
+    elsewhere = answer(edit | {"layer": 2})["error"]["message"]
+    assert "this SAE was trained at layer 1, site resid_post" in elsewhere and "any_site: true" in elsewhere
+    assert "choices" in answer(edit | {"layer": 2, "any_site": True})
+    named = answer({"op": "add", "layer": 1, "vector": "push", "coefficient": 2.0})["choices"][0]["message"]
+    assert named["content"] == client.post("/v1/chat/completions", json=body | {"steering": ["push"]}).json()[
+        "choices"
+    ][0]["message"]["content"]

@@ -18,12 +18,11 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from servers.registry import PresetError, PresetInfo, PresetRegistry, check_name
-from steerlib.config import SteeringConfig
+from steerlib.config import FileRef, SteeringConfig
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,11 @@ class BrowserRegistry(PresetRegistry):
             raise PresetError("the server has no presets folder to save presets in (start it with --presets DIR)")
         check_name(name, "preset")
         path = self.confine(self.root / f"{name}.yaml")
-        data = {"description": description, "interventions": [self._portable(iv) for iv in config.interventions]}
+        portable = config.map_refs(self._portable)
+        data = {
+            "description": description,
+            "interventions": [iv.model_dump(mode="json", exclude_defaults=True) for iv in portable.interventions],
+        }
         with self._write_lock:
             others = [p for p in self.root.glob(f"{name}.y*ml") if p.stem == name]
             if others and not overwrite:
@@ -88,22 +91,19 @@ class BrowserRegistry(PresetRegistry):
         log.info("saved preset %r to %s", name, path)
         return preset.info
 
-    def _portable(self, iv: Any) -> dict[str, Any]:
-        """An intervention as YAML data: defaults left out, paths inside the presets folder made relative, index
-        SAEs named by their index."""
-        out: dict[str, Any] = iv.model_dump(mode="json", exclude_defaults=True)
-        index_of = {path: name for name, path in self.index_saes.items()}
-        for holder in (out, out.get("apply", {}).get("when") or {}):
-            for key in ("vector", "sae"):
-                if isinstance(holder.get(key), str):
-                    path = Path(holder[key]).resolve()
-                    holder[key] = index_of[path] if key == "sae" and path in index_of else self._relative(path)
-        return out
+    def _portable(self, ref: FileRef) -> str:
+        """A file reference as a preset stores it: relative to the presets folder, an index SAE by its index's
+        name (every kind: vectors, SAEs and MLP probes, in the op and in its condition)."""
+        path = Path(ref.ref).resolve()
+        index_of = {p: name for name, p in self.index_saes.items()}
+        return index_of[path] if ref.kind == "sae" and path in index_of else self._relative(path)
 
     def _relative(self, path: Path) -> str:
         assert self.root is not None
         resolved = self.confine(path)
-        return resolved.relative_to(self.root).as_posix() if resolved.is_relative_to(self.root) else str(resolved)
+        if not resolved.is_relative_to(self.root):
+            raise PresetError(f"{resolved.name} lies outside the presets folder and is no feature index's SAE")
+        return resolved.relative_to(self.root).as_posix()
 
 
 def _write_atomic(path: Path, text: str) -> None:
