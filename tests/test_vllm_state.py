@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
 from steerlib.plan import ModelSpec
+from steerlib.vllm.families import RESIDUAL_SITES, Family
 from steerlib.vllm.params import cache_salt, parse_steering, steering_args
 from steerlib.vllm.state import SteeringState
 
@@ -150,22 +152,48 @@ def test_cache_salt_separates_steerings_and_isolates_unstable_ones() -> None:
     assert parse_steering({"other": 1}) is None
 
 
+class _Params:
+    """Stands for the ``SamplingParams`` vLLM's model runner holds while a request lives."""
+
+
 def test_unscheduled_request_keeps_its_verdict_and_a_finished_one_is_freed() -> None:
-    """vLLM drops a request from its batch for a step it is not scheduled in, then adds it back (same output list)."""
+    """vLLM drops a request from its batch for a step it is not scheduled in, then adds it back (same output list);
+    the request is finished once vLLM lets go of its params."""
     args = _add(_onehot(0), when={"vector": _onehot(7), "above": 0.5, "scope": "prompt"})
     st = SteeringState(SPEC, capacity=2)
     owner: list[int] = []
-    st.add(0, args, prompt_len=2, owner=owner)
+    params = _Params()
+    st.add(0, args, prompt_len=2, owner=owner, lifetime=params)
     x = torch.zeros(2, D)
     x[1, 7] = 1.0
     _step(st, [0, 1], [0, 2])
     st.run(1, "resid_post", x, None)
     st.remove(0)  # not scheduled this step
     assert not st.rows and len(st.parked) == 1 and st.plans
-    st.add(0, args, prompt_len=2, owner=owner)  # back again
+    st.add(0, args, prompt_len=2, owner=owner, lifetime=params)  # back again
     _step(st, [2], [0, 1])
     assert st.run(1, "resid_post", torch.zeros(1, D), None)[0, 0] == 1.0
     st.remove(0)
-    del owner  # vLLM forgets a finished request: its plan and slot are freed at the next step
+    _step(st, [0], [0, 1])
+    assert len(st.parked) == 1 and st.plans  # out of the batch but alive: its slot is kept
+    del params  # vLLM lets go of a finished request: its plan and slot are freed at the next step
     _step(st, [0], [0, 1])
     assert not st.parked and not st.plans and len(st._free_slots) == 2
+
+
+def test_a_request_that_finishes_in_the_batch_is_freed_when_removed() -> None:
+    st = SteeringState(SPEC, capacity=1)
+    params, owner = _Params(), [0]
+    st.add(0, _add(_onehot(0)), prompt_len=1, owner=owner, lifetime=params)
+    del params  # finished while in its row (vLLM reports the removal at its next step)
+    st.remove(0)
+    assert not st.parked and not st.plans and st._free_slots == [0]
+
+
+def test_a_site_the_family_lacks_is_refused_naming_family_and_site() -> None:
+    st = SteeringState(SPEC, capacity=1, family=Family("Qwen2-MoE", RESIDUAL_SITES))
+    attn = {"steering": {"interventions": [{"op": "add", "layer": 1, "site": "attn_out", "vector": _onehot(0)}]}}
+    with pytest.raises(ValueError, match="site attn_out is not available on Qwen2-MoE models in vLLM; it has resid_pre"):
+        st.add(0, attn, prompt_len=1)
+    st.add(0, _add(_onehot(0)), prompt_len=1)  # resid_post is fine
+    assert list(st.rows) == [0]

@@ -11,6 +11,10 @@ Runs in vLLM's engine-core process, where every request passes before it is sche
   found here, by resolving the config against the model as the workers will. Such a request is never scheduled:
   it finishes at once with ``finish_reason="error"`` (vLLM's OpenAI server answers it with an error, the log names
   the field) and the engine goes on serving the others. Verdicts are kept per distinct config.
+- **Steerable model.** On a model without steerable layers (an architecture outside ``steerlib.vllm.families``, or
+  the plugin switched off or not loaded) every steered request is refused the same way, naming the architecture;
+  a config using a site the served family lacks (``attn_out`` on a mixture-of-experts model) is refused naming the
+  family and the site. Unsteered requests are served as usual.
 - **CUDA graphs.** On an engine whose compilation config would replay steering frozen (full CUDA graphs, or
   piecewise graphs not split at the site op: see ``steerlib.vllm.compilation``), every steered request is refused
   the same way, naming the fix: never served unsteered.
@@ -34,7 +38,9 @@ from vllm.v1.request import RequestStatus
 from steerlib.config import SteeringConfig
 from steerlib.plan import ModelSpec, build_plan
 from steerlib.vllm.compilation import unsafe_reason
+from steerlib.vllm.families import STEERABLE_PREFIX, Family, steerable_architectures
 from steerlib.vllm.params import cache_salt, config_key, parse_steering
+from steerlib.vllm.plugin import DISABLE_ENV, disabled
 from steerlib.vllm.state import model_spec, tokenizer_loader
 
 log = logging.getLogger(__name__)
@@ -54,11 +60,29 @@ def salt_request(request: Any) -> SteeringConfig | None:
     return cfg
 
 
+def served_family(vllm_config: Any) -> tuple[Family | None, str | None]:
+    """The served model's family, or (None, why its requests cannot be steered)."""
+    from vllm.model_executor.models import registry
+
+    mc = vllm_config.model_config
+    arch = mc.architecture
+    if disabled():
+        return None, f"steering is switched off in this vLLM ({DISABLE_ENV} is set), so {arch} has no steerable layers"
+    known = steerable_architectures(registry._TEXT_GENERATION_MODELS)
+    if arch not in known:
+        return None, f"architecture {arch} has no steerable layers in vLLM; steerable: {', '.join(sorted(known))}"
+    built = getattr(getattr(mc, "_model_info", None), "architecture", STEERABLE_PREFIX)
+    if not built.startswith(STEERABLE_PREFIX):
+        return None, f"vLLM builds {built} for architecture {arch}, not a steerable class: is steerlib's plugin loaded?"
+    return known[arch][1], None
+
+
 class ModelCheck:
     """Resolves configs against the served model (on the CPU, then dropped) and remembers the verdicts."""
 
-    def __init__(self, spec: ModelSpec, load_tokenizer: Callable[[], Any]) -> None:
+    def __init__(self, spec: ModelSpec, load_tokenizer: Callable[[], Any], family: Family | None = None) -> None:
         self.spec = spec
+        self.family = family
         self.load_tokenizer = load_tokenizer
         self.tokenizer: Any = None
         self.verdicts: OrderedDict[str, str | None] = OrderedDict()
@@ -70,7 +94,9 @@ class ModelCheck:
             try:
                 if self.tokenizer is None:  # token matching resolves against the vocabulary
                     self.tokenizer = self.load_tokenizer()
-                build_plan(cfg, self.spec, self.tokenizer)
+                plan = build_plan(cfg, self.spec, self.tokenizer)
+                if self.family is not None:
+                    self.family.check(site for _, site in plan.ops)
                 self.verdicts[key] = None
             except Exception as e:  # any failure to resolve (bad field, unreadable file) rejects the config
                 self.verdicts[key] = f"{type(e).__name__}: {e}"
@@ -86,8 +112,10 @@ class _SteeringMixin:
     vllm_config: Any
 
     def _steering_init(self) -> None:
-        self._check = ModelCheck(model_spec(self.vllm_config, torch.device("cpu")), tokenizer_loader(self.vllm_config))
-        self._unsafe = unsafe_reason(self.vllm_config.compilation_config)
+        family, not_steerable = served_family(self.vllm_config)
+        spec = model_spec(self.vllm_config, torch.device("cpu"))
+        self._check = ModelCheck(spec, tokenizer_loader(self.vllm_config), family)
+        self._unsafe = not_steerable or unsafe_reason(self.vllm_config.compilation_config)
         self._failed: dict[str, str] = {}
         self._rejected: list[Any] = []
 
@@ -99,7 +127,7 @@ class _SteeringMixin:
             err = str(e)
         super().add_request(request)  # type: ignore[misc]
         if err is not None:
-            log.error("steerlib: request %s rejected, its steering does not fit the model: %s", request.request_id, err)
+            log.error("steerlib: request %s rejected, its steering cannot run here: %s", request.request_id, err)
             self._failed[request.request_id] = err
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:

@@ -4,13 +4,20 @@
 each forward the model calls :meth:`SteeringState.begin_step` with the step's flat layout (request ``i`` owns tokens
 ``query_start_loc[i]:query_start_loc[i+1]``, as in vLLM's attention metadata), and each site op calls
 :meth:`SteeringState.run`. Requests with equal configs share one plan and run as one group; a prompt-scoped gate
-keeps its per-request verdict in a slot that the request holds from its first step until it leaves the batch.
+keeps its per-request verdict in a slot that the request holds from its first step until it finishes.
+
+When a request finishes. vLLM's V1 logits-processor interface reports a row *removed* both when its request finished
+and when it was only left out of a step (not scheduled, or preempted); it never says which (vLLM issue #29045). The
+model runner does know: it drops its per-request state (which holds the request's ``SamplingParams``) when the
+scheduler lists the request in ``finished_req_ids``, and only then. So a row keeps its slot while it is out of the
+batch ("parked"), and a ``weakref.finalize`` on that ``SamplingParams`` marks it finished the moment vLLM lets go
+of the request; the next batch change or step releases it. Nothing else here holds the params.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +30,7 @@ from steerlib.refusal import forced_token, refusal_ids, row_refusal
 from steerlib.run_state import RunState
 from steerlib.runner import run_site
 from steerlib.tokens import TokenBatch
+from steerlib.vllm.families import Family
 from steerlib.vllm.params import config_key, parse_steering
 
 log = logging.getLogger(__name__)
@@ -46,6 +54,11 @@ class _Row:
     n_forced: int = 0
     prefill: bool = False
     """The detector that fired is in ``prefill`` mode: once its message is out, the request generates freely."""
+    finished: bool = False
+    """vLLM has let go of the request (see the module docstring): release its slot once it is out of the batch."""
+
+    def finish(self) -> None:
+        self.finished = True
 
 
 @dataclass
@@ -79,6 +92,8 @@ class SteeringState:
     tokenizer: Any = None
     """The model's tokenizer (token matching, refusal messages); loaded by ``load_tokenizer`` on first need."""
     load_tokenizer: Callable[[], Any] | None = None
+    family: Family | None = None
+    """The served model's family: a plan using a site it lacks is refused (the scheduler refuses it first)."""
     rows: dict[int, _Row] = field(default_factory=dict)
     parked: dict[int, _Row] = field(default_factory=dict)
     """Requests out of the batch for now (vLLM drops unscheduled requests from it), by ``id(owner)``, oldest first."""
@@ -91,11 +106,19 @@ class SteeringState:
 
     # -- batch bookkeeping (from the tracker) --------------------------------------------------------------------
 
-    def add(self, index: int, extra_args: Mapping[str, Any] | None, prompt_len: int, owner: object = None) -> None:
+    def add(
+        self,
+        index: int,
+        extra_args: Mapping[str, Any] | None,
+        prompt_len: int,
+        owner: object = None,
+        lifetime: object = None,
+    ) -> None:
         """A request entered batch row ``index`` (replacing whatever was there).
 
         ``owner`` identifies the request across exits and re-entries (vLLM's live output-token list): a request
         that comes back keeps its slot, so a prompt-scoped verdict survives a step it was not scheduled in.
+        ``lifetime`` is an object vLLM holds exactly as long as the request lives (its ``SamplingParams``).
         """
         self.remove(index)
         back = self.parked.pop(id(owner), None) if owner is not None else None
@@ -110,13 +133,17 @@ class SteeringState:
         key = config_key(cfg)
         if key not in self.plans:
             plan = build_plan(cfg, self.spec, self._tokenizer())
+            if self.family is not None:
+                self.family.check(site for _, site in plan.ops)
             self.plans[key] = _Shared(plan, plan.new_state())
         self.plans[key].users += 1
         while not self._free_slots and self.parked:
             self._release(self.parked.pop(next(iter(self.parked))))
         if not self._free_slots:
             raise RuntimeError(f"steerlib: more than {self.capacity} steered requests in one batch (max_num_seqs)")
-        self.rows[index] = _Row(key, prompt_len, self._free_slots.pop(), owner)
+        row = self.rows[index] = _Row(key, prompt_len, self._free_slots.pop(), owner)
+        if lifetime is not None:
+            weakref.finalize(lifetime, row.finish)
 
     def _tokenizer(self) -> Any:
         if self.tokenizer is None and self.load_tokenizer is not None:
@@ -128,17 +155,15 @@ class SteeringState:
         row = self.rows.pop(index, None)
         if row is None:
             return
-        if row.owner is None:
+        if row.owner is None or row.finished:
             self._release(row)
         else:
             self.parked[id(row.owner)] = row
 
     def _sweep(self) -> None:
-        """Release parked requests that vLLM has forgotten (finished): only this state still holds their owner."""
-        for key in list(self.parked):
-            # References: parked's row, and getrefcount's argument. vLLM's request state holds one more while alive.
-            if sys.getrefcount(self.parked[key].owner) <= 2:
-                self._release(self.parked.pop(key))
+        """Release parked requests that vLLM has let go of (finished)."""
+        for key in [k for k, row in self.parked.items() if row.finished]:
+            self._release(self.parked.pop(key))
 
     def _release(self, row: _Row) -> None:
         self._free_slots.append(row.slot)

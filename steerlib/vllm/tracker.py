@@ -6,7 +6,10 @@ a public interface (``logits_processors=[...]``) instead of a patched model runn
 front end when a request arrives, so a malformed steering config is rejected there (HTTP 400 on the server).
 Logits are left alone except for requests whose prompt fired a ``refuse`` op: they get its message, then
 end-of-turn (``prefill`` mode: no end-of-turn, the model continues after the message).
-Needs vLLM's V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``); the V2 runner refuses V1 logits processors at start.
+Needs vLLM's V1 model runner, which the plugin selects (``steerlib.vllm.plugin``); the V2 runner refuses V1 logits
+processors at startup. A steered request reaches the tracker only once ``SteeringScheduler`` has accepted it for
+this model, so a model without steerable layers never gets one; an engine started without that scheduler gets an
+error here, never an unsteered answer.
 """
 
 from __future__ import annotations
@@ -51,13 +54,15 @@ class StepTracker(LogitsProcessor):
         if st is None:
             if any(parse_steering(params.extra_args) is not None for _, params, _, _ in batch_update.added):
                 raise RuntimeError(
-                    "steerlib: a steered request arrived but the model is not steerable (supported architectures: "
-                    "see steerlib.vllm.plugin.STEERABLE; is steerlib installed where vLLM runs?)"
+                    "steerlib: a steered request reached a model without steerable layers; start the engine with "
+                    "steerlib.vllm.engine_kwargs() (its scheduler refuses such requests one by one, naming the "
+                    "architecture)"
                 )
             return
         for index in batch_update.removed:
             st.remove(index)
         for index, params, prompt_ids, output_ids in batch_update.added:
-            st.add(index, params.extra_args, 0 if prompt_ids is None else len(prompt_ids), owner=output_ids)
+            n_prompt = 0 if prompt_ids is None else len(prompt_ids)
+            st.add(index, params.extra_args, n_prompt, owner=output_ids, lifetime=params)
         for src, dst, how in batch_update.moved:
             st.move(src, dst, swap=how == MoveDirectionality.SWAP)
