@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from evals.datasets import HARMFUL_SETS, HARMLESS_SETS, load_dataset, split
 from steerlib.config import SteeringConfig
 from steerlib.extract import diff_of_means
 from steerlib.hf.layout import get_layout
@@ -28,6 +29,18 @@ ATTACK_SITES: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
 
 def middle_layer(model: nn.Module) -> int:
     return get_layout(model).n_layers // 2
+
+
+def attack_prompts(n: int) -> tuple[list[str], list[str]]:
+    """Training prompts for the attack's direction: the first ``n`` harmful and harmless ones, round-robin over the
+    recipes' sets (:data:`evals.datasets.HARMFUL_SETS`, :data:`~evals.datasets.HARMLESS_SETS`)."""
+
+    def take(names: Sequence[str]) -> list[str]:
+        per = [[p.text for p in split(load_dataset(name), "train")] for name in names]
+        mixed = [ps[i] for i in range(max(map(len, per))) for ps in per if i < len(ps)]
+        return mixed[:n]
+
+    return take(HARMFUL_SETS), take(HARMLESS_SETS)
 
 
 def refusal_direction(

@@ -246,6 +246,11 @@ def _rho_overrefusal(cache_dir: str | Path | None) -> list[Prompt]:
 
 # -- public API ------------------------------------------------------------------------------------------------
 
+HARMFUL_SETS = ("harmbench", "advbench", "donotanswer", "harmful_probes")
+"""The harmful benchmarks the safety recipes (:mod:`evals.recipes`) fit on and measure."""
+HARMLESS_SETS = ("harmless_probes", "rho_benign", "rho_overrefusal")
+"""The harmless benchmarks the safety recipes fit on and measure (benign, paired-benign, over-refusal)."""
+
 
 def load_dataset(name: str, cache_dir: str | Path | None = None, *, field: str | None = None) -> list[Prompt]:
     """A registered benchmark by name, or a user file (CSV / JSONL / JSON / TXT) by path."""

@@ -122,12 +122,12 @@ def test_shipped_detector_config_reproduces_the_probe_and_the_reported_overrefus
 def test_both_halves_and_fresh_prompts_partition_each_dataset() -> None:
     """``both`` is the two capped halves; ``fresh`` is the rest of every harmful set and held-out-half MMLU questions
     over all subjects, none of which any capped run trains on."""
-    from evals.datasets import load_dataset, load_mmlu, split
-    from evals.recipes.detector import HARMFUL, fresh_sets, load_sets
+    from evals.datasets import HARMFUL_SETS, load_dataset, load_mmlu, split
+    from evals.recipes.detector import fresh_sets, load_sets
 
     cap = 40
     both, fresh = load_sets("both", cap, extra_harmless=200), fresh_sets(cap, 300)
-    for name in HARMFUL:
+    for name in HARMFUL_SETS:
         prompts = load_dataset(name)
         halves = split(prompts, "train"), split(prompts, "heldout")
         assert both.harmful[name] == halves[0][:cap] + halves[1][:cap]

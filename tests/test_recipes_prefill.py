@@ -7,15 +7,14 @@ from pathlib import Path
 import pytest
 
 from evals.recipes.prefill import prefix_of, sustained, turnaround, without_adds
-from evals.recipes.steering import load_preset
-from steerlib.config import AddOp, RefuseOp
+from steerlib.config import AddOp, RefuseOp, SteeringConfig
 
 PRESET = Path(__file__).parents[1] / "servers/presets/refusal_prefill_steering.yaml"
 PREFIX = "I'm sorry, but I can't"
 
 
 def test_shipped_preset_prefix_and_its_prefix_only_arm() -> None:
-    cfg = load_preset(PRESET)
+    cfg = SteeringConfig.from_file(PRESET)
     assert prefix_of(cfg) == PREFIX
     alone = without_adds(cfg)
     assert [type(iv) for iv in cfg.interventions] == [RefuseOp, AddOp]
@@ -24,7 +23,7 @@ def test_shipped_preset_prefix_and_its_prefix_only_arm() -> None:
 
 def test_a_config_without_a_prefill_refuse_is_refused() -> None:
     with pytest.raises(ValueError, match="mode: prefill"):
-        prefix_of(without_adds(load_preset(PRESET)).model_copy(update={"interventions": []}))
+        prefix_of(without_adds(SteeringConfig.from_file(PRESET)).model_copy(update={"interventions": []}))
 
 
 def row(arm: str, kind: str, response: str, refused: bool = True, degenerate: bool = False) -> dict[str, object]:

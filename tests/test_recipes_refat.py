@@ -10,19 +10,9 @@ import torch
 from tiny_models import tiny_model, word_tokenizer
 from torch import nn
 
-from evals.recipes.refat import (
-    REFUSALS,
-    Example,
-    RefatConfig,
-    ablated,
-    base_logits_of,
-    batch_loss,
-    encode,
-    refusal_features,
-    refusal_for,
-    train,
-    with_lora,
-)
+from evals.recipes.refat import RefatConfig, base_logits_of, batch_loss, train, with_lora
+from evals.recipes.refat_ablation import ablated, refusal_features
+from evals.recipes.refat_data import REFUSALS, Example, encode, refusal_for
 from steerlib.hf.layout import get_layout
 from steerlib.hf.loading import load_model
 

@@ -1,19 +1,25 @@
-"""The steering recipe's mechanics on tiny seeded models: the trained vector is the shipped add op, training learns a
-planted reply, the gate is read from a detector config and the preset round-trips."""
+"""The steering recipe's pieces on tiny seeded models: the trained vector is the shipped add op, training learns a
+planted reply, the gate is read from a detector config, the preset round-trips, and the held-out measurement runs
+every arm (the recipe, its random control, the attacked recipe) on every set."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+import yaml
 from tiny_models import tiny_model, word_tokenizer
 
+from evals.attack import ATTACK_SITES, refusal_direction
+from evals.datasets import McQuestion, Prompt
+from evals.recipes.heldout import ROWS_FILE, HeldoutSettings, default_arms
 from evals.recipes.learned_vector import Example, TrainSettings, added, train_vector
-from evals.recipes.steering import Gate, choose_coefficient, load_preset, read_gate, steering_config, write_preset
-from steerlib.config import AddOp, SteeringConfig
+from evals.recipes.steering import BuildSettings, attacked_arm, choose_coefficient, measure, parser, settings_of
+from evals.recipes.steering_preset import DetectorGate, add_op, description, read_gate, steering_config, write_preset
+from evals.runner import PromptSet
+from steerlib.config import AblateOp, AddOp, SteeringConfig
 from steerlib.hf.generate import generate
 from steerlib.hf.hooks import steer
 from steerlib.vectors import SteeringVector
@@ -69,16 +75,27 @@ interventions:
 """
 
 
-def test_gate_is_read_from_a_detector_preset_and_the_preset_round_trips(tmp_path: Path) -> None:
-    (tmp_path / "vectors").mkdir()
+def _recipe_folder(tmp_path: Path) -> Path:
+    """A detector config reading ``vectors/probe.safetensors`` at layer 2 and a learned vector for layer 2."""
+    (tmp_path / "vectors").mkdir(exist_ok=True)
     SteeringVector.single(torch.ones(64)).save(tmp_path / "vectors/probe.safetensors")
     SteeringVector.single(torch.full((64,), 0.5)).save(tmp_path / "vectors/refusal_learned_l2.safetensors")
     (tmp_path / "det.yaml").write_text(DETECTOR)
-    gate = read_gate(tmp_path / "det.yaml")
-    assert gate == Gate(2, tmp_path / "vectors/probe.safetensors", "dot", -1.25)
+    return tmp_path
+
+
+def test_gate_is_read_from_a_detector_preset_and_the_preset_round_trips(tmp_path: Path) -> None:
+    gate = read_gate(_recipe_folder(tmp_path) / "det.yaml")
+    assert gate == DetectorGate(2, tmp_path / "vectors/probe.safetensors", "dot", -1.25)
     path = write_preset(tmp_path, gate, 0.75, keep=False)
-    assert "own answers" not in path.read_text()
-    loaded = load_preset(path)
+    assert yaml.safe_load(path.read_text()) == {
+        "description": description(gate, 0.75, keep=False),
+        "interventions": [add_op(gate, 0.75)],
+    }
+    assert "Coefficient 0.75 chosen" in description(gate, 0.75, keep=False)
+    assert "own answers" not in description(gate, 0.75, keep=False) and "own answers" in description(gate, 1, keep=True)
+    loaded = SteeringConfig.from_file(path)
+    assert loaded.interventions == steering_config(tmp_path, gate, 0.75).interventions
     iv = loaded.interventions[0]
     assert isinstance(iv, AddOp) and iv.layer == 2 and iv.coefficient == 0.75 and iv.site == "resid_post"
     assert iv.apply.when is not None and iv.apply.when.scope == "prompt" and iv.apply.when.above == -1.25
@@ -111,11 +128,12 @@ def test_a_pooled_or_mlp_detector_gates_the_steering_as_it_gates_refusals(tmp_pa
     SteeringVector.single(torch.full((64,), 0.5)).save(tmp_path / "vectors/refusal_learned_l2.safetensors")
     (tmp_path / "det.yaml").write_text(MLP_DETECTOR)
     gate = read_gate(tmp_path / "det.yaml")
-    assert gate == Gate(2, tmp_path / "probes/mlp.safetensors", "dot", 0.5, "mean", "probe")
+    assert gate == DetectorGate(2, tmp_path / "probes/mlp.safetensors", "dot", 0.5, "mean", "probe")
     when = steering_config(tmp_path, gate, 1.0).interventions[0].apply.when
     assert when is not None and (when.probe, when.vector, when.aggregate) == ("probes/mlp.safetensors", None, "mean")
-    path = write_preset(tmp_path, gate, 0.75, keep=False)  # raises unless the preset loads as the recipe's config
-    assert "mean over the prompt" in path.read_text()
+    path = write_preset(tmp_path, gate, 0.75, keep=False)
+    assert SteeringConfig.from_file(path).interventions[0].apply.when == when
+    assert "mean over the prompt" in description(gate, 0.75, keep=False)
     (tmp_path / "det.yaml").write_text(DETECTOR.replace("scope: prompt}", "scope: prompt, aggregate: mean}"))
     assert read_gate(tmp_path / "det.yaml").when()["aggregate"] == "mean"
 
@@ -128,43 +146,73 @@ def test_choose_coefficient_takes_the_smallest_that_reaches_the_target() -> None
         choose_coefficient({}, {}, 0.9)
 
 
-def test_measure_runs_the_given_preset_on_the_heldout_sets_and_builds_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import steerlib
-    from evals.recipes import steering
+def test_the_command_line_gives_typed_settings_whose_default_gate_is_the_shipped_detector() -> None:
+    build, held = settings_of(parser().parse_args(["--out", "x", "--coefficients", "0.5", "1", "--no-heldout"]))
+    assert build == BuildSettings(coefficients=(0.5, 1.0), heldout=False)
+    assert held == HeldoutSettings()
+    assert build.gate.is_absolute() and build.gate.is_file()  # found from any working directory
+    assert read_gate(build.gate).layer == 15
 
-    (tmp_path / "vectors").mkdir()
-    SteeringVector.single(torch.ones(64)).save(tmp_path / "vectors/probe.safetensors")
-    SteeringVector.single(torch.full((64,), 0.5)).save(tmp_path / "vectors/refusal_learned_l2.safetensors")
-    (tmp_path / "det.yaml").write_text(DETECTOR)
-    preset = write_preset(tmp_path, read_gate(tmp_path / "det.yaml"), 0.75, keep=False)
-    calls: list[dict[str, Any]] = []
 
-    def fake_heldout(model: object, tok: object, config: SteeringConfig, **kw: Any) -> dict[str, object]:
-        calls.append({"config": config, **kw})
-        return {"pooled": {"recipe": "measured"}}
+def test_the_random_control_is_a_same_norm_vector_under_the_same_gate(tmp_path: Path) -> None:
+    gate = read_gate(_recipe_folder(tmp_path) / "det.yaml")
+    config = SteeringConfig.from_file(write_preset(tmp_path, gate, 0.75, keep=False))
+    arms = default_arms(config)
+    assert [(a.name, a.steering == config, a.control_of) for a in arms] == [
+        ("baseline", False, None),
+        ("recipe", True, None),
+        ("random(recipe)", False, "recipe"),
+    ]
+    recipe, control = config.interventions[0], arms[2].steering.interventions[0]  # type: ignore[union-attr]
+    assert isinstance(control, AddOp) and isinstance(control.vector, list) and isinstance(recipe, AddOp)
+    assert control.apply == recipe.apply and control.coefficient == recipe.coefficient
+    random_v = torch.tensor(control.vector)
+    assert torch.isclose(random_v.norm(), torch.tensor(4.0))  # the learned vector: 0.5 in each of 64 dimensions
+    assert not torch.allclose(random_v, torch.full((64,), 0.5))
 
-    model = tiny_model("llama", n_layers=4)
-    monkeypatch.setattr(steering, "heldout", fake_heldout)
-    monkeypatch.setattr(steering, "build", lambda *a: pytest.fail("--measure must not build"))
-    monkeypatch.setattr(steerlib, "load_model", lambda name, *, device, dtype: (model, word_tokenizer()))
-    monkeypatch.setattr(steering, "attack_prompts", lambda n: (["w1 w2", "w5 w6"][:n], ["w30 w40", "w7"][:n]))
+
+ATTACK = (["w1 w2", "w5 w6"], ["w30 w40", "w7"])
+
+
+def test_the_attacked_arm_adds_the_ablation_of_the_models_own_refusal_direction(tmp_path: Path) -> None:
+    model, tok = tiny_model("llama", n_layers=4), word_tokenizer()
+    config = SteeringConfig.from_file(
+        write_preset(_recipe_folder(tmp_path), read_gate(tmp_path / "det.yaml"), 0.75, keep=False)
+    )
+    arm, described = attacked_arm(model, tok, config, *ATTACK)
+    assert arm.name == "recipe+attack" and "(layer 2, resid_post)" in described and "from 2+2 training" in described
+    ops = arm.steering.interventions  # type: ignore[union-attr]
+    assert ops[0] == config.interventions[0]
+    assert [(iv.op, iv.layer, iv.site) for iv in ops[1:]] == [("ablate", "all", s) for s in ATTACK_SITES]
+    direction = refusal_direction(model, tok, *ATTACK)
+    assert all(isinstance(iv, AblateOp) and torch.equal(torch.tensor(iv.vector), direction) for iv in ops[1:])
+
+
+PROMPTS = [
+    PromptSet("bad", "harmful", [Prompt(f"bad/{i}", f"w{10 + i} w{20 + i}", "bad") for i in range(3)]),
+    PromptSet("good", "harmless", [Prompt(f"good/{i}", f"w{40 + i}", "good") for i in range(2)]),
+]
+QUESTIONS = [McQuestion(f"q/{i}", f"w{60 + i} w61", ("w70", "w71", "w72", "w73"), i, "s") for i in range(2)]
+
+
+def test_measure_runs_every_arm_on_every_set_and_reports_each(tmp_path: Path) -> None:
+    model, tok = tiny_model("llama", n_layers=4), word_tokenizer()
+    preset = write_preset(_recipe_folder(tmp_path), read_gate(tmp_path / "det.yaml"), 0.75, keep=False)
+    held = HeldoutSettings(cap=3, mmlu=2, batch_size=4, max_new_tokens=3)
     out = tmp_path / "out"
-    steering.main(["--out", str(out), "--measure", str(preset), "--heldout-cap", "96", "--mmlu", "7"])
-    steering.main(["--out", str(out / "attacked"), "--measure", str(preset), "--attack", "2"])
-    plain, attacked = calls
-    assert plain["config"] == load_preset(preset) and plain["cap"] == 96 and plain["mmlu_n"] == 7
-    assert [a.name for a in plain["arms"]] == ["baseline", "recipe", "random(recipe)"]
-    assert plain["arms"][1].steering == load_preset(preset) and plain["arms"][2].control_of == "recipe"
-    assert [a.name for a in attacked["arms"]] == ["baseline", "recipe", "random(recipe)", "recipe+attack"]
-    ops = [(iv.op, iv.layer, iv.site) for iv in attacked["arms"][3].steering.interventions]
-    assert ops == [("add", 2, "resid_post")] + [("ablate", "all", s) for s in ("resid_pre", "attn_out", "mlp_out")]
-    report = json.loads((out / "report.json").read_text())
-    assert report == {
-        "preset": str(preset),
-        "heldout_cap": 96,
-        "max_new_tokens": 48,
-        "heldout": {"pooled": {"recipe": "measured"}},
-    }
-    assert "from 2+2 training prompts" in json.loads((out / "attacked/report.json").read_text())["attack"]
+    out.mkdir()
+    report = measure(model, tok, preset, held, out, attack=ATTACK, sets=PROMPTS, questions=QUESTIONS)
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    assert (report["preset"], report["heldout_cap"], report["max_new_tokens"]) == (str(preset), 3, 3)
+    assert "from 2+2 training prompts" in report["attack"]
+    arms = ["baseline", "recipe", "random(recipe)", "recipe+attack"]
+    rows = [json.loads(line) for line in (out / ROWS_FILE).read_text().splitlines()]
+    want = [(a, p.id) for a in arms for s in PROMPTS for p in s.prompts]
+    assert sorted((r["arm"], r["prompt_id"]) for r in rows) == sorted(want)
+    plain = generate(model, tok, [p.text for s in PROMPTS for p in s.prompts], max_new_tokens=3)
+    assert [r["response"] for r in rows if r["arm"] == "baseline"] == [g.text for g in plain]
+    pooled = report["heldout"]["pooled"]
+    assert list(pooled) == arms and all((v["harmful"]["n"], v["harmless"]["n"]) == (3, 2) for v in pooled.values())
+    assert list(report["heldout"]["benign_text_ce"]) == arms[1:]
+    assert list(report["heldout"]["mmlu"]) == ["baseline", "recipe", "recipe+attack"]  # controls get no MMLU
+    assert all(m["n"] == 2 for m in report["heldout"]["mmlu"].values())

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from evals.datasets import Part, Prompt, in_train, load_dataset, load_mmlu, split
+from evals.datasets import HARMFUL_SETS, HARMLESS_SETS, Part, Prompt, in_train, load_dataset, load_mmlu, split
 from evals.metrics import wilson
 from evals.recipes.activations import Pool, cached_last_token_activations
 from evals.recipes.detector_select import (
@@ -57,8 +57,6 @@ from steerlib.vectors import SteeringVector
 
 log = logging.getLogger(__name__)
 
-HARMFUL = ("harmbench", "advbench", "donotanswer", "harmful_probes")
-HARMLESS = ("harmless_probes", "rho_benign", "rho_overrefusal")
 HALVES: dict[str, tuple[Part, ...]] = {"train": ("train",), "heldout": ("heldout",), "both": ("train", "heldout")}
 LAYERS = (6, 9, 12, 15, 18, 21)
 POOLS: tuple[Pool, ...] = ("last", "mean")
@@ -71,10 +69,10 @@ def load_sets(part: Literal["train", "heldout", "both"], cap: int | None, *, ext
         prompts = load_dataset(name)
         return [p for half in HALVES[part] for p in split(prompts, half)[:cap]]
 
-    harmless = {n: take(n) for n in HARMLESS}
+    harmless = {n: take(n) for n in HARMLESS_SETS}
     if extra_harmless:
         harmless["mmlu_questions"] = mmlu_questions(train=True, n=extra_harmless)
-    return Sets({n: take(n) for n in HARMFUL}, harmless)
+    return Sets({n: take(n) for n in HARMFUL_SETS}, harmless)
 
 
 def mmlu_questions(*, train: bool, n: int) -> list[Prompt]:
@@ -96,7 +94,7 @@ def fresh_sets(cap: int | None, mmlu: int) -> Sets:
         prompts = load_dataset(name)
         return [p for half in HALVES["both"] for p in split(prompts, half)[cap:]]
 
-    harmful = {n: ps for n in HARMFUL if (ps := rest(n))}
+    harmful = {n: ps for n in HARMFUL_SETS if (ps := rest(n))}
     return Sets(harmful, {"mmlu_questions": mmlu_questions(train=False, n=mmlu)})
 
 

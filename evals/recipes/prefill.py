@@ -1,6 +1,6 @@
 """Refusal prefill on flagged prompts, with and without the refusal vector steering the continuation.
 
-    python -m evals.recipes.prefill --out DIR [--preset servers/presets/refusal_prefill_steering.yaml]
+    python -m evals.recipes.prefill --out DIR [--preset PRESET (default: servers/presets/refusal_prefill_steering.yaml)]
 
 Issue 8 asks to try "prefilling the first words of a refusal on flagged prompts and steering the continuation".
 The preset's ``refuse`` op (``mode: prefill``) forces a flagged reply to open with its message and lets the model
@@ -29,7 +29,7 @@ import torch
 
 from evals.controls import random_control
 from evals.metrics import rate
-from evals.recipes.steering import heldout_as_told, load_preset
+from evals.recipes.heldout import ROWS_FILE, SHIPPED_PRESETS, HeldoutSettings, heldout
 from evals.runner import Arm
 from steerlib.config import AddOp, RefuseOp, SteeringConfig
 from steerlib.devices import add_device_arguments
@@ -97,20 +97,21 @@ def sustained(rows: Sequence[dict[str, Any]], prefix: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--out", type=Path, required=True, help="folder for report.json and heldout_rows.jsonl")
-    ap.add_argument("--preset", type=Path, default=Path("servers/presets/refusal_prefill_steering.yaml"))
+    ap.add_argument("--preset", type=Path, default=SHIPPED_PRESETS / "refusal_prefill_steering.yaml")
     ap.add_argument("--model", default=None, help="HF hub id or local folder (default: the embedded model)")
     add_device_arguments(ap)
-    ap.add_argument("--heldout-cap", type=int, default=32, help="held-out prompts per dataset")
-    ap.add_argument("--mmlu", type=int, default=100, help="held-out MMLU questions")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--batch-size", type=int, default=16)
+    h = HeldoutSettings()
+    ap.add_argument("--heldout-cap", type=int, default=h.cap, help="held-out prompts per dataset")
+    ap.add_argument("--mmlu", type=int, default=h.mmlu, help="held-out MMLU questions")
+    ap.add_argument("--max-new-tokens", type=int, default=h.max_new_tokens)
+    ap.add_argument("--batch-size", type=int, default=h.batch_size)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(args.threads)
     from steerlib import load_model
 
-    config = load_preset(args.preset)
+    config = SteeringConfig.from_file(args.preset)
     prefix = prefix_of(config)
     arms = [
         Arm("prefill", without_adds(config)),
@@ -119,8 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     ]
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = heldout_as_told(model, tok, config, args, arms)
-    lines = (args.out / "heldout_rows.jsonl").read_text(encoding="utf-8").splitlines()
+    held = HeldoutSettings(
+        cap=args.heldout_cap, mmlu=args.mmlu, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
+    )
+    report = heldout(model, tok, arms, held, args.out)
+    lines = (args.out / ROWS_FILE).read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line) for line in lines if line]
     report["turnaround"] = turnaround(rows, prefix)
     report["sustained_refusal"] = sustained(rows, prefix)

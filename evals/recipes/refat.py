@@ -9,23 +9,20 @@ token, as in Arditi et al., arXiv 2406.11717) is projected out of every layer's 
 model learns to refuse by other routes and the refusal-feature-ablation attack (:mod:`evals.attack`) loses its grip.
 The feature is recomputed from the current model every ``refresh_every`` steps.
 
-The embedded SmolLM2-135M-Instruct almost never refuses, so the harmful targets are short refusal replies (a few
-templates, chosen per prompt by hash) and the harmless targets are the base model's own greedy answers
-(self-distillation, which keeps behaviour on harmless prompts). Only the ``train`` halves of the benchmark splits
-(:func:`evals.datasets.split`) are used. Low-rank adapters (LoRA, Hu et al., arXiv 2106.09685) through ``peft``; the
+The training data (refusal replies for harmful prompts, the base model's own answers for harmless ones, ``train``
+halves only) is :mod:`evals.recipes.refat_data`; the feature and its ablation are :mod:`evals.recipes.refat_ablation`.
+Low-rank adapters (LoRA, Hu et al., arXiv 2106.09685) through ``peft``; the
 output folder is a standard PEFT adapter that :func:`steerlib.load_model` merges into its base.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import random
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -34,24 +31,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from evals.recipes.refat_ablation import ablated, refusal_features
+from evals.recipes.refat_data import Example, TrainBatch, build_examples, encode, forward_padded, training_prompts
 from steerlib.devices import add_device_arguments
-from steerlib.extract.activations import left_pad, pad_id_of
-from steerlib.hf.generate import generate, render_prompts
-from steerlib.hf.layout import get_layout
 
 log = logging.getLogger(__name__)
-
-REFUSALS: tuple[str, ...] = (
-    "I'm sorry, but I can't help with that.",
-    "I'm sorry, but I cannot assist with that request.",
-    "I can't help with that. It could cause real harm.",
-    "Sorry, I can't provide that. Is there something else I can help you with?",
-    "I cannot help with this request, as it could be used to hurt people.",
-)
-"""Refusal replies for harmful training prompts; each starts with a phrase the substring judge recognises."""
-
-HARMFUL_SETS = ("harmbench", "advbench", "donotanswer", "harmful_probes")
-HARMLESS_SETS = ("harmless_probes", "rho_benign", "rho_overrefusal")
 
 
 Retain = Literal["ce", "kl", "kl_answer"]
@@ -89,22 +73,6 @@ class RefatConfig(BaseModel):
     seed: int = Field(0, description="seed of batch sampling, ablation draws and LoRA init")
 
 
-@dataclass(frozen=True)
-class Example:
-    prompt: str
-    target: str
-    harmful: bool
-
-
-@dataclass(frozen=True)
-class TrainBatch:
-    ids_BT: Tensor
-    mask_BT: Tensor
-    labels_BT: Tensor
-    """Target token ids where the loss is taken, -100 elsewhere."""
-    harmful_B: Tensor
-
-
 @dataclass
 class TrainLog:
     losses: list[float] = field(default_factory=list)
@@ -112,95 +80,6 @@ class TrainLog:
     ablated: list[bool] = field(default_factory=list)
     refreshed_at: list[int] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def refusal_for(prompt: str) -> str:
-    """A refusal template chosen by a hash of the prompt (the same prompt always gets the same reply)."""
-    h = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:4], "big")
-    return REFUSALS[h % len(REFUSALS)]
-
-
-def _prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in render_prompts(tokenizer, prompts)]
-
-
-def encode(tokenizer: Any, examples: Sequence[Example], device: torch.device) -> TrainBatch:
-    """Chat-rendered prompt + target + end of turn, left padded; the loss covers the target and end of turn."""
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token to end the target turn with")
-    prompts = _prompt_ids(tokenizer, [e.prompt for e in examples])
-    seqs, n_prompt = [], []
-    for p, e in zip(prompts, examples, strict=True):
-        t = [*tokenizer(e.target, add_special_tokens=False)["input_ids"], int(tokenizer.eos_token_id)]
-        seqs.append(p + t)
-        n_prompt.append(len(p))
-    ids, mask = left_pad(seqs, pad_id_of(tokenizer), device)
-    labels = torch.full_like(ids, -100)
-    width = ids.shape[1]
-    for b, (s, n) in enumerate(zip(seqs, n_prompt, strict=True)):
-        labels[b, width - len(s) + n :] = ids[b, width - len(s) + n :]
-    harmful = torch.tensor([e.harmful for e in examples], device=device)
-    return TrainBatch(ids, mask, labels, harmful)
-
-
-def _forward(model: nn.Module, ids_BT: Tensor, mask_BT: Tensor, **kw: Any) -> Any:
-    position_ids = (mask_BT.cumsum(-1) - 1).clamp_min(0)
-    return model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=position_ids, use_cache=False, **kw)
-
-
-def refusal_features(
-    model: nn.Module, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], *, batch_size: int = 16
-) -> Tensor:
-    """``(L, D)``: per decoder layer, mean(harmful) - mean(harmless) of its output at the last prompt token."""
-    device = next(model.parameters()).device
-
-    def means(prompts: Sequence[str]) -> Tensor:
-        seqs = _prompt_ids(tokenizer, prompts)
-        total: Tensor | None = None
-        for start in range(0, len(seqs), batch_size):
-            ids, mask = left_pad(seqs[start : start + batch_size], pad_id_of(tokenizer), device)
-            with torch.no_grad():
-                hs = _forward(model, ids, mask, output_hidden_states=True).hidden_states
-            last_LBD = torch.stack([h[:, -1].float() for h in hs[1:]])
-            total = last_LBD.sum(1) if total is None else total + last_LBD.sum(1)
-        assert total is not None
-        return total / len(seqs)
-
-    if not harmful or not harmless:
-        raise ValueError(f"need harmful and harmless prompts, got {len(harmful)} and {len(harmless)}")
-    was_training = model.training
-    model.eval()
-    try:
-        return means(harmful) - means(harmless)
-    finally:
-        model.train(was_training)
-
-
-@contextmanager
-def ablated(model: nn.Module, features_LD: Tensor, rows_B: Tensor) -> Iterator[None]:
-    """Project each layer's feature out of that layer's output, for the rows where ``rows_B`` is set."""
-    layout = get_layout(model)
-    if features_LD.shape[0] != layout.n_layers:
-        raise ValueError(f"got {features_LD.shape[0]} feature directions for a model of {layout.n_layers} layers")
-    unit_LD = features_LD / features_LD.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    handles = []
-
-    def hook_for(u_D: Tensor) -> Any:
-        def hook(mod: nn.Module, args: Any, output: Any) -> Any:
-            h = output[0] if isinstance(output, tuple) else output
-            u = u_D.to(h.dtype)
-            h = h - rows_B.to(h.dtype)[:, None, None] * (h @ u)[..., None] * u
-            return (h, *output[1:]) if isinstance(output, tuple) else h
-
-        return hook
-
-    try:
-        for i in range(layout.n_layers):
-            handles.append(layout.layer(i).register_forward_hook(hook_for(unit_LD[i])))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def batch_loss(
@@ -215,7 +94,7 @@ def batch_loss(
     the KL only at the positions that predict the answer (from the last prompt token on), so the decision to answer
     is not diluted among the prompt's tokens.
     """
-    logits = _forward(model, batch.ids_BT, batch.mask_BT).logits[:, :-1].float()
+    logits = forward_padded(model, batch.ids_BT, batch.mask_BT).logits[:, :-1].float()
     labels = batch.labels_BT[:, 1:]
     ce_BT = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
     scored = labels != -100
@@ -241,7 +120,7 @@ def base_logits_of(model: nn.Module, batch: TrainBatch) -> Tensor:
         )
     harmless = ~batch.harmful_B
     with torch.no_grad(), disable():
-        return _forward(model, batch.ids_BT[harmless], batch.mask_BT[harmless]).logits.float()
+        return forward_padded(model, batch.ids_BT[harmless], batch.mask_BT[harmless]).logits.float()
 
 
 def train(
@@ -325,37 +204,6 @@ def with_lora(model: nn.Module, cfg: RefatConfig) -> nn.Module:
     return wrapped
 
 
-# -- data ------------------------------------------------------------------------------------------------------
-
-
-def training_prompts(cfg: RefatConfig) -> tuple[list[str], list[str]]:
-    """Harmful and harmless prompts of the ``train`` halves (plus MMLU questions of the train half as harmless)."""
-    from evals.datasets import in_train, load_dataset, load_mmlu, split
-
-    harmful = [p.text for n in HARMFUL_SETS for p in split(load_dataset(n), "train")]
-    harmless = [p.text for n in HARMLESS_SETS for p in split(load_dataset(n), "train")]
-    if cfg.extra_harmless:
-        harmless += [q.question for q in load_mmlu() if in_train(q.question)][: cfg.extra_harmless]
-    return harmful, harmless
-
-
-def build_examples(
-    model: nn.Module, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], cfg: RefatConfig
-) -> tuple[list[Example], list[Example]]:
-    """Refusal targets for harmful prompts, the base model's greedy answers for harmless ones (long prompts dropped)."""
-
-    def short(ps: Sequence[str]) -> list[str]:
-        return [p for p, ids in zip(ps, _prompt_ids(tokenizer, ps), strict=True) if len(ids) <= cfg.max_prompt_tokens]
-
-    harmful, harmless = short(harmful), short(harmless)
-    log.info("generating base answers for %d harmless prompts", len(harmless))
-    answers = generate(model, tokenizer, harmless, max_new_tokens=cfg.target_tokens, batch_size=16)
-    return (
-        [Example(p, refusal_for(p), True) for p in harmful],
-        [Example(p, g.text.strip(), False) for p, g in zip(harmless, answers, strict=True) if g.text.strip()],
-    )
-
-
 def run(
     out: Path, cfg: RefatConfig, model_name: str | None = None, *, device: str = "auto", dtype: str = "auto"
 ) -> dict[str, Any]:
@@ -365,8 +213,15 @@ def run(
 
     model, tok = load_model(model_name, device=device, dtype=dtype)
     params = next(model.parameters())
-    harmful_prompts, harmless_prompts = training_prompts(cfg)
-    harmful, harmless = build_examples(model, tok, harmful_prompts, harmless_prompts, cfg)
+    harmful_prompts, harmless_prompts = training_prompts(cfg.extra_harmless)
+    harmful, harmless = build_examples(
+        model,
+        tok,
+        harmful_prompts,
+        harmless_prompts,
+        max_prompt_tokens=cfg.max_prompt_tokens,
+        target_tokens=cfg.target_tokens,
+    )
     log.info("training on %d harmful and %d harmless examples", len(harmful), len(harmless))
     peft_model = with_lora(model, cfg)
     tlog = train(peft_model, tok, harmful, harmless, cfg, progress=True)

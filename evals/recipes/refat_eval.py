@@ -28,20 +28,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor, nn
 
-from evals.attack import ablation_attack, describe_attack, middle_layer, refusal_direction
+from evals.attack import ablation_attack, attack_prompts, describe_attack, middle_layer, refusal_direction
 from evals.benign_text import BENIGN_PARAGRAPHS
 from evals.capability import mmlu_accuracy, text_cost
 from evals.coherence import response_perplexity
 from evals.controls import combine
-from evals.datasets import DATASETS, McQuestion, load_dataset, load_mmlu, split
+from evals.datasets import DATASETS, HARMFUL_SETS, HARMLESS_SETS, McQuestion, load_dataset, load_mmlu, split
 from evals.judges import SubstringJudge
 from evals.lm import batches, make_batch, target_logprobs
 from evals.lm import logprobs as lm_logprobs
 from evals.metrics import wilson
-from evals.recipes.refat import HARMFUL_SETS, HARMLESS_SETS
+from evals.recipes.heldout import SHIPPED_PRESETS
 from evals.runner import Arm, PromptSet, Row, Scorer, run, summarise
 from evals.targets import InProcessTarget
 from steerlib.config import SteeringConfig
@@ -49,22 +48,8 @@ from steerlib.devices import add_device_arguments
 
 log = logging.getLogger(__name__)
 
-PRESETS = Path(__file__).resolve().parents[2] / "servers" / "presets"
-
-
-def default_steering() -> Path:
-    """The newest ``refusal_steering*.yaml`` preset when one exists, else ``conditional_refusal.yaml``."""
-    found = sorted(PRESETS.glob("refusal_steering*.yaml"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else PRESETS / "conditional_refusal.yaml"
-
-
-def load_preset(path: Path) -> SteeringConfig:
-    """A server preset file as a config (its ``description`` is the server registry's, not part of the config)."""
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a preset is a mapping with 'interventions'")
-    data.pop("description", None)
-    return SteeringConfig.from_dict(data, base_dir=path.resolve().parent)
+DEFAULT_STEERING = SHIPPED_PRESETS / "refusal_steering.yaml"
+"""The steering arm's preset unless ``--steering`` names another: the shipped conditional refusal steering."""
 
 
 def heldout_sets(n_harmful: int, n_harmless: int) -> list[PromptSet]:
@@ -74,17 +59,6 @@ def heldout_sets(n_harmful: int, n_harmless: int) -> list[PromptSet]:
         for name in names:
             out.append(PromptSet(name, DATASETS[name].kind, split(load_dataset(name), "heldout")[:n]))
     return out
-
-
-def attack_prompts(n: int) -> tuple[list[str], list[str]]:
-    """Training prompts for the attack's direction: the first ``n`` of each kind, round-robin over the sets."""
-
-    def take(names: Sequence[str]) -> list[str]:
-        per = [[p.text for p in split(load_dataset(name), "train")] for name in names]
-        mixed = [ps[i] for i in range(max(map(len, per))) for ps in per if i < len(ps)]
-        return mixed[:n]
-
-    return take(HARMFUL_SETS), take(HARMLESS_SETS)
 
 
 @dataclass(frozen=True)
@@ -238,13 +212,38 @@ def pooled(rows: Sequence[Row], kind: str) -> dict[str, Any]:
     return {a: asdict(wilson(sum(f), len(f))) | {"value": sum(f) / len(f)} for a, f in by_arm.items()}
 
 
+@dataclass(frozen=True)
+class RefatEvalSettings:
+    """One evaluation: the adapter, where results go, the steering preset, how many prompts, how it generates."""
+
+    adapter: Path
+    """The ReFAT PEFT adapter folder."""
+    out: Path
+    """The summary JSON."""
+    rows: Path
+    """The JSONL of generations (a re-run skips the (set, arm) pairs it holds)."""
+    steering: Path = DEFAULT_STEERING
+    n_harmful: int = 25
+    """Held-out prompts per harmful set."""
+    n_harmless: int = 20
+    """Held-out prompts per harmless set."""
+    attack_prompts: int = 32
+    """Training prompts per kind for the attack's direction."""
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    mmlu: int = 60
+    """MMLU subset size (0: skip capability)."""
+    note: str | None = None
+    """Free text kept in the summary's meta (how the adapter was trained)."""
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--adapter", type=Path, required=True, help="the ReFAT PEFT adapter folder")
     add_device_arguments(ap, what="both models (base and ReFAT)")
     ap.add_argument("--out", type=Path, required=True, help="summary JSON")
     ap.add_argument("--rows", type=Path, default=None, help="JSONL of generations (default: OUT with .rows.jsonl)")
-    ap.add_argument("--steering", type=Path, default=None, help="steering preset (default: see default_steering)")
+    ap.add_argument("--steering", type=Path, default=DEFAULT_STEERING, help="steering preset (default: %(default)s)")
     ap.add_argument("--n-harmful", type=int, default=25, help="held-out prompts per harmful set")
     ap.add_argument("--n-harmless", type=int, default=20, help="held-out prompts per harmless set")
     ap.add_argument("--attack-prompts", type=int, default=32, help="training prompts per kind for the attack")
@@ -256,21 +255,35 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def settings_of(args: argparse.Namespace) -> RefatEvalSettings:
+    return RefatEvalSettings(
+        adapter=args.adapter,
+        out=args.out,
+        rows=args.rows or args.out.with_suffix(".rows.jsonl"),
+        steering=args.steering,
+        n_harmful=args.n_harmful,
+        n_harmless=args.n_harmless,
+        attack_prompts=args.attack_prompts,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        mmlu=args.mmlu,
+        note=args.note,
+    )
+
+
 def _meta(
-    args: argparse.Namespace,
-    steering_path: Path,
-    sets: Sequence[PromptSet],
-    base_model: nn.Module,
-    n_attack: tuple[int, int],
+    s: RefatEvalSettings, sets: Sequence[PromptSet], base_model: nn.Module, n_attack: tuple[int, int]
 ) -> dict[str, Any]:
     """What the summary's ``meta`` says about the run: adapter, preset, sets, attack, judge, how it was trained."""
-    train_log_path = args.adapter / "train_log.json"
+    train_log_path = s.adapter / "train_log.json"
     train_log = json.loads(train_log_path.read_text()) if train_log_path.is_file() else {}
+    preset = s.steering.resolve()
+    repo = SHIPPED_PRESETS.parents[1]
     return {
-        "adapter": str(args.adapter),
-        "steering_preset": str(steering_path.relative_to(PRESETS.parents[1])),
-        "n_per_set": {s.name: len(s.prompts) for s in sets},
-        "max_new_tokens": args.max_new_tokens,
+        "adapter": str(s.adapter),
+        "steering_preset": str(preset.relative_to(repo) if preset.is_relative_to(repo) else preset),
+        "n_per_set": {p.name: len(p.prompts) for p in sets},
+        "max_new_tokens": s.max_new_tokens,
         "attack": describe_attack(middle_layer(base_model), *n_attack),
         "judge": "substring; refusals in degenerate text (repetition > 0.5 or perplexity > 100 under the base "
         "model) do not count",
@@ -279,68 +292,82 @@ def _meta(
             "n_harmless_examples": train_log.get("n_harmless_examples"),
             "final_losses": train_log.get("losses", [])[-10:],
         },
-    } | ({"note": args.note} if args.note else {})
+    } | ({"note": s.note} if s.note else {})
+
+
+@dataclass
+class Results:
+    """The summary JSON, rewritten after each arm, and the JSONL of rows, appended as they are made: a stopped run
+    leaves usable results and a re-run skips what the rows hold."""
+
+    out: Path
+    rows_path: Path
+    summary: dict[str, Any]
+
+    @classmethod
+    def open(cls, out: Path, rows_path: Path, meta: dict[str, Any]) -> Results:
+        for folder in {rows_path.parent, out.parent}:
+            folder.mkdir(parents=True, exist_ok=True)
+        summary: dict[str, Any] = {"meta": meta}
+        if out.is_file():  # a resumed run keeps the capability results it already has
+            summary |= {k: v for k, v in json.loads(out.read_text()).items() if k.startswith("capability")}
+        return cls(out, rows_path, summary)
+
+    def append(self, rows: list[Row]) -> None:
+        with self.rows_path.open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r.as_dict()) + "\n" for r in rows)
+
+    def write(self) -> None:
+        rows = load_rows(self.rows_path)
+        self.summary["pooled_harmful"] = pooled(rows, "harmful")
+        self.summary["pooled_harmless"] = pooled(rows, "harmless")
+        self.summary["per_set"] = summary_json(rows)
+        self.out.write_text(json.dumps(self.summary, indent=1))
+
+
+def evaluate(s: RefatEvalSettings, *, device: str = "auto", dtype: str = "auto") -> Results:
+    """Every arm of :data:`ORDER` not done yet, both models on ``device`` in ``dtype``; the results as written."""
+    from steerlib import load_model
+
+    steering, steer_name = SteeringConfig.from_file(s.steering), "steer"
+    base_model, tok = load_model(device=device, dtype=dtype)
+    refat_model, _ = load_model(str(s.adapter), device=device, dtype=dtype)
+    harmful_train, harmless_train = attack_prompts(s.attack_prompts)
+    models = [
+        ModelArms(name, m, refusal_direction(m, tok, harmful_train, harmless_train))
+        for name, m in (("refat", refat_model), ("base", base_model))
+    ]
+    sets = heldout_sets(s.n_harmful, s.n_harmless)
+    scorer = Scorer(perplexity=refusal_perplexity(base_model, tok, s.batch_size))
+    results = Results.open(s.out, s.rows, _meta(s, sets, base_model, (len(harmful_train), len(harmless_train))))
+    done = done_pairs(s.rows)
+    arms = {name: (m, *a) for m in models for name, a in arms_of(m, steering, steer_name).items()}
+    transfer, harmful_only = transfer_arm(models[0], models[1])
+    arms[transfer.name] = (models[0], transfer, harmful_only)
+    for step in ORDER:
+        if step.startswith("capability"):
+            if s.mmlu and step not in results.summary:
+                cfg = steering if step == "capability_steered" else None
+                results.summary[step] = capability([models[1], models[0]], tok, cfg, steer_name, s.mmlu)
+                results.write()
+            continue
+        m, arm, harmful_only = arms[step]
+        todo = [p for p in sets if (p.name, arm.name) not in done and (p.kind == "harmful" or not harmful_only)]
+        if not todo:
+            continue
+        t0 = time.monotonic()
+        target = InProcessTarget(m.model, tok, batch_size=s.batch_size, name=arm.name)
+        run(target, todo, [arm], max_new_tokens=s.max_new_tokens, scorer=scorer, progress=True, on_rows=results.append)
+        log.info("arm %s done in %.0f s", arm.name, time.monotonic() - t0)
+        results.write()
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(args.threads)
-    from steerlib import load_model
-
-    rows_path = args.rows or args.out.with_suffix(".rows.jsonl")
-    for folder in {rows_path.parent, args.out.parent}:
-        folder.mkdir(parents=True, exist_ok=True)
-    steering_path = args.steering or default_steering()
-    steering = load_preset(steering_path)
-    steer_name = "steer"
-    base_model, tok = load_model(device=args.device, dtype=args.dtype)
-    refat_model, _ = load_model(str(args.adapter), device=args.device, dtype=args.dtype)
-    harmful_train, harmless_train = attack_prompts(args.attack_prompts)
-    models = [
-        ModelArms(name, m, refusal_direction(m, tok, harmful_train, harmless_train))
-        for name, m in (("refat", refat_model), ("base", base_model))
-    ]
-    sets = heldout_sets(args.n_harmful, args.n_harmless)
-    scorer = Scorer(perplexity=refusal_perplexity(base_model, tok, args.batch_size))
-    n_attack = (len(harmful_train), len(harmless_train))
-    result: dict[str, Any] = {"meta": _meta(args, steering_path, sets, base_model, n_attack)}
-    if args.out.is_file():  # a resumed run keeps the capability results it already has
-        old = json.loads(args.out.read_text())
-        result |= {k: v for k, v in old.items() if k.startswith("capability")}
-
-    def write(rows: Sequence[Row]) -> None:
-        result["pooled_harmful"] = pooled(rows, "harmful")
-        result["pooled_harmless"] = pooled(rows, "harmless")
-        result["per_set"] = summary_json(rows)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-
-    def append(rows: list[Row]) -> None:
-        with rows_path.open("a", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r.as_dict()) + "\n")
-
-    done = done_pairs(rows_path)
-    arms = {name: (m, *a) for m in models for name, a in arms_of(m, steering, steer_name).items()}
-    transfer, harmful_only = transfer_arm(models[0], models[1])
-    arms[transfer.name] = (models[0], transfer, harmful_only)
-    for step in ORDER:
-        if step.startswith("capability"):
-            if args.mmlu and step not in result:
-                cfg = steering if step == "capability_steered" else None
-                result[step] = capability([models[1], models[0]], tok, cfg, steer_name, args.mmlu)
-                write(load_rows(rows_path))
-            continue
-        m, arm, harmful_only = arms[step]
-        todo = [s for s in sets if (s.name, arm.name) not in done and (s.kind == "harmful" or not harmful_only)]
-        if not todo:
-            continue
-        t0 = time.monotonic()
-        target = InProcessTarget(m.model, tok, batch_size=args.batch_size, name=arm.name)
-        run(target, todo, [arm], max_new_tokens=args.max_new_tokens, scorer=scorer, progress=True, on_rows=append)
-        log.info("arm %s done in %.0f s", arm.name, time.monotonic() - t0)
-        write(load_rows(rows_path))
+    evaluate(settings_of(args), device=args.device, dtype=args.dtype)
 
 
 if __name__ == "__main__":
