@@ -1,4 +1,5 @@
-"""The vLLM backend's per-step bookkeeping, without vLLM: batch rows, groups, the residual sum, slots, cache salts.
+"""The vLLM backend's per-step bookkeeping and steerable layers, without vLLM: batch rows, groups, the residual sum,
+slots, cache salts, finished requests; sites of layers shaped like vLLM's native ones and like transformers' own.
 
 ``SteeringState`` is fed what vLLM's logits-processor interface and attention metadata report; these tests play
 that role on a tiny width so the mechanics are checked in the plain test environment too.
@@ -6,13 +7,18 @@ that role on a tiny width so the mechanics are checked in the plain test environ
 
 from __future__ import annotations
 
+import types
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from steerlib.plan import ModelSpec
+from steerlib.vllm import state as steering_state
 from steerlib.vllm.families import RESIDUAL_SITES, Family
+from steerlib.vllm.layers import make_steerable
 from steerlib.vllm.params import cache_salt, parse_steering, steering_args
 from steerlib.vllm.state import SteeringState
 
@@ -104,8 +110,8 @@ class _CharTokenizer:
 
 
 def test_refuse_forces_the_message_on_flagged_rows_once_the_prompt_is_read() -> None:
-    refuse = {"op": "refuse", "layer": 1, "message": "No.", "apply": {"when": {"vector": _onehot(7), "above": 0.5}}}
-    refuse["apply"]["when"]["scope"] = "prompt"
+    when = {"vector": _onehot(7), "above": 0.5, "scope": "prompt"}
+    refuse = {"op": "refuse", "layer": 1, "message": "No.", "apply": {"when": when}}
     st = SteeringState(SPEC, capacity=3, load_tokenizer=_CharTokenizer)
     for row in (0, 1):
         st.add(row, {"steering": {"interventions": [refuse]}}, prompt_len=3)
@@ -193,7 +199,147 @@ def test_a_request_that_finishes_in_the_batch_is_freed_when_removed() -> None:
 def test_a_site_the_family_lacks_is_refused_naming_family_and_site() -> None:
     st = SteeringState(SPEC, capacity=1, family=Family("Qwen2-MoE", RESIDUAL_SITES))
     attn = {"steering": {"interventions": [{"op": "add", "layer": 1, "site": "attn_out", "vector": _onehot(0)}]}}
-    with pytest.raises(ValueError, match="site attn_out is not available on Qwen2-MoE models in vLLM; it has resid_pre"):
+    with pytest.raises(ValueError, match="site attn_out is not available on Qwen2-MoE models in vLLM; it has resid"):
         st.add(0, attn, prompt_len=1)
     st.add(0, _add(_onehot(0)), prompt_len=1)  # resid_post is fine
     assert list(st.rows) == [0]
+
+
+# -- steerable layers (steerlib.vllm.layers) on toy modules shaped like vLLM's and transformers' --------------------
+
+
+class _Attn(nn.Module):
+    def __init__(self, tuple_out: bool = False) -> None:
+        super().__init__()
+        self.o_proj = nn.Linear(D, D)
+        self.tuple_out = tuple_out
+
+    def forward(self, positions: Any = None, hidden_states: Any = None) -> Any:
+        out = self.o_proj(hidden_states)
+        return (out, None) if self.tuple_out else out
+
+
+class _Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.down_proj = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.down_proj(x))
+
+
+class _TwoStreamLayer(nn.Module):
+    """As vLLM's native layers: takes and returns (hidden, residual), the residual stream being their sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn, self.mlp = _Attn(), _Mlp()
+
+    def forward(self, positions: Any, hidden_states: Any, residual: Any) -> tuple[Any, Any]:
+        stream = hidden_states if residual is None else hidden_states + residual
+        stream = stream + self.self_attn(positions=positions, hidden_states=stream * 0.5)
+        return self.mlp(stream * 0.5), stream
+
+
+class _OneStreamLayer(nn.Module):
+    """As transformers' layers (vLLM's Transformers backend): [1, tokens, d] in and out; attention returns a tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn, self.mlp = _Attn(tuple_out=True), _Mlp()
+
+    def forward(self, hidden_states: Any, attention_mask: Any = None) -> Any:
+        h = hidden_states + self.self_attn(hidden_states=hidden_states)[0]
+        return h + self.mlp(h)
+
+
+class _Model(nn.Module):
+    def __init__(self, layer: type[nn.Module]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([layer() for _ in range(2)])
+
+    def forward(self, x: Any) -> Any:
+        if isinstance(self.layers[0], _TwoStreamLayer):
+            hidden, residual = x, None
+            for layer in self.layers:
+                hidden, residual = layer(None, hidden, residual)
+            return hidden + residual
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class _Recorder:
+    """Stands for the worker's SteeringState: records what each site sees and adds ``shift`` to it."""
+
+    def __init__(self, shift: float = 0.0) -> None:
+        self.shift = shift
+        self.seen: list[tuple[int, str, torch.Tensor, torch.Tensor | None]] = []
+
+    def run(self, layer: int, site: str, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+        self.seen.append((layer, site, x.clone(), None if other is None else other.clone()))
+        return x + self.shift
+
+
+@pytest.fixture
+def recorder() -> Iterator[_Recorder]:
+    rec = _Recorder()
+    steering_state._STATE[:] = [rec]  # type: ignore[list-item]
+    try:
+        yield rec
+    finally:
+        steering_state._STATE[:] = []
+
+
+ORDER = ["resid_pre", "attn_out", "mlp_in", "mlp_out", "resid_post"]
+
+
+@pytest.mark.parametrize("layer", [_TwoStreamLayer, _OneStreamLayer])
+def test_steerable_layers_keep_names_and_outputs_and_pass_every_site(layer: type, recorder: _Recorder) -> None:
+    model = _Model(layer)
+    x = torch.randn(1, 5, D) if layer is _OneStreamLayer else torch.randn(5, D)
+    names, plain = list(model.state_dict()), model(x)
+    assert make_steerable(model, Family("Toy"), n_layers=2) == 2
+    assert list(model.state_dict()) == names and type(model.layers[0]).__name__ == f"Steerable{layer.__name__}"
+    assert torch.equal(model(x), plain)  # the op copies when nothing is steered
+    assert [(i, s) for i, s, _, _ in recorder.seen] == [(i, s) for i in range(2) for s in ORDER]
+    assert all(seen.shape == (5, D) for _, _, seen, _ in recorder.seen)  # [1, tokens, d] reaches the op flat
+    by_site = {(i, s): (seen, other) for i, s, seen, other in recorder.seen}
+    torch.testing.assert_close(by_site[1, "mlp_out"][1], by_site[1, "mlp_in"][0])  # mlp_out reads mlp_in
+    if layer is _TwoStreamLayer:  # the residual travels beside the hidden state: the op gets both
+        assert by_site[0, "resid_pre"][1] is None and by_site[1, "resid_pre"][1] is not None
+        pre1, res1 = by_site[1, "resid_pre"]
+        assert res1 is not None
+        torch.testing.assert_close(pre1 + res1, model.layers[0](None, x, None)[0] + model.layers[0](None, x, None)[1])
+
+
+def test_a_steered_site_changes_the_stream_downstream(recorder: _Recorder) -> None:
+    model = _Model(_TwoStreamLayer)
+    make_steerable(model, Family("Toy", ("resid_pre", "resid_post")), n_layers=2)
+    x = torch.randn(3, D)
+    plain = model(x)
+    assert [s for _, s, _, _ in recorder.seen] == ["resid_pre", "resid_post"] * 2  # only the family's sites
+    recorder.shift = 1.0
+    assert not torch.allclose(model(x), plain)
+
+
+def test_an_instance_bound_forward_stays_the_one_that_runs(recorder: _Recorder) -> None:
+    """vLLM's Transformers backend rewrites some modules' forward per instance (its fusers)."""
+    model = _Model(_OneStreamLayer)
+    for layer in model.layers:
+        mlp = layer.get_submodule("mlp")
+        mlp.forward = types.MethodType(lambda self, x: torch.tanh(self.down_proj(x)) * 2, mlp)
+    x = torch.randn(1, 4, D)
+    fused = model(x)
+    make_steerable(model, Family("Toy"), n_layers=2)
+    assert torch.equal(model(x), fused) and (1, "mlp_out") in {(i, s) for i, s, _, _ in recorder.seen}
+
+
+def test_make_steerable_is_all_or_none() -> None:
+    model = _Model(_TwoStreamLayer)
+    with pytest.raises(ValueError, match="Toy layer _TwoStreamLayer has no 'ffn' module; it has self_attn, mlp"):
+        make_steerable(model, Family("Toy", mlp="ffn"), n_layers=2)
+    assert type(model.layers[0]) is _TwoStreamLayer and type(model.layers[0].self_attn) is _Attn
+    with pytest.raises(ValueError, match=r"no decoder layers found in _Model \(Toy\): no nn.ModuleList of 3 layers"):
+        make_steerable(model, Family("Toy"), n_layers=3)
