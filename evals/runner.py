@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from evals.coherence import PERPLEXITY_MAX, REPETITION_MAX, response_perplexity, score
+from evals.coherence import PERPLEXITY_MAX, REPETITION_MAX, Coherence, response_perplexity, score
 from evals.datasets import Kind, Prompt
 from evals.judges import Judge, SubstringJudge
 from evals.metrics import Agreement, Rate, agreement, rate
@@ -41,7 +41,7 @@ class PromptSet:
     prompts: list[Prompt]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Row:
     dataset: str
     kind: str
@@ -109,26 +109,7 @@ def run(
         llm = scorer.llm_judge.judge(texts, responses) if scorer.llm_judge else [None] * len(texts)
         ppl = scorer.perplexity(texts, responses, system) if scorer.perplexity else None
         coh = score(responses, ppl, repetition_max=scorer.repetition_max, perplexity_max=scorer.perplexity_max)
-        rows = [
-            Row(
-                pset.name,
-                pset.kind,
-                arm.name,
-                arm.coefficient,
-                arm.layer,
-                arm.control_of,
-                p.id,
-                p.text,
-                r,
-                bool(substring.matches(r)),
-                substring.matches(r),
-                v,
-                c.repetition,
-                c.perplexity,
-                c.degenerate,
-            )
-            for p, r, v, c in zip(pset.prompts, responses, llm, coh, strict=True)
-        ]
+        rows = _rows(pset, arm, responses, llm, coh, substring)
         logger.info(
             "%s / %s: %d of %d refused (substring)", pset.name, arm.name, sum(r.refused for r in rows), len(rows)
         )
@@ -142,7 +123,38 @@ def run(
     return out
 
 
-@dataclass(frozen=True)
+def _rows(
+    pset: PromptSet,
+    arm: Arm,
+    responses: Sequence[str],
+    llm: Sequence[bool | None],
+    coh: Sequence[Coherence],
+    substring: SubstringJudge,
+) -> list[Row]:
+    """One row per prompt of ``pset`` answered under ``arm``."""
+    return [
+        Row(
+            dataset=pset.name,
+            kind=pset.kind,
+            arm=arm.name,
+            coefficient=arm.coefficient,
+            layer=arm.layer,
+            control_of=arm.control_of,
+            prompt_id=p.id,
+            prompt=p.text,
+            response=r,
+            refused=bool(substring.matches(r)),
+            matched=substring.matches(r),
+            refused_llm=v,
+            repetition=c.repetition,
+            perplexity=c.perplexity,
+            degenerate=c.degenerate,
+        )
+        for p, r, v, c in zip(pset.prompts, responses, llm, coh, strict=True)
+    ]
+
+
+@dataclass(frozen=True, kw_only=True)
 class Summary:
     dataset: str
     kind: str
@@ -167,31 +179,29 @@ def summarise(rows: Sequence[Row]) -> list[Summary]:
     groups: dict[tuple[str, str, float | None, int | None], list[Row]] = {}
     for r in rows:
         groups.setdefault((r.dataset, r.arm, r.coefficient, r.layer), []).append(r)
-    out = []
-    for (dataset, arm, coef, layer), rs in groups.items():
-        coherent = [r.refused and not r.degenerate for r in rs]
-        judged = [r.refused_llm for r in rs]
-        llm = None
-        ag = None
-        if any(v is not None for v in judged):
-            llm_ok = [r.refused_llm is True and not r.degenerate for r in rs if r.refused_llm is not None]
-            llm = rate(llm_ok)
-            ag = agreement([r.refused for r in rs], judged)
-        out.append(
-            Summary(
-                dataset,
-                rs[0].kind,
-                arm,
-                coef,
-                layer,
-                rs[0].control_of,
-                len(rs),
-                rate(coherent),
-                rate([r.refused for r in rs]),
-                rate([r.degenerate for r in rs]),
-                sum(r.refused and r.degenerate for r in rs),
-                llm,
-                ag,
-            )
-        )
-    return out
+    return [_summary(rs) for rs in groups.values()]
+
+
+def _summary(rs: Sequence[Row]) -> Summary:
+    """The summary of one (dataset, arm, coefficient, layer) group of rows."""
+    judged = [r.refused_llm for r in rs]
+    llm, ag = None, None
+    if any(v is not None for v in judged):
+        llm = rate([r.refused_llm is True and not r.degenerate for r in rs if r.refused_llm is not None])
+        ag = agreement([r.refused for r in rs], judged)
+    first = rs[0]
+    return Summary(
+        dataset=first.dataset,
+        kind=first.kind,
+        arm=first.arm,
+        coefficient=first.coefficient,
+        layer=first.layer,
+        control_of=first.control_of,
+        n=len(rs),
+        refusal=rate([r.refused and not r.degenerate for r in rs]),
+        refusal_any=rate([r.refused for r in rs]),
+        degenerate=rate([r.degenerate for r in rs]),
+        degenerate_refusals=sum(r.refused and r.degenerate for r in rs),
+        refusal_llm=llm,
+        agreement=ag,
+    )

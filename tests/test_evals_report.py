@@ -11,9 +11,32 @@ from evals.report import append_jsonl, family, markdown, plots, summary_json
 from evals.runner import Row, summarise
 
 
-def _row(dataset: str, kind: str, arm: str, coef: float | None, refused: bool, degenerate: bool = False,
-         llm: bool | None = None) -> Row:  # fmt: skip
-    return Row(dataset, kind, arm, coef, None, None, "id", "p", "r", refused, [], llm, 0.0, 2.0, degenerate)
+def _row(
+    dataset: str,
+    kind: str,
+    arm: str,
+    coef: float | None,
+    refused: bool,
+    degenerate: bool = False,
+    llm: bool | None = None,
+) -> Row:
+    return Row(
+        dataset=dataset,
+        kind=kind,
+        arm=arm,
+        coefficient=coef,
+        layer=None,
+        control_of=None,
+        prompt_id="id",
+        prompt="p",
+        response="r",
+        refused=refused,
+        matched=[],
+        refused_llm=llm,
+        repetition=0.0,
+        perplexity=2.0,
+        degenerate=degenerate,
+    )
 
 
 def test_summaries_separate_degenerate_refusals() -> None:
