@@ -15,7 +15,8 @@ import torch
 from tiny_models import tiny_model, word_tokenizer
 
 from evals.autointerp.cache import CachedChat, EndpointError, ResponseCache
-from evals.autointerp.cli import ExplainConfig, IndexConfig, main, parse_features
+from evals.autointerp.cli import main
+from evals.autointerp.config import ExplainConfig, IndexConfig, parse_features
 from evals.autointerp.explain import run_explain
 from evals.autointerp.index import IndexPlan, build_index, chunk_texts, truncated
 from evals.autointerp.records import (

@@ -12,7 +12,7 @@ from test_autointerp import make_texts, planted_sae
 from test_server_support import MODEL_NAME, make_app, make_presets, serving
 from tiny_models import tiny_model, word_tokenizer
 
-from evals.autointerp.cli import ExplainConfig
+from evals.autointerp.config import ExplainConfig
 from evals.autointerp.explain import CACHE_FILE, run_explain
 from evals.autointerp.index import IndexPlan, build_index
 from evals.autointerp.records import (

@@ -19,11 +19,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from evals.autointerp.cache import CachedChat, ResponseCache
+from evals.autointerp.config import ExplainConfig, parse_features
 from evals.autointerp.records import (
     BASELINE_FILE,
     EXPLANATIONS_FILE,
@@ -47,9 +47,6 @@ from evals.autointerp.score import (
     score_answers,
     select_examples,
 )
-
-if TYPE_CHECKING:
-    from evals.autointerp.cli import ExplainConfig
 
 logger = logging.getLogger(__name__)
 CACHE_FILE = "cache.jsonl"
@@ -148,8 +145,6 @@ def derangement(features: Sequence[int], seed: int) -> dict[int, int]:
 
 
 def run_explain(cfg: ExplainConfig) -> None:
-    from evals.autointerp.cli import parse_features
-
     meta = read_meta(cfg.index)
     wanted = parse_features(cfg.features, meta.d_sae)
     pool = list(read_jsonl(cfg.index / RANDOM_FILE, RandomContext))
