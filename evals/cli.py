@@ -15,10 +15,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evals.datasets import DATASETS, Kind, Part, load_dataset, load_mmlu, split, subset
+from evals.datasets import DATASETS, Kind, Part, load_dataset, mmlu_subset, split, subset
 
 if TYPE_CHECKING:
-    from evals.runner import PromptSet
+    from evals.runner import Arm, PromptSet
+    from evals.targets import Target
 
 logger = logging.getLogger("evals")
 
@@ -156,10 +157,8 @@ def _sets(names: list[str], kind: Kind, part: Part, limit: int | None, field: st
 def _run(args: argparse.Namespace) -> int:
     import steerlib
     from evals import report
-    from evals.arms import attacked, sweep
     from evals.judges import LlmJudge
-    from evals.runner import Arm, Scorer, perplexity_scorer, run, summarise
-    from evals.targets import EndpointTarget, InProcessTarget, Target
+    from evals.runner import Scorer, perplexity_scorer, run, summarise
 
     out: Path = args.out or Path("runs") / time.strftime("evals-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -167,29 +166,8 @@ def _run(args: argparse.Namespace) -> int:
     sets += _sets(args.harmless, "harmless", args.part, args.limit, args.field)
     need_local = args.endpoint is None or args.attack or args.capability or not args.no_perplexity
     model, tok = steerlib.load_model(args.model, device=args.device, dtype=args.dtype) if need_local else (None, None)
-    target: Target
-    if args.endpoint:
-        target = EndpointTarget(args.endpoint, args.endpoint_model, api_key=args.api_key)
-    else:
-        assert model is not None
-        target = InProcessTarget(model, tok, batch_size=args.batch_size)
-
-    arms: list[Arm] = [] if args.no_base else [Arm("base", None)]
-    for spec in args.config:
-        name, _, path = spec.rpartition("=")
-        cfg = steerlib.SteeringConfig.from_file(path)
-        arms += sweep(
-            name or Path(path).stem,
-            cfg,
-            coefficients=args.coefficients,
-            layers=args.layers,
-            random=args.random_control,
-            seed=args.seed,
-        )
-    arms += [Arm(f"preset:{p}", [p]) for p in args.preset]
-    if args.attack:
-        arms += attacked(arms, _direction(args, model, tok, out), seed=args.seed)
-
+    target = _target(args, model, tok)
+    arms = _arms(args, model, tok, out)
     scorer = Scorer(
         llm_judge=LlmJudge(args.llm_judge, args.llm_judge_model) if args.llm_judge else None,
         perplexity=None if args.no_perplexity or model is None else perplexity_scorer(model, tok, args.batch_size),
@@ -207,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
         on_rows=lambda rs: report.append_jsonl(rs, rows_path),
     )
     summaries = summarise(rows)
-    capability = _capability(args, model, tok, arms) if args.capability else []
+    capability = _capability(model, tok, arms, args.mmlu_limit, args.batch_size) if args.capability else []
     (out / "summary.json").write_text(json.dumps(report.summary_json(summaries), indent=2) + "\n")
     if capability:
         (out / "capability.json").write_text(json.dumps(capability, indent=2) + "\n")
@@ -224,36 +202,80 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _direction(args: argparse.Namespace, model: Any, tok: Any, out: Path) -> Any:
+def _target(args: argparse.Namespace, model: Any, tok: Any) -> Target:
+    """The endpoint (``--endpoint``) or the local model the prompts go to."""
+    from evals.targets import EndpointTarget, InProcessTarget
+
+    if args.endpoint:
+        return EndpointTarget(args.endpoint, args.endpoint_model, api_key=args.api_key)
+    assert model is not None
+    return InProcessTarget(model, tok, batch_size=args.batch_size)
+
+
+def _arms(args: argparse.Namespace, model: Any, tok: Any, out: Path) -> list[Arm]:
+    """The base arm, each ``--config`` swept and its random control, each ``--preset``, and with ``--attack`` each
+    of them attacked."""
+    import steerlib
+    from evals.arms import attacked, sweep
+    from evals.runner import Arm
+
+    arms: list[Arm] = [] if args.no_base else [Arm("base", None)]
+    for spec in args.config:
+        name, _, path = spec.rpartition("=")
+        cfg = steerlib.SteeringConfig.from_file(path)
+        arms += sweep(
+            name or Path(path).stem,
+            cfg,
+            coefficients=args.coefficients,
+            layers=args.layers,
+            random=args.random_control,
+            seed=args.seed,
+        )
+    arms += [Arm(f"preset:{p}", [p]) for p in args.preset]
+    if args.attack:
+        harmful = [
+            p.text for n in args.attack_harmful for p in split(load_dataset(n), "train")[: args.attack_train_limit]
+        ]
+        harmless = [
+            p.text for n in args.attack_harmless for p in split(load_dataset(n), "train")[: args.attack_train_limit]
+        ]
+        direction = _direction(model, tok, harmful, harmless, args.attack_layer, args.batch_size, out)
+        arms += attacked(arms, direction, seed=args.seed)
+    return arms
+
+
+def _train_texts(names: list[str], limit: int | None) -> list[str]:
+    """The first ``limit`` training-half prompts of each named set."""
+    return [p.text for n in names for p in split(load_dataset(n), "train")[:limit]]
+
+
+def _direction(
+    model: Any, tok: Any, harmful: list[str], harmless: list[str], layer: int | None, batch_size: int, out: Path
+) -> Any:
+    """The model's refusal direction from these training prompts, also saved to ``out``."""
     from evals.attack import refusal_direction
     from steerlib.vectors import SteeringVector
 
-    harmful = [p.text for n in args.attack_harmful for p in split(load_dataset(n), "train")[: args.attack_train_limit]]
-    harmless = [
-        p.text for n in args.attack_harmless for p in split(load_dataset(n), "train")[: args.attack_train_limit]
-    ]
-    d = refusal_direction(model, tok, harmful, harmless, layer=args.attack_layer, batch_size=args.batch_size)
+    d = refusal_direction(model, tok, harmful, harmless, layer=layer, batch_size=batch_size)
     SteeringVector.single(d, method="refusal_direction", n_harmful=len(harmful), n_harmless=len(harmless)).save(
         out / "refusal_direction.safetensors"
     )
     return d
 
 
-def _capability(args: argparse.Namespace, model: Any, tok: Any, arms: list[Any]) -> list[dict[str, Any]]:
+def _capability(model: Any, tok: Any, arms: list[Arm], mmlu_limit: int, batch_size: int) -> list[dict[str, Any]]:
+    """Benign-text CE/KL and MMLU accuracy (``mmlu_limit`` questions, 0: none) of each arm with a config."""
     from evals.benign_text import BENIGN_PARAGRAPHS
     from evals.capability import mmlu_accuracy, text_cost
     from steerlib.config import SteeringConfig
 
-    questions = []
-    if args.mmlu_limit:
-        mmlu = load_mmlu()
-        questions = mmlu[:: max(1, len(mmlu) // args.mmlu_limit)][: args.mmlu_limit]  # spread over subjects
+    questions = mmlu_subset(mmlu_limit) if mmlu_limit else []
     out = []
     for arm in arms:
         if arm.steering is not None and not isinstance(arm.steering, SteeringConfig):
             continue
-        cost = text_cost(model, tok, BENIGN_PARAGRAPHS, arm.steering, batch_size=args.batch_size)
-        acc = mmlu_accuracy(model, tok, questions, arm.steering, batch_size=args.batch_size) if questions else None
+        cost = text_cost(model, tok, BENIGN_PARAGRAPHS, arm.steering, batch_size=batch_size)
+        acc = mmlu_accuracy(model, tok, questions, arm.steering, batch_size=batch_size) if questions else None
         out.append(
             {"arm": arm.name, **asdict(cost), "mmlu_acc": acc.value if acc else None, "mmlu_n": acc.n if acc else 0}
         )

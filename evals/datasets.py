@@ -319,6 +319,12 @@ def load_mmlu(cache_dir: str | Path | None = None) -> list[McQuestion]:
     return out
 
 
+def mmlu_subset(n: int) -> list[McQuestion]:
+    """``n`` MMLU questions spread over the subjects (every ``len / n``-th question of the file, sorted by subject)."""
+    mmlu = load_mmlu()
+    return mmlu[:: max(1, len(mmlu) // n)][:n]
+
+
 def in_train(text: str, *, train_fraction: float = 0.5, salt: str = "steerlib-evals-v1") -> bool:
     """Whether a prompt belongs to the train part: the first 8 bytes of sha256(salt + text) as a fraction."""
     if not 0.0 <= train_fraction <= 1.0:

@@ -63,7 +63,7 @@ def test_refuse_gate_makes_the_probes_decision_on_every_row(tiny: tuple[Any, Any
 def test_written_config_runs_the_chosen_probe(tiny: tuple[Any, Any], tmp_path: Path, kind: str) -> None:
     """What the recipe writes (probe file + refuse.yaml) flags exactly the prompts whose probe score passes the
     chosen threshold, for a linear probe (bias folded into the threshold) and an MLP probe of the mean."""
-    from evals.recipes.detector import CONFIG, save_detector
+    from evals.recipes.detector import detector_config, save_detector, write_config
     from evals.recipes.detector_select import Choice
 
     model, tok = tiny
@@ -73,9 +73,8 @@ def test_written_config_runs_the_chosen_probe(tiny: tuple[Any, Any], tmp_path: P
     scores = probe.scores(acts)
     choice = Choice("mean", 1, 1e-2, "per_set", 0.0, float(scores.median()), 0.0, kind)
     source, what, above = save_detector(probe, choice, tmp_path, "both")
-    fields = {"layer": 1, "pool": "mean", "what": what, "where": "mean", "source": source, "message": "w100"}
-    (tmp_path / "refuse.yaml").write_text(CONFIG.format(**fields, above=above, auc=1.0, judged="test"))
-    cfg = SteeringConfig.from_file(tmp_path / "refuse.yaml")
+    cfg = SteeringConfig.from_file(write_config(tmp_path, detector_config(choice, source, above, what, "w100")))
+    assert cfg.description == what and (what == "a logistic probe") == (kind == "linear")
     out = generate(model, tok, PROMPTS, cfg, max_new_tokens=1, min_new_tokens=0, batch_size=4)
     flagged = [bool(s > choice.threshold) for s in scores]
     assert [g.refused_by == "harm-probe-l1" for g in out] == flagged and 0 < sum(flagged) < len(PROMPTS)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 from torch import Tensor, nn
 
 from evals.datasets import HARMFUL_SETS, HARMLESS_SETS, Part, Prompt, in_train, load_dataset, load_mmlu, split
@@ -49,7 +50,7 @@ from evals.recipes.detector_select import (
     nested_cv,
 )
 from evals.recipes.probe import roc_auc
-from steerlib.config import DEFAULT_REFUSAL
+from steerlib.config import DEFAULT_REFUSAL, SteeringConfig
 from steerlib.devices import add_device_arguments
 from steerlib.extract.probes import LinearProbe, Probe
 from steerlib.mlp_probe import MlpProbe
@@ -161,33 +162,78 @@ def nested_report(cv: NestedCv, folds: int, max_fpr: float) -> dict[str, Any]:
 
 VECTOR_FILE = "vectors/harm_detector_{fit_on}_l{layer}.safetensors"
 PROBE_FILE = "probes/harm_detector_{fit_on}_l{layer}_{probe}.safetensors"
-CONFIG = """\
-# Detector-gated refusal, built by `python -m evals.recipes.detector`: {what} on the prompt's activation
-# ({where}) after layer {layer} flags harmful requests; a flagged request is answered with a fixed refusal.
-# ROC AUC {auc:.4f} ({judged}); see report.json for true / false positive rates per dataset.
-interventions:
-  - layer: {layer}
-    op: refuse
-    name: harm-probe-l{layer}
-    message: "{message}"
-    apply:
-      when: {{{source}, above: {above:.6f}, scope: prompt, aggregate: {pool}}}
-"""
+CONFIG_FILE = "refuse.yaml"
 
 
-def save_detector(probe: Probe, choice: Choice, out: Path, fit_on: str) -> tuple[str, str, float]:
-    """Write the probe where the config will find it; returns the condition's source, a description and the
-    threshold it compares against (the linear probe's bias is folded into the threshold, the MLP's is kept)."""
+def save_detector(probe: Probe, choice: Choice, out: Path, fit_on: str) -> tuple[dict[str, Any], str, float]:
+    """Write the probe where the config will find it; returns the condition's source (its ``when`` fields naming the
+    file), a description and the threshold it compares against (the linear probe's bias is folded into the
+    threshold, the MLP's is kept)."""
     meta = {"layer": choice.layer, "site": "resid_post", "pool": choice.pool, "fit": choice.key}
     if isinstance(probe, LinearProbe):
         vector = VECTOR_FILE.format(fit_on=fit_on, layer=choice.layer)
         SteeringVector.single(probe.weight_D, method="logistic_probe", bias=probe.bias, **meta).save(out / vector)
-        return f"vector: {vector}, metric: dot", "a logistic probe", choice.threshold - probe.bias
+        return {"vector": vector, "metric": "dot"}, "a logistic probe", choice.threshold - probe.bias
     if isinstance(probe, MlpProbe):
         path = PROBE_FILE.format(fit_on=fit_on, layer=choice.layer, probe=choice.probe)
         MlpProbe(*probe.tensors(), {k: str(v) for k, v in meta.items()}).save(out / path)
-        return f"probe: {path}", f"an MLP probe ({choice.probe.removeprefix('mlp')} hidden ReLUs)", choice.threshold
+        return {"probe": path}, f"an MLP probe ({choice.probe.removeprefix('mlp')} hidden ReLUs)", choice.threshold
     raise TypeError(f"cannot ship a {type(probe).__name__}")
+
+
+def detector_config(
+    choice: Choice, source: dict[str, Any], above: float, description: str, message: str = DEFAULT_REFUSAL
+) -> dict[str, Any]:
+    """The shipped config as data: one ``refuse`` op at the chosen layer, its condition the probe of ``source`` over
+    the chosen pooling above ``above`` (rounded to 6 decimals)."""
+    when = source | {"above": round(above, 6), "scope": "prompt", "aggregate": choice.pool}
+    refuse = {
+        "layer": choice.layer,
+        "op": "refuse",
+        "name": f"harm-probe-l{choice.layer}",
+        "message": message,
+        "apply": {"when": when},
+    }
+    return {"description": description, "interventions": [refuse]}
+
+
+def write_config(out: Path, config: dict[str, Any]) -> Path:
+    """``out/refuse.yaml``, checked to load as a steering config first."""
+    SteeringConfig.from_dict(config, base_dir=out)
+    path = out / CONFIG_FILE
+    path.write_text(yaml.safe_dump(config, sort_keys=False, width=116))
+    return path
+
+
+def features(
+    model: nn.Module, tok: Any, sets: Sets, layers: tuple[int, ...], cache: Path, batch_size: int
+) -> tuple[Features, Features]:
+    """The (cached) activations of the harmful and of the harmless prompts, per pooling and layer."""
+    pos: Features = {}
+    neg: Features = {}
+    for pool in POOLS:
+        for acts, kind in ((pos, "harmful"), (neg, "harmless")):
+            acts[pool] = cached_last_token_activations(
+                model, tok, sets.texts(kind), layers, cache, pool=pool, batch_size=batch_size, progress=True
+            )
+    return pos, neg
+
+
+def choice_report(choice: Choice, grid: dict[str, Any], max_fpr: float, candidates: dict[str, Any]) -> dict[str, Any]:
+    """What was chosen, by which rule, among which candidates, and how it scored out of fold."""
+    return {
+        "choice": asdict(choice),
+        "rule": "threshold: the lowest at which out-of-fold FPR <= max_train_fpr on each scored harmless training set; "
+        "detector: the candidate with the highest out-of-fold TPR on all training harmful prompts (ties: AUC)",
+        "layer": choice.layer,
+        "pool": choice.pool,
+        "l2": choice.l2,
+        "weights": choice.weights,
+        "threshold": choice.threshold,
+        "max_train_fpr": max_fpr,
+        "candidates": candidates,
+        "out_of_fold": grid[choice.key],
+    }
 
 
 def build(
@@ -211,45 +257,24 @@ def build(
     halves, by nested cross-validation over all of them plus the prompts no run has used (``fit_on="both"``)."""
     train = load_sets(fit_on, cap, extra_harmless=extra_harmless)
     cache = out / ".activations"
-    kw: dict[str, Any] = {"batch_size": batch_size, "progress": True}
-    acts_pos: Features = {}
-    acts_neg: Features = {}
-    for pool in POOLS:
-        acts_pos[pool] = cached_last_token_activations(
-            model, tok, train.texts("harmful"), layers, cache, pool=pool, **kw
-        )
-        acts_neg[pool] = cached_last_token_activations(
-            model, tok, train.texts("harmless"), layers, cache, pool=pool, **kw
-        )
+    acts_pos, acts_neg = features(model, tok, train, layers, cache, batch_size)
     choice, grid = choose(acts_pos, acts_neg, train, max_fpr, l2_grid=l2_grid, mlp_hidden=mlp_hidden)
     log.info("chose %s: out-of-fold TPR %.4f at threshold %.4f", choice.key, choice.tpr, choice.threshold)
     probe = fit_choice(acts_pos, acts_neg, train, choice)
-    report: dict[str, Any] = {
-        "command": command,
-        "fit_on": fit_on,
-        "choice": asdict(choice),
-        "rule": "threshold: the lowest at which out-of-fold FPR <= max_train_fpr on each scored harmless training set; "
-        "detector: the candidate with the highest out-of-fold TPR on all training harmful prompts (ties: AUC)",
-        "layer": choice.layer,
-        "pool": choice.pool,
-        "l2": choice.l2,
-        "weights": choice.weights,
-        "threshold": choice.threshold,
-        "max_train_fpr": max_fpr,
-        "candidates": {
-            "layers": list(layers),
-            "pools": list(POOLS),
-            "l2": list(l2_grid),
-            "weights": list(NEG_WEIGHTS),
-            "mlp_hidden": list(mlp_hidden),
-        },
-        "out_of_fold": grid[choice.key],
-        "train_sizes": {n: len(ps) for n, ps in (train.harmful | train.harmless).items()},
-        "in_sample": in_sample_report(probe, choice, train, acts_pos, acts_neg),
+    candidates = {
+        "layers": list(layers),
+        "pools": list(POOLS),
+        "l2": list(l2_grid),
+        "weights": list(NEG_WEIGHTS),
+        "mlp_hidden": list(mlp_hidden),
     }
+    report: dict[str, Any] = {"command": command, "fit_on": fit_on} | choice_report(choice, grid, max_fpr, candidates)
+    report["train_sizes"] = {n: len(ps) for n, ps in (train.harmful | train.harmless).items()}
+    report["in_sample"] = in_sample_report(probe, choice, train, acts_pos, acts_neg)
     if fit_on == "train":
-        held = load_sets("heldout", cap)
-        report["heldout"] = scored_report(model, tok, probe, choice, held, cache, batch_size, layers)
+        report["heldout"] = scored_report(
+            model, tok, probe, choice, load_sets("heldout", cap), cache, batch_size, layers
+        )
         auc = report["heldout"]["roc_auc"]
     else:
         log.info("nested cross-validation: the recipe %d more times", folds)
@@ -263,21 +288,20 @@ def build(
         **{k: [round(v["auc"], 4), round(v["tpr"]["all"], 4), round(v["threshold"], 4)] for k, v in grid.items()},
     }
     source, what, above = save_detector(probe, choice, out, fit_on)
-    (out / "refuse.yaml").write_text(
-        CONFIG.format(
-            layer=choice.layer,
-            pool=choice.pool,
-            what=what,
-            where="last prompt token" if choice.pool == "last" else "averaged over the prompt's tokens",
-            source=source,
-            message=DEFAULT_REFUSAL,
-            above=above,
-            auc=auc,
-            judged="nested cross-validation over every prompt" if fit_on == "both" else "held-out",
-        )
-    )
+    judged = "nested cross-validation over every prompt" if fit_on == "both" else "held-out"
+    write_config(out, detector_config(choice, source, above, description(choice, what, auc, judged)))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def description(choice: Choice, what: str, auc: float, judged: str) -> str:
+    """What the shipped config says about itself."""
+    where = "last prompt token" if choice.pool == "last" else "averaged over the prompt's tokens"
+    return (
+        f"Detector-gated refusal, built by `python -m evals.recipes.detector`: {what} on the prompt's activation "
+        f"({where}) after layer {choice.layer} flags harmful requests; a flagged request is answered with a fixed "
+        f"refusal. ROC AUC {auc:.4f} ({judged}); see report.json for true / false positive rates per dataset."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -289,13 +313,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cap", type=int, default=None, help="at most this many prompts per dataset and split")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--extra-harmless", type=int, default=300, help="MMLU questions added to harmless training")
-    ap.add_argument("--fit-on", choices=["train", "both"], default="train",
-                    help="train: fit on the train halves, report on the held-out halves; both: fit on both halves, "
-                    "report by nested cross-validation and on prompts beyond --cap")  # fmt: skip
+    ap.add_argument(
+        "--fit-on",
+        choices=["train", "both"],
+        default="train",
+        help="train: fit on the train halves, report on the held-out halves; both: fit on both halves, "
+        "report by nested cross-validation and on prompts beyond --cap",
+    )
     ap.add_argument("--layers", type=int, nargs="+", default=list(LAYERS), help="candidate layers")
     ap.add_argument("--l2", type=float, nargs="+", default=list(L2_GRID), help="candidate L2 penalties")
-    ap.add_argument("--mlp-hidden", type=int, nargs="*", default=[32],
-                    help="widths of the MLP probe candidates (none: linear probes only)")  # fmt: skip
+    ap.add_argument(
+        "--mlp-hidden",
+        type=int,
+        nargs="*",
+        default=[32],
+        help="widths of the MLP probe candidates (none: linear probes only)",
+    )
     ap.add_argument("--fresh-mmlu", type=int, default=500, help="held-out-half MMLU questions scored as fresh benign")
     ap.add_argument("--folds", type=int, default=5, help="outer folds of the nested cross-validation (--fit-on both)")
     ap.add_argument("--threads", type=int, default=1)

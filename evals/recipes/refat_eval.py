@@ -35,7 +35,7 @@ from evals.benign_text import BENIGN_PARAGRAPHS
 from evals.capability import mmlu_accuracy, text_cost
 from evals.coherence import response_perplexity
 from evals.controls import combine
-from evals.datasets import DATASETS, HARMFUL_SETS, HARMLESS_SETS, McQuestion, load_dataset, load_mmlu, split
+from evals.datasets import DATASETS, HARMFUL_SETS, HARMLESS_SETS, load_dataset, mmlu_subset, split
 from evals.judges import SubstringJudge
 from evals.lm import batches, make_batch, target_logprobs
 from evals.lm import logprobs as lm_logprobs
@@ -139,11 +139,6 @@ def cross_model_cost(base: nn.Module, other: nn.Module, tokenizer: Any, texts: S
         kl += float(((lp0.exp() * (lp0 - lp1)).sum(-1) * batch.score_BT).sum())
         n += int(batch.score_BT.sum())
     return {"ce_base": ce0 / n, "ce_other": ce1 / n, "kl_base_other": kl / n, "n_tokens": n}
-
-
-def mmlu_subset(n: int) -> list[McQuestion]:
-    mmlu = load_mmlu()
-    return mmlu[:: max(1, len(mmlu) // n)][:n]  # spread over subjects (as evals.cli does)
 
 
 def capability(
