@@ -42,13 +42,19 @@ class PromptSet:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Row:
+class Cell:
+    """Where a row or a summary belongs: its prompt set and its arm (with what the arm was swept at)."""
+
     dataset: str
     kind: str
     arm: str
     coefficient: float | None
     layer: int | None
     control_of: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Row(Cell):
     prompt_id: str
     prompt: str
     response: str
@@ -155,13 +161,7 @@ def _rows(
 
 
 @dataclass(frozen=True, kw_only=True)
-class Summary:
-    dataset: str
-    kind: str
-    arm: str
-    coefficient: float | None
-    layer: int | None
-    control_of: str | None
+class Summary(Cell):
     n: int
     refusal: Rate
     """Substring refusals among coherent generations, over all generations: the headline rate."""
