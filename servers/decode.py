@@ -41,12 +41,20 @@ class _Row:
     last: int = 0
     done: bool = False
 
-    def step(self, logits_V: Tensor) -> int:
-        """Choose this row's next token; emit its text; decide whether the row is finished."""
+    def step(self, logits_V: Tensor, finite: bool = True) -> int:
+        """Choose this row's next token; emit its text; decide whether the row is finished. A row whose logits are
+        not ``finite`` finishes alone with an error (NaN or inf stays in its own row: rows never mix)."""
         if self.done:
             return self.last
         if self.req.cancelled.is_set():
             self._finish("cancelled")
+            return self.last
+        if not finite:
+            self._fail(
+                f"generation stopped after {self.n_new} token(s): this request's logits became NaN or infinite "
+                "(its steering drove the activations beyond what the model's dtype holds; lower its coefficients "
+                "or edit values)"
+            )
             return self.last
         self.last = self.sampler.choose(logits_V)
         self.n_new += 1
@@ -71,6 +79,17 @@ class _Row:
             self._emit(self.tracker.flush())
         self.done = True
         self.req.emit(Finished("".join(self.text), reason, len(self.req.prompt_ids), self.n_new, self.refused_by))
+
+    def _fail(self, message: str) -> None:
+        self.done = True
+        n_prompt = len(self.req.prompt_ids)
+        self.req.emit(Finished("".join(self.text), "error", n_prompt, self.n_new, self.refused_by, message))
+
+
+def finite_rows(logits_BV: Tensor) -> list[bool]:
+    """Per row: are its logits usable (no NaN, no +inf, not all -inf)?"""
+    bad_B = logits_BV.isnan().any(-1) | logits_BV.isposinf().any(-1) | logits_BV.isneginf().all(-1)
+    return [not b for b in bad_B.tolist()]
 
 
 def cache_keyword(model: nn.Module) -> str:
@@ -107,9 +126,10 @@ def run_batch(
                 rows[row].refused_by = refusal.detector
         while True:
             logits_BV = out.logits[:, -1, :]
+            finite_B = finite_rows(logits_BV)
             if forced is not None:
                 logits_BV = forced(ids_BT, logits_BV)
-            next_B = [row.step(logits_BV[b]) for b, row in enumerate(rows)]
+            next_B = [row.step(logits_BV[b], finite_B[b]) for b, row in enumerate(rows)]
             steps += 1
             if all(row.done for row in rows):
                 return steps

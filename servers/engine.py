@@ -1,10 +1,12 @@
 """The batching engine: one worker thread owns the model; requests wait in a bounded queue and run in batches.
 
-Dynamic batching: when the worker is free it takes every waiting request (up to ``max_batch``, after waiting
-``batch_wait_ms`` for more to arrive) and decodes them together (``servers.decode``). Requests that arrive while a
-batch runs wait for the next one: steerlib binds per-row steering to a batch's rows for the batch's lifetime, so rows
-cannot join a running batch. Other work on the model (feature inspection) runs on the same thread between batches,
-so no two forwards, and no two sets of steering hooks, ever overlap.
+Dynamic batching: when the worker is free it takes the waiting requests (up to ``max_batch`` and ``max_batch_cost``,
+after waiting ``batch_wait_ms`` for more to arrive) and decodes them together (``servers.decode``). Requests that
+arrive while a batch runs wait for the next one: steerlib binds per-row steering to a batch's rows for the batch's
+lifetime, so rows cannot join a running batch. Other work on the model (feature inspection, alignment: a
+:class:`~servers.jobs.Job`) waits in the same queue, counts against ``max_queue`` and runs on the same thread between
+batches, so no two forwards, and no two sets of steering hooks, ever overlap. A batch that fails is re-run in
+halves until the request that broke it is alone (``servers.recovery``): one bad request never fails another.
 
 The queue is a deque under a ``threading.Condition`` rather than an ``asyncio.Queue`` because its consumer is a
 thread; results go back to each request's event loop (``servers.jobs``).
@@ -17,22 +19,25 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal
 
 from torch import nn
 
 from servers.decode import run_batch
 from servers.errors import ApiError
-from servers.jobs import Failed, GenRequest
+from servers.jobs import Failed, GenRequest, Job, JobCancelled
 from servers.metrics import Metrics
+from servers.recovery import isolate
+from servers.resources import ServerResources
 from steerlib.hf.layout import get_layout
-from steerlib.plan import Resources, TokenizerLike, spec_of
+from steerlib.plan import TokenizerLike, spec_of
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+
+EngineStatus = Literal["ok", "not started", "shutting down", "stopped", "dead"]
 
 
 @dataclass(frozen=True)
@@ -40,10 +45,12 @@ class EngineLimits:
     max_batch: int = 16
     max_queue: int = 64
     batch_wait_s: float = 0.005
+    max_batch_cost: int = 4096
+    """Most steering cost (``servers.limits.cost``) one batch holds; a request beyond it waits for the next."""
 
 
 class Engine:
-    """Owns the model on one worker thread; ``submit`` generation, ``run_exclusive`` anything else."""
+    """Owns the model on one worker thread; ``submit`` generation, ``submit_job`` anything else."""
 
     def __init__(
         self,
@@ -53,16 +60,18 @@ class Engine:
         pad_id: int,
         limits: EngineLimits,
         metrics: Metrics,
+        resources: ServerResources | None = None,
     ) -> None:
         self.model, self.tokenizer, self.eos_ids, self.pad_id = model, tokenizer, eos_ids, pad_id
         self.limits, self.metrics = limits, metrics
         layout = get_layout(model)
-        # Vectors and SAEs loaded once for the engine's life; only the worker thread touches it.
-        self.resources = Resources(spec_of(model, layout.n_layers, layout.d_model))
-        self._waiting: deque[GenRequest | tuple[Callable[[], Any], Future[Any]]] = deque()
+        # Vectors and SAEs loaded once for the engine's life, shared with validation (thread-safe).
+        self.resources = resources or ServerResources(spec_of(model, layout.n_layers, layout.d_model))
+        self._waiting: deque[GenRequest | Job] = deque()
         self._cv = threading.Condition()
         self._closed = False
         self._running: list[GenRequest] = []
+        self._job: Job | None = None
         self._thread = threading.Thread(target=self._work, name="steerlib-engine", daemon=True)
 
     def start(self) -> None:
@@ -72,12 +81,21 @@ class Engine:
     def queue_depth(self) -> int:
         return len(self._waiting)
 
+    @property
+    def status(self) -> EngineStatus:
+        """ok while the worker thread runs and takes work; "dead" if it stopped without being told to."""
+        if self._thread.ident is None:
+            return "not started"
+        if self._thread.is_alive():
+            return "shutting down" if self._closed else "ok"
+        return "stopped" if self._closed else "dead"
+
     # -- client side -----------------------------------------------------------------------------------------
 
-    def submit(self, req: GenRequest) -> None:
-        """Queue a request; ApiError 429 when the queue is full, 503 when shutting down."""
+    def submit(self, item: GenRequest | Job) -> None:
+        """Queue a request or a job; ApiError 429 when the queue is full, 503 when shutting down."""
         with self._cv:
-            if self._closed:
+            if self._closed or self.status == "dead":
                 raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
             if len(self._waiting) >= self.limits.max_queue:
                 self.metrics.rejected.labels(reason="queue_full").inc()
@@ -87,19 +105,9 @@ class Engine:
                     type="rate_limit_error",
                     code="queue_full",
                 )
-            self._waiting.append(req)
+            self._waiting.append(item)
             self.metrics.queue_depth.set(len(self._waiting))
             self._cv.notify()
-
-    async def run_exclusive(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the worker thread between batches and await its result."""
-        fut: Future[T] = Future()
-        with self._cv:
-            if self._closed:
-                raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
-            self._waiting.append((fn, fut))
-            self._cv.notify()
-        return await asyncio.wrap_future(fut)
 
     async def shutdown(self, grace_s: float) -> None:
         """Refuse new work, let queued and running requests finish for ``grace_s``, then cancel the rest."""
@@ -123,47 +131,61 @@ class Engine:
         with self._cv:
             for req in list(self._running):
                 req.cancelled.set()
+            if self._job is not None:
+                self._job.cancelled.set()
             while self._waiting:
                 self._fail(self._waiting.popleft(), "the server shut down before this request ran")
 
     # -- worker side -----------------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        while True:
-            item = self._next()
-            if item is None:
-                return
-            if isinstance(item, list):
-                self._run_batch(item)
-            else:
-                fn, fut = item
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn())
-                    except BaseException as e:
-                        fut.set_exception(e)
+        try:
+            while True:
+                item = self._next()
+                if item is None:
+                    return
+                if isinstance(item, Job):
+                    self._run_job(item)
+                else:
+                    self._run_batch(item)
+        except BaseException:
+            log.critical("the engine thread died; /health reports it and new requests get 503", exc_info=True)
+            self._cancel_all()
+            raise
 
-    def _next(self) -> list[GenRequest] | tuple[Callable[[], Any], Future[Any]] | None:
-        """A batch of requests, one exclusive job, or None when closed and drained."""
+    def _next(self) -> list[GenRequest] | Job | None:
+        """A batch of requests, one job, or None when closed and drained."""
         with self._cv:
             while not self._waiting:
                 if self._closed:
                     return None
                 self._cv.wait()
             head = self._waiting[0]
-            if isinstance(head, tuple):
+            if isinstance(head, Job):
                 self._waiting.popleft()
+                self.metrics.queue_depth.set(len(self._waiting))
+                self._job = head
                 return head
             self._gather_more()
-            batch: list[GenRequest] = []
-            while self._waiting and isinstance(self._waiting[0], GenRequest) and len(batch) < self.limits.max_batch:
-                req = self._waiting.popleft()
-                assert isinstance(req, GenRequest)
-                if not req.cancelled.is_set():
-                    batch.append(req)
+            batch = self._take_batch()
             self.metrics.queue_depth.set(len(self._waiting))
             self._running = batch
             return batch
+
+    def _take_batch(self) -> list[GenRequest]:
+        """Requests from the head of the queue, in order, while the batch has room and budget. Lock held."""
+        batch: list[GenRequest] = []
+        cost = 0
+        while self._waiting and isinstance(self._waiting[0], GenRequest) and len(batch) < self.limits.max_batch:
+            head = self._waiting[0]
+            assert isinstance(head, GenRequest)
+            if batch and cost + head.cost > self.limits.max_batch_cost:
+                break
+            self._waiting.popleft()
+            if not head.cancelled.is_set():
+                batch.append(head)
+                cost += head.cost
+        return batch
 
     def _gather_more(self) -> None:
         """Hold the batch open for ``batch_wait_s`` (or until it is full): requests that arrive together, or whose
@@ -183,8 +205,9 @@ class Engine:
         try:
             self._decode(batch)
         except Exception:
-            log.exception("batch of %d failed; retrying its untouched requests one by one", len(batch))
-            self._retry_alone(batch)
+            log.exception("batch of %d failed; re-running it in halves to find the request that broke it", len(batch))
+            culprits = isolate(batch, self._decode)
+            self.metrics.rejected.labels(reason="failed_alone").inc(len(culprits))
         finally:
             self._running = []
             log.debug("batch of %d done in %.2f s", len(batch), time.perf_counter() - start)
@@ -193,22 +216,37 @@ class Engine:
         steps = run_batch(self.model, self.tokenizer, batch, self.eos_ids, self.pad_id, self.resources)
         self.metrics.decode_steps.inc(steps)
 
-    def _retry_alone(self, batch: list[GenRequest]) -> None:
-        """One failing request must not take its batch neighbours down: rerun alone those that had not streamed
-        anything yet; a request that fails alone (or had already streamed) gets a 500."""
-        for req in batch:
-            if req.n_events > 0 or len(batch) == 1:
-                req.emit(Failed(500, "generation failed (server error)"))
-                continue
+    def _run_job(self, job: Job) -> None:
+        try:
+            if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
+                return
             try:
-                self._decode([req])
-            except Exception:
-                log.exception("request failed when run alone")
-                req.emit(Failed(500, "generation failed (server error)"))
+                with _stops_on(self.model, job.cancelled):
+                    job.future.set_result(job.fn())
+            except Exception as e:
+                job.future.set_exception(e)
+        finally:
+            self._job = None
 
     @staticmethod
-    def _fail(item: GenRequest | tuple[Callable[[], Any], Future[Any]], message: str) -> None:
+    def _fail(item: GenRequest | Job, message: str) -> None:
         if isinstance(item, GenRequest):
             item.emit(Failed(503, message))
-        else:
-            item[1].set_exception(ApiError(503, message, type="server_error", code="shutting_down"))
+        elif item.future.set_running_or_notify_cancel():
+            item.future.set_exception(ApiError(503, message, type="server_error", code="shutting_down"))
+
+
+@contextmanager
+def _stops_on(model: nn.Module, cancelled: threading.Event) -> Iterator[None]:
+    """Every forward of ``model`` inside the block first checks ``cancelled``: a job whose client left (or whose time
+    ran out) stops at its next token instead of running to the end."""
+
+    def check(module: nn.Module, args: Any) -> None:
+        if cancelled.is_set():
+            raise JobCancelled("the job was cancelled (client gone, timed out or shutting down)")
+
+    handle = model.register_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -7,6 +7,7 @@ engine's worker thread (between batches: the model's hooks must not be shared wi
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -15,9 +16,11 @@ from pydantic import Field
 from servers.errors import ApiError
 from servers.registry import PresetError
 from servers.schemas import STEERING_DOC, FeatureRequest, RequestModel
+from servers.serving import run_job
 from servers.state import ServerState, state_of
 from servers.steering import SteeringField
 from steerlib.config import SteeringConfig
+from steerlib.extract.activations import prompt_ids
 from steerlib.inspect_features import features_over_response, top_features
 
 router = APIRouter(prefix="/v1")
@@ -44,8 +47,7 @@ async def inspect(body: InspectRequest, request: Request) -> dict[str, Any]:
         raise ApiError(
             400, f"generate_tokens exceeds the limit {st.settings.max_tokens_limit}", param="generate_tokens"
         )
-    if body.prompt and len(body.prompt) > 8 * st.settings.max_prompt_tokens:
-        raise ApiError(400, "prompt too long", param="prompt")
+    await asyncio.to_thread(_check_lengths, st, body)
     steering = await asyncio.to_thread(st.resolver.resolve, body.steering)
     known_sae(st, body.sae)
 
@@ -77,11 +79,31 @@ async def inspect(body: InspectRequest, request: Request) -> dict[str, Any]:
             ],
         }
 
-    return await _run(st, run)
+    return await _run(st, run, request)
+
+
+def _check_lengths(st: ServerState, body: InspectRequest) -> None:
+    """The prompt and the response within the server's token limits (tokenized in a worker thread)."""
+    n_prompt = len(prompt_ids(st.tokenizer, body.prompt, body.chat))
+    if n_prompt > st.settings.max_prompt_tokens:
+        raise ApiError(
+            400, f"prompt has {n_prompt} tokens; this server's limit is {st.settings.max_prompt_tokens}", param="prompt"
+        )
+    if body.response is not None:
+        n = len(st.tokenizer(body.response, add_special_tokens=False)["input_ids"])
+        if n > st.settings.max_tokens_limit:
+            raise ApiError(
+                400, f"response has {n} tokens; this server's limit is {st.settings.max_tokens_limit}", param="response"
+            )
 
 
 async def response_features(
-    st: ServerState, req: FeatureRequest, prompt_text: str, response: str, steering: SteeringConfig | None
+    st: ServerState,
+    req: FeatureRequest,
+    prompt_text: str,
+    response: str,
+    steering: SteeringConfig | None,
+    http: Request,
 ) -> dict[str, Any]:
     """The features most active over ``response`` (teacher forced after the rendered prompt, same steering)."""
 
@@ -105,7 +127,7 @@ async def response_features(
             "top": [{"feature": f.feature, "activation": f.activation} for f in r.top],
         }
 
-    return await _run(st, run)
+    return await _run(st, run, http)
 
 
 def known_sae(st: ServerState, name: str) -> None:
@@ -115,9 +137,8 @@ def known_sae(st: ServerState, name: str) -> None:
         raise ApiError(400, str(e), param="sae") from e
 
 
-async def _run(st: ServerState, fn: Any) -> dict[str, Any]:
+async def _run(st: ServerState, fn: Callable[[], dict[str, Any]], http: Request) -> dict[str, Any]:
     try:
-        result: dict[str, Any] = await st.engine.run_exclusive(fn)
+        return await run_job(st, fn, http)
     except (ValueError, PresetError) as e:  # SAE/model mismatch, bad site: the request's fault
         raise ApiError(400, str(e), param="sae") from e
-    return result

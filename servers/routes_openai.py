@@ -29,13 +29,13 @@ async def models(request: Request) -> dict[str, Any]:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     st = state_of(request)
     check_request(st, body)
-    text = render_chat(st, body)
-    prompt_ids = list(st.tokenizer(text, add_special_tokens=False)["input_ids"])
+    text, prompt_ids = await asyncio.to_thread(chat_prompt, st, body)  # tokenizing a long prompt takes a while
     params = sampling_params(st, body, body.max_completion_tokens or body.max_tokens, len(prompt_ids))
-    steering = await asyncio.to_thread(st.resolver.resolve, body.steering)
+    resolved = await asyncio.to_thread(st.resolver.resolve_all, body.steering)
+    steering = resolved.config
     if body.return_features is not None:
         known_sae(st, body.return_features.sae)  # an unknown SAE is a 400 before generating
-    req = await submit(st, prompt_ids, steering, params)
+    req = await submit(st, prompt_ids, resolved, params)
     rid, created = new_id("chatcmpl"), int(time.time())
 
     def chunk(delta: str | None, finish: str | None) -> dict[str, Any]:
@@ -57,7 +57,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     fin = await collect(st, req, request)
     out = _chat_response(st, rid, created, fin)
     if body.return_features is not None:
-        out["steering_features"] = await response_features(st, body.return_features, text, fin.text, steering)
+        out["steering_features"] = await response_features(st, body.return_features, text, fin.text, steering, request)
     return JSONResponse(out)
 
 
@@ -65,10 +65,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 async def completions(body: CompletionRequest, request: Request) -> Response:
     st = state_of(request)
     check_request(st, body)
-    prompt_ids = completion_prompt_ids(st, body.prompt)
+    prompt_ids = await asyncio.to_thread(completion_prompt_ids, st, body.prompt)
     params = sampling_params(st, body, body.max_tokens if body.max_tokens is not None else 16, len(prompt_ids))
-    steering = await asyncio.to_thread(st.resolver.resolve, body.steering)
-    req = await submit(st, prompt_ids, steering, params)
+    resolved = await asyncio.to_thread(st.resolver.resolve_all, body.steering)
+    req = await submit(st, prompt_ids, resolved, params)
     rid, created = new_id("cmpl"), int(time.time())
 
     def chunk(delta: str | None, finish: str | None) -> dict[str, Any]:
@@ -95,6 +95,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             "usage": usage(fin),
         }
     )
+
+
+def chat_prompt(st: ServerState, body: ChatCompletionRequest) -> tuple[str, list[int]]:
+    """The rendered chat prompt and its token ids (run in a worker thread: never on the event loop)."""
+    text = render_chat(st, body)
+    return text, list(st.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def render_chat(st: ServerState, body: ChatCompletionRequest) -> str:

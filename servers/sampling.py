@@ -41,7 +41,10 @@ class RowSampler:
     def choose(self, logits_V: Tensor) -> int:
         if self.generator is None:
             return int(logits_V.argmax())
-        probs_V = torch.softmax(logits_V.float().cpu() / self.params.temperature, dim=-1)
+        # Shifted so the top logit is 0 before dividing (in float64): no temperature can overflow it to inf or NaN.
+        shifted_V = logits_V.double().cpu()
+        shifted_V = shifted_V - shifted_V.max()
+        probs_V = torch.softmax(shifted_V / self.params.temperature, dim=-1)
         if self.params.top_p < 1.0:
             probs_V = _nucleus(probs_V, self.params.top_p)
         return int(torch.multinomial(probs_V, 1, generator=self.generator))

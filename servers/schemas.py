@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from servers.steering import SteeringField
 
+MIN_TEMPERATURE = 1e-3
+"""Smallest positive temperature: logits divided by less than this leave float32 (sampling then is greedy anyway)."""
+INT64 = 2**63
 STEERING_DOC = (
     "Steering for this request: a list of preset names, or {presets: [...], interventions: [...]} with vectors as "
     "inline floats or {preset_vector: name} and SAEs by preset name. Omitted: the server's default presets; "
@@ -57,9 +60,9 @@ class FeatureRequest(RequestModel):
 class SamplingRequest(RequestModel):
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = Field(None, ge=0, le=2, description=f"0 (greedy) or {MIN_TEMPERATURE:g}..2 (sampling).")
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64, description="Sampling seed, a signed 64-bit integer.")
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -69,6 +72,15 @@ class SamplingRequest(RequestModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     steering: SteeringField | None = Field(None, description=STEERING_DOC)
+
+    @field_validator("temperature")
+    @classmethod
+    def _samplable(cls, v: float | None) -> float | None:
+        if v is not None and 0 < v < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature {v:g} is too small to sample with; use 0 for greedy decoding or {MIN_TEMPERATURE:g}..2"
+            )
+        return v
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 
 from servers.errors import ApiError, bad_request, error_body
-from servers.jobs import Event, Failed, Finished, GenRequest
+from servers.jobs import Event, Failed, Finished, GenRequest, Job
 from servers.sampling import SamplingParams
 from servers.schemas import SamplingRequest, unsupported
 from servers.state import ServerState
-from steerlib.config import SteeringConfig
+from servers.steering import Resolved
 
+T = TypeVar("T")
 _DISCONNECT_POLL_S = 0.25
 ChunkFn = Callable[[str | None, str | None], dict[str, Any]]
 """(text delta or None, finish_reason or None) -> one chunk object."""
@@ -57,18 +59,36 @@ def sampling_params(st: ServerState, body: SamplingRequest, max_tokens: int | No
     stop = tuple(x for x in body.stop_list() if x)
     if len(stop) > 4:
         raise bad_request("stop: at most 4 stop sequences", "stop")
+    long = [len(x) for x in stop if len(x) > s.max_stop_chars]
+    if long:
+        raise bad_request(f"stop: a sequence of {long[0]} characters; at most {s.max_stop_chars}", "stop")
     return SamplingParams(temperature, top_p, body.seed, n_new, stop)
 
 
-async def submit(
-    st: ServerState, prompt_ids: list[int], steering: SteeringConfig | None, params: SamplingParams
-) -> GenRequest:
-    req = GenRequest(prompt_ids, steering, params, asyncio.get_running_loop())
+async def submit(st: ServerState, prompt_ids: list[int], resolved: Resolved, params: SamplingParams) -> GenRequest:
+    req = GenRequest(prompt_ids, resolved.config, params, asyncio.get_running_loop(), cost=resolved.cost)
     st.engine.submit(req)
     st.metrics.prompt_tokens.inc(len(prompt_ids))
-    if steering is not None:
+    if resolved.config is not None:
         st.metrics.steered.inc()
     return req
+
+
+async def run_job(st: ServerState, fn: Callable[[], T], http: Request) -> T:
+    """Run ``fn`` on the engine thread between batches: it waits in the queue (429 when full), times out (408) and
+    stops when the client hangs up, as a generation request does."""
+    job = Job(fn)
+    st.engine.submit(job)
+    watcher = asyncio.create_task(_cancel_on_disconnect(http, job.cancelled))
+    try:
+        result: T = await asyncio.wait_for(asyncio.wrap_future(job.future), st.settings.request_timeout_s)
+        return result
+    except asyncio.TimeoutError:
+        job.cancelled.set()
+        raise ApiError(408, f"request timed out after {st.settings.request_timeout_s:g} s", type="timeout") from None
+    finally:
+        job.cancelled.set()  # a no-op once it finished; stops it if this handler itself was cancelled
+        watcher.cancel()
 
 
 async def collect(st: ServerState, req: GenRequest, http: Request) -> Finished:
@@ -76,17 +96,17 @@ async def collect(st: ServerState, req: GenRequest, http: Request) -> Finished:
 
     A client that hangs up stops its row: nobody would read the answer.
     """
-    watcher = asyncio.create_task(_cancel_on_disconnect(http, req))
+    watcher = asyncio.create_task(_cancel_on_disconnect(http, req.cancelled))
     try:
         return await _wait(st, req)
     finally:
         watcher.cancel()
 
 
-async def _cancel_on_disconnect(http: Request, req: GenRequest) -> None:
-    while not req.cancelled.is_set():
+async def _cancel_on_disconnect(http: Request, cancelled: threading.Event) -> None:
+    while not cancelled.is_set():
         if await http.is_disconnected():
-            req.cancelled.set()
+            cancelled.set()
             return
         await asyncio.sleep(_DISCONNECT_POLL_S)
 
@@ -104,15 +124,26 @@ async def _final(st: ServerState, req: GenRequest) -> Finished:
         if isinstance(event, Failed):
             raise ApiError(event.status, event.message, type="server_error")
         if isinstance(event, Finished):
-            return _finished(st, event)
+            return _finished(st, event, req.steering is not None)
     raise ApiError(500, "generation ended without a result", type="server_error")
 
 
-def _finished(st: ServerState, fin: Finished) -> Finished:
+def _finished(st: ServerState, fin: Finished, steered: bool) -> Finished:
     if fin.finish_reason == "cancelled":
         raise ApiError(503, "the request was cancelled (server shutting down)", type="server_error")
     st.metrics.completion_tokens.inc(fin.completion_tokens)
+    if fin.finish_reason == "error":
+        raise row_error(fin, steered)
     return fin
+
+
+def row_error(fin: Finished, steered: bool) -> ApiError:
+    """A row that failed alone (its neighbours finished): the request's fault when it was steered (400), else the
+    model's (500). Non-streaming clients get it as an error, never as a partial answer."""
+    message = fin.error or "generation failed"
+    if steered:
+        return ApiError(400, message, param="steering", code="non_finite")
+    return ApiError(500, message, type="server_error", code="non_finite")
 
 
 async def stream(st: ServerState, req: GenRequest, chunk: ChunkFn, usage_chunk: ChunkFn | None) -> AsyncIterator[str]:
@@ -138,6 +169,8 @@ async def stream(st: ServerState, req: GenRequest, chunk: ChunkFn, usage_chunk: 
             break
         st.metrics.completion_tokens.inc(event.completion_tokens)
         yield _sse(chunk(None, event.finish_reason))
+        if event.finish_reason == "error":
+            yield _sse(row_error(event, req.steering is not None).body())
         if usage_chunk is not None:
             yield _sse(usage_chunk(None, None) | {"usage": usage(event)})
         break

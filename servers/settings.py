@@ -18,6 +18,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from steerlib.config import MAX_LAYERS_PER_INTERVENTION, MAX_MAGNITUDE
 from steerlib.devices import DEVICE_HELP, DTYPE_HELP, DtypeName, check_device_name, dtype_name
 
 
@@ -69,6 +70,26 @@ class ServerSettings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1, description="`max_tokens` when a request gives none.")
     request_timeout_s: float = Field(300.0, gt=0, description="A request still unfinished after this fails (408).")
     shutdown_grace_s: float = Field(10.0, ge=0, description="On shutdown, in-flight requests get this long.")
+    max_coefficient: float = Field(
+        1e4, gt=0, le=MAX_MAGNITUDE, description="Largest |coefficient| of an inline intervention."
+    )
+    max_edit_value: float = Field(1e4, gt=0, le=MAX_MAGNITUDE, description="Largest |value| of an inline SAE edit.")
+    max_layers_per_intervention: int = Field(
+        128, ge=1, le=MAX_LAYERS_PER_INTERVENTION, description="Most layers one inline intervention may name."
+    )
+    max_selector_items: int = Field(
+        256, ge=1, description="Most entries of an inline `apply.positions` or `apply.match` list."
+    )
+    max_stop_chars: int = Field(128, ge=1, description="Longest stop sequence, in characters.")
+    max_body_bytes: int = Field(
+        8 * 2**20, ge=1024, description="Largest request body, in bytes (refused with 413 before it is parsed)."
+    )
+    max_batch_cost: int = Field(
+        4096,
+        ge=1,
+        description="Most (op, layer) steps one batch may hold (a position listed in a selector counts one more); "
+        "a request beyond it alone is refused, others wait for the next batch.",
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads; None leaves torch's default.")
     log_level: str = Field("info", description="Python logging level name.")
 

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 from torch import nn
 
 from servers.engine import Engine, EngineLimits
+from servers.limits import RequestLimits
 from servers.metrics import Metrics
 from servers.registry import PresetRegistry
+from servers.resources import ServerResources
 from servers.settings import ServerSettings
 from servers.steering import SteeringResolver
-from steerlib.extract.activations import model_device, pad_id_of
+from steerlib.extract.activations import pad_id_of
 from steerlib.hf.layout import get_layout
 from steerlib.plan import spec_of
-from steerlib.sae import Sae, load_sae
+from steerlib.sae import Sae
 
 
 @dataclass
@@ -31,14 +34,10 @@ class ServerState:
     metrics: Metrics
     max_positions: int | None
     vocab_size: int
-    _saes: dict[str, Sae] = field(default_factory=dict)
 
     def sae(self, name: str) -> Sae:
-        """A preset SAE by name, loaded once onto the model's device (call on the engine thread: it may load
-        weights)."""
-        if name not in self._saes:
-            self._saes[name] = load_sae(self.registry.sae(name), device=model_device(self.model)).eval()
-        return self._saes[name]
+        """A preset SAE by name, loaded once onto the model's device: the same copy steering uses."""
+        return self.engine.resources.sae(Path(self.registry.sae(name)))
 
 
 def build_state(
@@ -51,12 +50,16 @@ def build_state(
     """The server's state; ``registry`` defaults to the presets of ``settings.presets``."""
     layout = get_layout(model)
     registry = registry if registry is not None else PresetRegistry(settings.presets)
+    spec = spec_of(model, layout.n_layers, layout.d_model)
+    resources = ServerResources(spec)
     resolver = SteeringResolver(
-        registry, spec_of(model, layout.n_layers, layout.d_model), tokenizer, settings.default_presets
+        registry, spec, tokenizer, settings.default_presets, RequestLimits.of(settings), resources
     )
     metrics = Metrics()
-    limits = EngineLimits(settings.max_batch, settings.max_queue, settings.batch_wait_ms / 1000)
-    engine = Engine(model, tokenizer, eos_ids(model, tokenizer), pad_id_of(tokenizer), limits, metrics)
+    limits = EngineLimits(
+        settings.max_batch, settings.max_queue, settings.batch_wait_ms / 1000, settings.max_batch_cost
+    )
+    engine = Engine(model, tokenizer, eos_ids(model, tokenizer), pad_id_of(tokenizer), limits, metrics, resources)
     config = getattr(model, "config", None)
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     vocab = int(getattr(config, "vocab_size", 0) or len(tokenizer))

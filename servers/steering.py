@@ -18,9 +18,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from servers.errors import ApiError
+from servers.limits import RequestLimits, check_cost, check_inline
 from servers.registry import PresetError, PresetRegistry
 from steerlib.config import FileRef, Intervention, SteeringConfig
 from steerlib.plan import ModelSpec, Resources, SteeringConfigError, TokenizerLike, build_plan
@@ -98,7 +99,20 @@ def _when_vector(iv: Any) -> Any:
     return None if when is None else when.vector
 
 
-SteeringField = Annotated[list[str], Field(max_length=MAX_INTERVENTIONS)] | InlineSteering
+def _steering_kind(v: Any) -> str | None:
+    if isinstance(v, list):
+        return "names"
+    return "inline" if isinstance(v, dict | InlineSteering) else None
+
+
+SteeringField = Annotated[
+    Annotated[list[str], Field(max_length=MAX_INTERVENTIONS), Tag("names")] | Annotated[InlineSteering, Tag("inline")],
+    Discriminator(
+        _steering_kind,
+        custom_error_type="steering_type",
+        custom_error_message="steering must be a list of preset names or an object {presets, interventions}",
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,8 @@ class Resolved:
     config: SteeringConfig | None
     presets: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
+    cost: int = 0
+    """What a batch pays per step for it (:func:`servers.limits.cost`)."""
 
 
 class SteeringResolver:
@@ -120,9 +136,11 @@ class SteeringResolver:
         spec: ModelSpec,
         tokenizer: TokenizerLike,
         defaults: list[str],
+        limits: RequestLimits | None = None,
         resources: Resources | None = None,
     ) -> None:
         self.registry, self.spec, self.tokenizer = registry, spec, tokenizer
+        self.limits = limits if limits is not None else RequestLimits()
         self.resources = resources
         for name in defaults:
             registry.get(name)  # an unknown default preset stops the server at start
@@ -160,10 +178,12 @@ class SteeringResolver:
             ivs += preset
             sources += [f"preset:{name}"] * len(preset)
         if inline:
+            check_inline(inline, self.limits, self.spec.n_layers)
             ivs += SteeringConfig(interventions=inline).map_refs(self._named_file).interventions
             sources += ["inline"] * len(inline)
         config = SteeringConfig(interventions=ivs) if ivs else None
-        return Resolved(config, tuple(names), tuple(sources))
+        cost = check_cost(config, self.spec.n_layers, self.limits)
+        return Resolved(config, tuple(names), tuple(sources), cost)
 
     def _named_file(self, ref: FileRef) -> str:
         """The file a name in an inline config stands for, inside the presets folder."""

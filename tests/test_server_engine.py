@@ -12,15 +12,15 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from test_server_support import MODEL_NAME, make_app, make_presets, serving, word_tokenizer
+from test_server_support import MODEL_NAME, D, make_app, make_presets, serving, word_tokenizer
 from tiny_models import tiny_model
 
-from servers import engine as engine_module
 from servers.engine import Engine, EngineLimits
 from servers.errors import ApiError
 from servers.jobs import Failed, Finished, GenRequest
 from servers.metrics import Metrics
 from servers.sampling import SamplingParams
+from steerlib.config import AddOp, ApplyPolicy, SteeringConfig
 
 EOS = frozenset({127})
 LONG_GREEDY = {
@@ -159,30 +159,62 @@ def test_requests_arriving_within_the_batch_wait_share_one_batch(slow_model: tor
     assert asyncio.run(run()) == (1, 4)
 
 
-def test_a_failing_request_does_not_take_its_batch_down(
-    slow_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A batch that fails is retried request by request: only the culprit gets a 500."""
-    real = engine_module.run_batch
+def poisoned() -> SteeringConfig:
+    """A config that skipped validation (as a gap in it would let one through): position 2**70 is compared with the
+    int64 positions of every generated token, so its batch's forward raises at the first decode step, after every
+    row has streamed its first token."""
+    apply = ApplyPolicy.model_construct(tokens="generated", positions=[2**70])
+    iv = AddOp.model_construct(op="add", layer=1, site="resid_post", vector=[1.0] * D, coefficient=1.0, apply=apply)
+    return SteeringConfig.model_construct(interventions=[iv])
 
-    def flaky(model: torch.nn.Module, tok: Any, reqs: list[GenRequest], *rest: Any) -> int:
-        if any(r.prompt_ids[2] == 99 for r in reqs):
-            raise RuntimeError("boom")
-        return real(model, tok, reqs, *rest)
 
-    monkeypatch.setattr(engine_module, "run_batch", flaky)
+async def events_of(req: GenRequest) -> tuple[list[str], Finished | Failed]:
+    deltas: list[str] = []
+    async for event in req.events():
+        if isinstance(event, str):
+            deltas.append(event)
+        else:
+            return deltas, event
+    raise AssertionError("no final event")
 
-    async def run() -> list[Finished | Failed]:
-        e = engine(slow_model, max_batch=8, batch_wait_s=0.2)
+
+def test_a_failing_request_does_not_take_its_batch_down() -> None:
+    """The batch fails mid-stream; it is re-run in halves until the poisoned request fails alone (500). Every other
+    request, its stream included, ends exactly as it does alone: no token lost, none sent twice."""
+    model = tiny_model("llama", 3)
+    prompts = [[1, 2, 10, 11, 3], [1, 2, 40, 3], [1, 2, 50, 51, 52, 3], [1, 2, 60, 61, 3], [1, 2, 70, 3]]
+    greedy, seeded, unseeded = (SamplingParams(0.0, 1.0, None, 8), SamplingParams(0.9, 1.0, 5, 8),
+                                SamplingParams(0.7, 0.9, None, 8))  # fmt: skip
+    params = [greedy, seeded, greedy, unseeded, seeded]
+
+    def requests(loop: asyncio.AbstractEventLoop, poison: bool) -> list[GenRequest]:
+        out = [GenRequest(p, None, params[i], loop) for i, p in enumerate(prompts)]
+        out[2].steering = poisoned() if poison else None
+        return out
+
+    async def run() -> tuple[list[Any], list[Any], Engine]:
+        e = engine(model, max_batch=8, batch_wait_s=0.2)
         e.start()
-        reqs = [request(2) for _ in range(3)]
-        reqs[1].prompt_ids[2] = 99
-        for r in reqs:
+        loop = asyncio.get_running_loop()
+        solo = []
+        for r in requests(loop, poison=False):
             e.submit(r)
-        ends = [await last_event(r) for r in reqs]
+            solo.append(await events_of(r))
+        together = requests(loop, poison=True)
+        for r in together:
+            e.submit(r)
+        ends = [await events_of(r) for r in together]
         await e.shutdown(grace_s=5)
-        return ends
+        return solo, ends, e
 
-    ends = asyncio.run(run())
-    assert [type(x).__name__ for x in ends] == ["Finished", "Failed", "Finished"]
-    assert isinstance(ends[1], Failed) and ends[1].status == 500
+    solo, ends, e = asyncio.run(run())
+    failed = ends[2][1]
+    assert isinstance(failed, Failed) and failed.status == 500 and "other requests were not affected" in failed.message
+    assert [ends[i] for i in (0, 1, 4)] == [solo[i] for i in (0, 1, 4)]
+    unseeded_deltas, unseeded_end = ends[3]  # its seed was drawn when it was made: its re-run drew the same tokens
+    assert isinstance(unseeded_end, Finished) and "".join(unseeded_deltas) == unseeded_end.text
+    assert unseeded_end.finish_reason == "length" and unseeded_end.completion_tokens == 8
+    for deltas, end in (ends[i] for i in (0, 1, 3, 4)):  # streamed text is the answer: nothing lost or sent twice
+        assert isinstance(end, Finished) and "".join(deltas) == end.text and end.completion_tokens == 8
+    rejected = [s.value for s in e.metrics.rejected.collect()[0].samples if s.name == "steerlib_rejected_total"]
+    assert rejected == [1]  # failed_alone, once

@@ -186,7 +186,8 @@ def test_an_inline_refuse_op_answers_with_its_message_where_its_probe_fires(clie
 
 
 def test_a_good_request_passes_the_same_client(client: TestClient) -> None:
-    r = client.post("/v1/chat/completions", json=CHAT | {"steering": add({"preset_vector": "push"})})
+    body = CHAT | {"temperature": 0, "steering": add({"preset_vector": "push"})}  # greedy: never an early EOS here
+    r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
@@ -248,19 +249,17 @@ def test_inline_configs_are_steerlib_configs(client: TestClient) -> None:
     preset's does), elsewhere it needs any_site, and a vector may be named plainly."""
     body = CHAT | {"max_tokens": 6, "temperature": 0}
 
-    def answer(*ivs: dict[str, Any]) -> Any:
-        return client.post("/v1/chat/completions", json=body | {"steering": {"interventions": list(ivs)}}).json()
+    def answer(steering: Any) -> Any:
+        return client.post("/v1/chat/completions", json=body | {"steering": steering}).json()
+
+    def text(steering: Any) -> str:
+        return str(answer(steering)["choices"][0]["message"]["content"])
 
     edit = {"op": "sae", "sae": "probe", "edits": [{"feature": 3, "mode": "set", "value": 6.0}]}
-    own = answer(edit)["choices"][0]["message"]["content"]
-    assert own == answer(edit | {"layer": 1})["choices"][0]["message"]["content"]
-    assert own == client.post("/v1/chat/completions", json=body | {"steering": ["sae_edit"]}).json()["choices"][0][
-        "message"
-    ]["content"]
-    elsewhere = answer(edit | {"layer": 2})["error"]["message"]
+    own = text({"interventions": [edit]})
+    assert own == text({"interventions": [edit | {"layer": 1}]}) == text(["sae_edit"]) != text([])
+    elsewhere = answer({"interventions": [edit | {"layer": 2}]})["error"]["message"]
     assert "this SAE was trained at layer 1, site resid_post" in elsewhere and "any_site: true" in elsewhere
-    assert "choices" in answer(edit | {"layer": 2, "any_site": True})
-    named = answer({"op": "add", "layer": 1, "vector": "push", "coefficient": 2.0})["choices"][0]["message"]
-    assert named["content"] == client.post("/v1/chat/completions", json=body | {"steering": ["push"]}).json()[
-        "choices"
-    ][0]["message"]["content"]
+    assert "choices" in answer({"interventions": [edit | {"layer": 2, "any_site": True}]})
+    named = {"op": "add", "layer": 1, "vector": "push", "coefficient": 2.0}
+    assert text({"interventions": [named]}) == text(["push"]) != text([])

@@ -30,6 +30,7 @@ from servers.browser.presets import BrowserRegistry, PresetExistsError
 from servers.errors import ApiError
 from servers.registry import PresetError
 from servers.schemas import RequestModel
+from servers.serving import run_job
 from servers.state import ServerState, state_of
 from servers.steering import InlineSteering
 from steerlib.extract.activations import model_device, prompt_ids, run_stack
@@ -133,7 +134,7 @@ async def align(request: Request, index: str, body: AlignRequest) -> dict[str, A
         return {"object": "list", "index": ix.name, "source": "vector" if body.vector else "prompt", "data": rows}
 
     try:
-        result: dict[str, Any] = await st.engine.run_exclusive(run)
+        result: dict[str, Any] = await run_job(st, run, request)
     except (ValueError, PresetError, FileNotFoundError) as e:
         raise ApiError(400, str(e), param="vector" if body.vector else "prompt") from e
     return result
