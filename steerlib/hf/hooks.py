@@ -73,6 +73,23 @@ def attach(
     """Install ``config`` on ``model`` (one config for every row, or one per row, None = unsteered row).
 
     ``resources`` (a :class:`~steerlib.plan.Resources` for this model) reuses vectors and SAEs already loaded.
+    The steering stays until the returned handle's ``remove()`` (or the end of its ``with`` block):
+
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from steerlib import SteeringConfig, attach, hooks_installed
+    >>> _ = torch.manual_seed(0)  # a tiny random Llama: 2 layers, width 64
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)).eval()
+    >>> ids = torch.tensor([[1, 5, 9, 2]])
+    >>> plain = model(input_ids=ids).logits
+    >>> handle = attach(model, SteeringConfig.from_dict({"interventions": [{"op": "ablate", "layer": 1,
+    ...                                                                     "vector": [1.0] + [0.0] * 63}]}))
+    >>> handle.active, hooks_installed(model) > 0, torch.equal(model(input_ids=ids).logits, plain)
+    (True, True, False)
+    >>> handle.remove()
+    >>> hooks_installed(model), torch.equal(model(input_ids=ids).logits, plain)
+    (0, True)
     """
     layout = get_layout(model)
     plan = build_plan(config, spec_of(model, layout.n_layers, layout.d_model), tokenizer, resources)
@@ -97,7 +114,25 @@ def steer(
     tokenizer: TokenizerLike | None = None,
     resources: Resources | None = None,
 ) -> Iterator[SteeringHandle]:
-    """``with steer(model, cfg): model.generate(...)``; the hooks are gone after the block, exception or not."""
+    """``with steer(model, cfg): model.generate(...)``; the hooks are gone after the block, exception or not.
+
+    An ``add`` of a vector after layer 0 is exactly the unsteered residual stream plus the vector:
+
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from steerlib import SteeringConfig, steer
+    >>> _ = torch.manual_seed(0)  # a tiny random Llama: 2 layers, width 64
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)).eval()
+    >>> cfg = SteeringConfig.from_dict({"interventions": [{"op": "add", "layer": 0, "vector": [0.5] * 64}]})
+    >>> ids = torch.tensor([[1, 5, 9, 2]])
+    >>> with torch.no_grad(), steer(model, cfg):
+    ...     steered = model(input_ids=ids, output_hidden_states=True).hidden_states[1]  # after layer 0
+    >>> with torch.no_grad():
+    ...     plain = model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+    >>> torch.equal(steered, plain + 0.5)
+    True
+    """
     handle = attach(model, config, tokenizer=tokenizer, resources=resources)
     try:
         yield handle

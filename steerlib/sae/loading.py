@@ -54,7 +54,20 @@ def load_sae(
 ) -> Sae:
     """Load the SAE at ``path``: a folder in any supported format, or a file inside one (or a Gemma Scope ``.npz``).
 
-    ``dtype`` None keeps the stored dtype; ``device`` None leaves the weights on the CPU.
+    ``dtype`` None keeps the stored dtype; ``device`` None leaves the weights on the CPU. The SAE keeps where it was
+    trained (``sae.meta``), which steering ops use as their default layer and site:
+
+    >>> import tempfile, torch
+    >>> from steerlib.sae import SaeMeta, get_architecture, load_sae, save_sae
+    >>> meta = SaeMeta("topk", d_in=64, d_sae=256, d_out=64, k=8, input_site="blocks.0.hook_resid_post")
+    >>> sae = get_architecture("topk")(meta)
+    >>> _ = torch.nn.init.normal_(sae.W_enc, generator=torch.Generator().manual_seed(0))
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     loaded = load_sae(save_sae(sae, f"{tmp}/sae"), dtype=torch.bfloat16)
+    >>> loaded.architecture, loaded.d_sae, loaded.meta.k, loaded.meta.input_site, loaded.W_enc.dtype
+    ('topk', 256, 8, 'blocks.0.hook_resid_post', torch.bfloat16)
+    >>> torch.equal(loaded.W_enc, sae.W_enc.to(torch.bfloat16))
+    True
     """
     path = Path(path)
     if not path.exists():
