@@ -23,6 +23,25 @@ TokenScope = Literal["all", "prompt", "generated"]
 
 FloatList = list[float]
 
+MAX_TOKEN_INDEX = 2**31 - 1
+"""Largest ``positions`` / ``window`` / ``last`` value (and the most negative position is its negation).
+
+Bounds, not semantics: a value is compared with int32 or int64 position tensors on every step, and one beyond int64
+(or beyond int32 where a backend keeps positions that way) raises, or silently wraps, inside the forward pass of a
+whole batch. 2**31 - 1 tokens is longer than any context; servers set stricter limits of their own."""
+MAX_MAGNITUDE = 1e12
+"""Largest ``|coefficient|``, ``|edit value|`` and ``|inline vector entry|``.
+
+Bounds, not semantics: one such value times an activation (|x| up to ~1e3), squared and summed over the model's
+width (norms, RMSNorm, ``relative``, ``norm_match``) stays inside float32: (1e12 * 1e3)^2 * 1e5 dims = 1e35 < 3.4e38.
+Values beyond it can only turn activations into inf/NaN; extremes combined (a 1e12 coefficient on a vector of 1e12
+entries, fp16 models past 65504) still can, which a server catches per row. Servers cap lower (``max_coefficient``,
+``max_edit_value``)."""
+MAX_LAYERS_PER_INTERVENTION = 1024
+"""Longest ``layer`` list: deeper than any model (a longer list can only repeat layers, each repeat a full op)."""
+BoundedInt = Annotated[int, Field(ge=-MAX_TOKEN_INDEX, le=MAX_TOKEN_INDEX)]
+ScaleFloat = Annotated[FiniteFloat, Field(ge=-MAX_MAGNITUDE, le=MAX_MAGNITUDE)]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -34,6 +53,9 @@ def _check_finite(values: FloatList | None, field: str) -> None:
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
     if bad:
         raise ValueError(f"{field} must be finite: entries {bad[:5]} are NaN or inf")
+    big = [i for i, v in enumerate(values) if abs(v) > MAX_MAGNITUDE]
+    if big:
+        raise ValueError(f"{field}: entries {big[:5]} exceed {MAX_MAGNITUDE:g} in magnitude")
 
 
 def _finite_vector(v: str | FloatList) -> str | FloatList:
@@ -58,7 +80,7 @@ class TokenSelector(_Strict):
         description="all | prompt | generated. 'generated' tokens are those fed back during generation, so the "
         "first new token (predicted from the last prompt token) is never steered by a generated-only policy.",
     )
-    positions: list[int] | None = Field(
+    positions: list[BoundedInt] | None = Field(
         None,
         description="Explicit token positions (0 = first non-padding token of the row); negative values count "
         "back from the end of the prompt (-1 = last prompt token).",
@@ -66,7 +88,7 @@ class TokenSelector(_Strict):
     window: tuple[int, int | None] | None = Field(
         None, description="[start, end) of positions (0-based, end exclusive, null = open ended)."
     )
-    last: int | None = Field(None, ge=1, description="Only the last n tokens of the prompt.")
+    last: int | None = Field(None, ge=1, le=MAX_TOKEN_INDEX, description="Only the last n tokens of the prompt.")
     match: list[str] | None = Field(
         None,
         description="Only tokens whose text (decoded, surrounding whitespace stripped) equals one of these strings. "
@@ -79,6 +101,8 @@ class TokenSelector(_Strict):
             start, end = self.window
             if start < 0 or (end is not None and end <= start):
                 raise ValueError(f"window must be [start, end) with 0 <= start < end, got {list(self.window)}")
+            if max(start, end or 0) > MAX_TOKEN_INDEX:
+                raise ValueError(f"window {list(self.window)}: positions are at most {MAX_TOKEN_INDEX}")
         if self.match is not None and not self.match:
             raise ValueError("match must list at least one token string")
         return self
@@ -176,6 +200,8 @@ class _InterventionBase(_Strict):
             raise ValueError(f"layer must be >= 0, got {v}")
         if isinstance(v, list) and not v:
             raise ValueError("layer list must not be empty")
+        if isinstance(v, list) and len(v) > MAX_LAYERS_PER_INTERVENTION:
+            raise ValueError(f"layer list has {len(v)} entries; at most {MAX_LAYERS_PER_INTERVENTION}")
         return v
 
 
@@ -184,7 +210,7 @@ class AddOp(_InterventionBase):
 
     op: Literal["add"]
     vector: VectorRef
-    coefficient: FiniteFloat = Field(1.0, description="Multiplier of the vector.")
+    coefficient: ScaleFloat = Field(1.0, description=f"Multiplier of the vector (|c| <= {MAX_MAGNITUDE:g}).")
     relative: bool = Field(
         False,
         description="If true the vector is unit-normalised and scaled by coefficient * ||x|| per token, so the "
@@ -207,7 +233,7 @@ class FeatureEdit(_Strict):
 
     feature: int = Field(ge=0, description="Latent index.")
     mode: Literal["set", "scale", "add"] = Field(description="set: z=value; scale: z*=value; add: z+=value.")
-    value: FiniteFloat
+    value: ScaleFloat = Field(description=f"The edit's operand (|value| <= {MAX_MAGNITUDE:g}).")
 
 
 class _SaeSited(_InterventionBase):
