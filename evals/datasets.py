@@ -19,15 +19,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from sae_train.fetch import PackagedFile, fetch
-
-logger = logging.getLogger(__name__)
 
 Kind = Literal["harmful", "harmless"]
 Part = Literal["train", "heldout", "all"]

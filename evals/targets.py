@@ -10,7 +10,6 @@ default presets); pass ``unsteered="omit"`` for endpoints that know no such fiel
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Protocol
@@ -20,8 +19,6 @@ from torch import nn
 from evals.loopback import Responder
 from steerlib.config import AblateOp, AddOp, ReplaceOp, SaeOp, SteeringConfig
 from steerlib.vectors import load_vector
-
-logger = logging.getLogger(__name__)
 
 Steering = SteeringConfig | list[str] | None
 """A config, preset names (endpoints only), or None for unsteered."""

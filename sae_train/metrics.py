@@ -14,7 +14,6 @@ hook too. Each context's first token (BOS) is left untouched when the SAE was tr
 from __future__ import annotations
 
 import copy
-import logging
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
@@ -29,8 +28,6 @@ from steerlib.hf.recording import record
 from steerlib.plan import Resources, spec_of
 from steerlib.sae import Sae, save_sae
 from steerlib.sites import parse_site
-
-logger = logging.getLogger(__name__)
 
 
 class SaeMetrics(NamedTuple):
