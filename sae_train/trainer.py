@@ -175,8 +175,8 @@ class Trainer:
         sums = sum_over_ranks(torch.stack([recon.detach(), var, l0.detach(), aux.detach(), loss.detach()]), self.info)
         dead = float((self.since_fired_F >= self.optim.dead_tokens).float().mean())
         b = self.optim.batch_size
-        return StepMetrics(self.step, float(sums[4]), float(sums[0] / sums[1]), float(sums[2]) / b, float(sums[3]) / b,
-                           dead, lr)  # fmt: skip
+        return StepMetrics(step=self.step, loss=float(sums[4]), fvu=float(sums[0] / sums[1]), l0=float(sums[2]) / b,
+                           aux=float(sums[3]) / b, dead_fraction=dead, lr=lr)  # fmt: skip
 
     def _batch(self) -> tuple[Tensor, Tensor]:
         """This process's share of global batch ``step``, on the device (a stream is this process's share already)."""
