@@ -1,8 +1,8 @@
 """The examples in the public API's docstrings run as written (doctest, on tiny random models built in the example).
 
-``steer``, ``attach``, ``record``, ``load_sae`` and ``SteeringConfig`` each show a runnable use, as steering-vectors'
-``record_activations`` does; this test runs them (the same as ``pytest --doctest-modules`` on those docstrings, with
-no option flags beyond the examples' own directives).
+``steer``, ``attach``, ``record`` (in its module's docstring, which keeps the function short), ``load_sae`` and
+``SteeringConfig`` each show a runnable use, as steering-vectors' ``record_activations`` does; this test runs them (the
+same as ``pytest --doctest-modules`` on those docstrings, with no option flags beyond the examples' own directives).
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import inspect
 import pytest
 
 import steerlib
+import steerlib.hf.recording
 
-PUBLIC = {
+PUBLIC: dict[str, object] = {
     "steer": steerlib.steer,
     "attach": steerlib.attach,
-    "record": steerlib.record,
+    "record": steerlib.hf.recording,
     "load_sae": steerlib.load_sae,
     "SteeringConfig": steerlib.SteeringConfig,
 }

@@ -1,8 +1,19 @@
-"""Record activations at any sites of an HF model, for the tokens a selector picks.
+"""Record activations at any sites of an HF model, for the tokens a selector picks (:func:`record`).
 
-    with steerlib.record(model, ["blocks.10.hook_resid_post"], select={"positions": [-1]}) as rec:
-        model(**batch)
-    acts = rec["blocks.10.hook_resid_post"]        # (N, D): the last prompt token of every row
+>>> import torch
+>>> from transformers import LlamaConfig, LlamaForCausalLM
+>>> from steerlib import record
+>>> _ = torch.manual_seed(0)  # a tiny random Llama: 2 layers, width 64
+>>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+...                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)).eval()
+>>> ids = torch.tensor([[1, 5, 9, 2], [1, 7, 7, 3]])
+>>> with torch.no_grad(), record(model, [(0, "resid_post")], select={"positions": [-1]}) as rec:
+...     out = model(input_ids=ids, output_hidden_states=True)
+>>> acts = rec["blocks.0.hook_resid_post"]  # (N, D): the last token of each row, after layer 0
+>>> acts.shape, rec.rows.tolist(), rec.positions.tolist()
+(torch.Size([2, 64]), [0, 1], [3, 3])
+>>> torch.equal(acts, out.hidden_states[1][:, -1])
+True
 
 Recording hooks run after any steering hooks, so what is recorded is the steered stream the model really uses.
 Each recorded token also carries its row, position and whether it was a prompt token (``rec.rows`` etc.), and
@@ -108,22 +119,7 @@ def record(
     """Record ``sites`` while the block runs; ``select`` picks tokens (default: every non-padding token).
 
     ``sites`` are TransformerLens names or ``(layer, site)`` pairs; the recording holds ``(N, D)`` per site for the
-    ``N`` tokens selected, with their rows and positions:
-
-    >>> import torch
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from steerlib import record
-    >>> _ = torch.manual_seed(0)  # a tiny random Llama: 2 layers, width 64
-    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    ...                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)).eval()
-    >>> ids = torch.tensor([[1, 5, 9, 2], [1, 7, 7, 3]])
-    >>> with torch.no_grad(), record(model, [(0, "resid_post")], select={"positions": [-1]}) as rec:
-    ...     out = model(input_ids=ids, output_hidden_states=True)
-    >>> acts = rec["blocks.0.hook_resid_post"]  # the last token of each row, after layer 0
-    >>> acts.shape, rec.rows.tolist(), rec.positions.tolist()
-    (torch.Size([2, 64]), [0, 1], [3, 3])
-    >>> torch.equal(acts, out.hidden_states[1][:, -1])
-    True
+    ``N`` tokens selected, with their rows and positions (the module's docstring has a runnable example).
     """
     layout = get_layout(model)
     names = tuple(dict.fromkeys(_site_name(s) for s in sites))
