@@ -95,10 +95,10 @@ def _row_score(logits_TV: Tensor, cont: Sequence[int]) -> ContinuationScore:
 
 def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device="cpu")  # built on the host, sent once
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, device="cpu")
     for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        ids[b, : len(s)] = torch.tensor(list(s), dtype=torch.long, device="cpu")
         mask[b, : len(s)] = 1
     return ids.to(device), mask.to(device)
 
