@@ -38,7 +38,6 @@ def _unit(seed: int, norm: float) -> list[float]:
 
 def start_engine(**overrides: Any) -> Any:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     from steerlib.hf.loading import embedded_model_folder
 
     kwargs: dict[str, Any] = {
@@ -90,7 +89,13 @@ def configs(tmp_path_factory: pytest.TempPathFactory, hf: tuple[Any, Any]) -> di
         "ablate": {"interventions": [{"op": "ablate", "layer": "all", "vector": _mean_direction(hf, 6)}]},
         "sae": {
             "interventions": [
-                {"op": "sae", "layer": 8, "sae": str(folder), "edits": [{"feature": 5, "mode": "set", "value": 6.0}]}
+                {
+                    "op": "sae",
+                    "layer": 8,
+                    "site": "resid_post",
+                    "sae": str(folder),
+                    "edits": [{"feature": 5, "mode": "set", "value": 6.0}],
+                }
             ]
         },
         "match": {"interventions": [{**add, "coefficient": 2.0, "apply": {"match": ["the", "a", "to", "you"]}}]},

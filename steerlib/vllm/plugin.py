@@ -19,6 +19,9 @@ configuration is read:
   refuses V1 logits processors at startup. So :func:`register` sets ``VLLM_USE_V2_MODEL_RUNNER=0`` when it is unset:
   no user has to export anything, offline or with ``vllm serve``. An explicit ``VLLM_USE_V2_MODEL_RUNNER=1`` is left
   alone and logged; vLLM then refuses the tracker at startup (an error naming it, never silent steering loss).
+  Why not steer under V2: its logits processors see request slots (``add_request(slot, params)``) but no removals,
+  and the model's forward would need the step's row-to-slot mapping, which V2 keeps in its runner (the forward
+  context carries only attention metadata); V1 is a supported runner of vLLM 0.32.
 """
 
 from __future__ import annotations
