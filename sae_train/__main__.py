@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if result.metrics is not None:
-        print(json.dumps(result.metrics._asdict(), indent=2))
+    if result.metrics:
+        print(json.dumps({name: m._asdict() for name, m in result.metrics.items()}, indent=2))
     print(f"SAE written to {result.out_dir / 'sae'} (trained in {result.train_seconds:.0f} s)")
     return 0
 

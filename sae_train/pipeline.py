@@ -4,7 +4,8 @@ Output folder (``run.out_dir``):
 
 - ``sae/``: the trained SAE in steerlib's format (``steerlib.load_sae`` reads it; scales folded in);
 - ``saelens/``: the same SAE in SAELens' layout (when ``run.export_saelens``);
-- ``train_config.json``: the config that produced it; ``eval.json``: held-out metrics;
+- ``train_config.json``: the config that produced it; ``eval.json``: held-out metrics (per domain with
+  ``data.eval_domains``);
 - ``metrics.jsonl``: training metrics per interval; ``checkpoint.pt``: the last checkpoint (resume).
 
 Activations come from the on-disk cache (harvested once, reused by later runs) or, with ``activations.cache:
@@ -46,12 +47,15 @@ logger = logging.getLogger(__name__)
 class RunResult:
     out_dir: Path
     sae: Sae
-    metrics: SaeMetrics | None
+    metrics: dict[str, SaeMetrics]
+    """Held-out metrics per evaluation domain (``all`` without ``data.eval_domains``; empty when skipped)."""
     train_seconds: float
 
 
 def fingerprint(cfg: TrainConfig, sites: list[str]) -> str:
-    key = {"model": cfg.model, "data": cfg.data.model_dump(), "sites": sites, **cfg.activations.model_dump()}
+    # eval_domains is evaluation only; weights are left out while unset, so older caches keep their fingerprint
+    data = cfg.data.model_dump(exclude={"eval_domains"} | (set() if cfg.data.weights else {"weights"}))
+    key = {"model": cfg.model, "data": data, "sites": sites, **cfg.activations.model_dump()}
     for training_only in ("cache_dir", "harvest_batch", "max_norm_factor", "cache", "shuffle_buffer"):
         key.pop(training_only)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -62,7 +66,8 @@ def sites_of(cfg: TrainConfig) -> list[str]:
 
 
 def build_cache(cfg: TrainConfig, model: torch.nn.Module, tok: Tokenizer, folder: Path) -> ActivationCache:
-    """The activation cache for ``cfg`` at ``folder``: reused when its fingerprint matches, else harvested."""
+    """The activation cache for ``cfg`` at ``folder``: reused when its fingerprint matches, else harvested (an
+    interrupted harvest of the same cache continues from its last completed chunk)."""
     sites = sites_of(cfg)
     fp = fingerprint(cfg, sites)
     found = ActivationCache.find(folder, fp)
@@ -70,8 +75,15 @@ def build_cache(cfg: TrainConfig, model: torch.nn.Module, tok: Tokenizer, folder
         logger.info("reusing activation cache %s", folder)
         return found
     a = cfg.activations
-    chunks = _harvester(cfg, model, tok, progress=True)()
-    return ActivationCache.write(folder, chunks, a.n_tokens, dtype=a.dtype, fingerprint=fp)
+    done = ActivationCache.resume_rows(folder, a.n_tokens, fp, a.dtype)
+    per_ctx = cfg.data.ctx_len - int(a.skip_bos)
+    if done % per_ctx:
+        raise RuntimeError(f"{folder}: an interrupted harvest stopped inside a context ({done} rows); remove it")
+    if done:
+        logger.info("continuing the harvest into %s after %d of %d tokens", folder, done, a.n_tokens)
+    ids = train_contexts(cfg, tok)[done // per_ctx :]
+    chunks = harvest(model, ids, sites, batch_size=a.harvest_batch, skip_bos=a.skip_bos)
+    return ActivationCache.write(folder, chunks, a.n_tokens, dtype=a.dtype, fingerprint=fp, progress=True)
 
 
 def _harvester(
@@ -88,8 +100,8 @@ def train_contexts(cfg: TrainConfig, tok: Tokenizer, info: DistInfo | None = Non
     """The training contexts ``(N, T)``; with ``info``, this process's share: every ``world``-th from ``rank``."""
     a, d = cfg.activations, cfg.data
     per_ctx = d.ctx_len - int(a.skip_bos)
-    ids = contexts(d.sources, tok, packing_for(tok, d.ctx_len, d.bos), "train",
-                   heldout_fraction=d.heldout_fraction, max_contexts=math.ceil(a.n_tokens / per_ctx))  # fmt: skip
+    ids = contexts(d.sources, tok, packing_for(tok, d.ctx_len, d.bos), "train", heldout_fraction=d.heldout_fraction,
+                   max_contexts=math.ceil(a.n_tokens / per_ctx), weights=d.weights)  # fmt: skip
     return ids if info is None or info.world == 1 else ids[info.rank :: info.world]
 
 
@@ -154,7 +166,7 @@ def run(cfg: TrainConfig, base_dir: Path, info: DistInfo | None = None) -> RunRe
             source.close()  # the harvest's recording hooks leave the model before it is evaluated
     seconds = time.perf_counter() - t0
     sae = trainer.export()
-    metrics = None
+    metrics: dict[str, SaeMetrics] = {}
     if info.is_main:
         save_sae(sae, out / "sae", overwrite=True)
         atomic_write_bytes(out / "train_config.json", cfg.model_dump_json(indent=2).encode())
@@ -188,16 +200,47 @@ def _source(
     return rows, cache.meta.d[in_site], cache.meta.d[out_site], len(rows)
 
 
+def heldout_sets(cfg: TrainConfig, tok: Tokenizer) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """Per evaluation domain, its sources and up to ``run.eval_contexts`` held-out contexts of them."""
+    d = cfg.data
+    packing = packing_for(tok, d.ctx_len, d.bos)
+    domains = d.eval_domains or {"all": d.sources}
+    out = {}
+    for name, srcs in domains.items():
+        # a named domain's sources weigh alike (by characters): one long document must not fill the domain
+        weights = [1.0] * len(srcs) if d.eval_domains else None
+        ids = contexts(srcs, tok, packing, "heldout", heldout_fraction=d.heldout_fraction,
+                       max_contexts=cfg.run.eval_contexts, weights=weights)  # fmt: skip
+        out[name] = (srcs, ids)
+    return out
+
+
+def evaluate_domains(
+    cfg: TrainConfig, model: torch.nn.Module, tok: Tokenizer, sae: Sae
+) -> tuple[dict[str, SaeMetrics], dict[str, object]]:
+    """Held-out metrics of ``sae`` per domain, and the report written as ``eval.json``: flat metrics for a single
+    unnamed set (no ``data.eval_domains``), else ``{"domains": {name: metrics + sources}}``."""
+    a = cfg.activations
+    metrics: dict[str, SaeMetrics] = {}
+    rows: dict[str, object] = {}
+    for name, (srcs, ids) in heldout_sets(cfg, tok).items():
+        m = evaluate(model, sae, ids, skip_bos=a.skip_bos, max_norm_factor=a.max_norm_factor)
+        metrics[name] = m
+        rows[name] = {**m._asdict(), "eval_contexts": int(ids.shape[0]), "sources": srcs}
+        logger.info("held-out metrics, %s: %s", name, rows[name])
+    if cfg.data.eval_domains is None:
+        only = rows["all"]
+        assert isinstance(only, dict)
+        return metrics, {k: v for k, v in only.items() if k != "sources"}
+    return metrics, {"domains": rows}
+
+
 def _evaluate(
     cfg: TrainConfig, model: torch.nn.Module, tok: Tokenizer, sae: Sae, out: Path, secs: float
-) -> SaeMetrics | None:
+) -> dict[str, SaeMetrics]:
     if cfg.run.eval_contexts == 0:
-        return None
-    d = cfg.data
-    ids = contexts(d.sources, tok, packing_for(tok, d.ctx_len, d.bos), "heldout",
-                   heldout_fraction=d.heldout_fraction, max_contexts=cfg.run.eval_contexts)  # fmt: skip
-    m = evaluate(model, sae, ids, skip_bos=cfg.activations.skip_bos, max_norm_factor=cfg.activations.max_norm_factor)
-    report = {**m._asdict(), "train_seconds": round(secs, 1), "eval_contexts": int(ids.shape[0])}
+        return {}
+    metrics, report = evaluate_domains(cfg, model, tok, sae)
+    report = {**report, "train_seconds": round(secs, 1)}
     atomic_write_bytes(out / "eval.json", (json.dumps(report, indent=2) + "\n").encode())
-    logger.info("held-out metrics: %s", report)
-    return m
+    return metrics

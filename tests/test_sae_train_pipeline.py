@@ -122,3 +122,16 @@ def test_streaming_processes_harvest_disjoint_shares_of_the_contexts(tmp_path: P
     shares = [pipeline.train_contexts(cfg, TinyTokenizer(), DistInfo(rank, 2)) for rank in (0, 1)]
     assert [s.shape[0] for s in shares] == [(full.shape[0] + 1) // 2, full.shape[0] // 2]
     assert torch.equal(torch.cat(shares), torch.cat([full[0::2], full[1::2]]))
+
+
+def test_eval_domains_are_reported_one_by_one(tmp_path: Path, tiny: list[Any]) -> None:
+    cfg, docs = tmp_path / "cfg.yaml", _docs(tmp_path)
+    text = CONFIG.format(docs=docs, arch="topk").replace(
+        "heldout_fraction: 0.2}", f"heldout_fraction: 0.2, eval_domains: {{a: [{docs}], b: [{docs}, {docs}]}}}}"
+    )
+    cfg.write_text(text)
+    assert main([str(cfg)]) == 0
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert sorted(report["domains"]) == ["a", "b"]
+    assert report["domains"]["b"]["sources"] == [str(docs), str(docs)]
+    assert report["domains"]["a"]["n_tokens"] == 4 * 15 and "fvu_typical" in report["domains"]["a"]
