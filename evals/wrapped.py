@@ -44,7 +44,7 @@ class WrapPlan:
 
 
 PLANS: dict[Side, WrapPlan] = {
-    "fit": WrapPlan(100, 2, 2, 2, 40, 40),
+    "fit": WrapPlan(60, 2, 2, 2, 40, 40),
     "eval": WrapPlan(100, 2, 3, 2, 40, 24),
 }
 

@@ -1,0 +1,177 @@
+"""Gates scored offline as the plugin scores them, and the out-of-fold choice of a max-pooled detector with folds
+drawn by wrapper family (so a candidate is judged on families its fit did not see).
+
+A gate ``when: {probe | vector, scope: prompt, aggregate}`` at a ``refuse`` op's layer reads the activation after
+that layer at every prompt token: ``mean`` with an MLP probe scores the prompt's mean activation; otherwise each
+token is scored and the scores are pooled (``max``, ``mean``, or the ``last`` token's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from evals.datasets import Prompt
+from evals.recipes.mil_probe import MilSettings, fit_mil_probe, make_bags, prompt_max
+from evals.recipes.probe import roc_auc, threshold_at_fpr
+from evals.recipes.token_acts import TokenActs
+from steerlib.config import SteeringConfig
+from steerlib.extract.probes import LinearProbe, Probe
+from steerlib.mlp_probe import load_mlp_probe
+from steerlib.vectors import load_vector
+
+
+@dataclass(frozen=True)
+class OfflineGate:
+    layer: int
+    probe: Probe
+    aggregate: str
+    above: float
+    pooled_mean: bool
+    """An MLP probe under ``aggregate: mean`` scores the mean activation (not the mean of token scores)."""
+
+    def scores(self, acts: TokenActs) -> Tensor:
+        x = acts.acts[self.layer]
+        off = acts.offsets_P1
+        if self.pooled_mean:
+            return self.probe.scores(mean_pool(x, off))
+        if self.aggregate == "max":
+            return prompt_max(self.probe, x, off)
+        s = torch.cat([self.probe.scores(x[i : i + 65536].float()) for i in range(0, len(x), 65536)])
+        if self.aggregate == "last":
+            return s[off[1:] - 1]
+        return mean_pool(s[:, None], off)[:, 0]
+
+    def fires(self, acts: TokenActs) -> Tensor:
+        return self.scores(acts) > self.above
+
+
+def mean_pool(x_TD: Tensor, offsets_P1: Tensor) -> Tensor:
+    """``(P, D)`` each prompt's mean over its tokens, summed in float64."""
+    rows = torch.repeat_interleave(torch.arange(len(offsets_P1) - 1), offsets_P1[1:] - offsets_P1[:-1])
+    sums = torch.zeros(len(offsets_P1) - 1, x_TD.shape[1], dtype=torch.float64).index_add_(0, rows, x_TD.double())
+    return (sums / (offsets_P1[1:] - offsets_P1[:-1]).clamp_min(1)[:, None]).float()
+
+
+def gate_of_preset(path: Path) -> OfflineGate:
+    """The gate of a preset's first ``refuse`` op (a file probe or vector; the vector's score is ``x . v``)."""
+    cfg = SteeringConfig.from_file(path)
+    op = next(iv for iv in cfg.interventions if iv.op == "refuse")
+    when = op.apply.when
+    if when is None or when.above is None or not isinstance(op.layer, int):
+        raise ValueError(f"{path}: the refuse op needs one layer and a when condition with 'above'")
+    if when.probe is not None:
+        probe: Probe = load_mlp_probe(cfg.resolve(when.probe))
+        return OfflineGate(op.layer, probe, when.aggregate, when.above, when.aggregate == "mean")
+    if isinstance(when.vector, str) and when.metric == "dot":
+        vec = load_vector(cfg.resolve(when.vector))
+        v = vec.by_layer.get(op.layer, vec.by_layer.get(None))
+        if v is None:
+            raise ValueError(f"{path}: vector has no direction for layer {op.layer}")
+        return OfflineGate(op.layer, LinearProbe(v.float(), 0.0), when.aggregate, when.above, False)
+    raise ValueError(f"{path}: only file probes and file vectors with metric dot are scored offline")
+
+
+def fold_of(p: Prompt, folds: int) -> int:
+    """Wrapped prompts by family (a family's prompts share a fold), plain prompts by text."""
+    key = p.meta["family"] if p.meta.get("group", "plain") != "plain" else p.text
+    return int.from_bytes(hashlib.sha256(("wrapped-fold\x00" + key).encode()).digest()[:4], "big") % folds
+
+
+def bag_weights(prompts: Sequence[Prompt]) -> Tensor:
+    """Half the loss to each kind; within a kind, half to plain and half to wrapped prompts, equal per prompt."""
+    cells = [(p.meta["kind"], p.meta.get("group", "plain") == "plain") for p in prompts]
+    size = {c: cells.count(c) for c in set(cells)}
+    n_parts = {k: len({c for c in size if c[0] == k}) for k in ("harmful", "harmless")}
+    return torch.tensor([0.5 / n_parts[c[0]] / size[c] for c in cells], dtype=torch.float64)
+
+
+def scored_sets(prompts: Sequence[Prompt]) -> dict[str, list[int]]:
+    """The harmless sets each held to the FPR budget: every plain dataset, and wrapped prompts as one set."""
+    out: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        if p.meta["kind"] == "harmless":
+            out.setdefault(p.meta["family"] if p.meta["group"] == "plain" else "wrapped", []).append(i)
+    return out
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layer: int
+    settings: MilSettings
+    threshold: float = float("nan")
+    tpr_plain: float = float("nan")
+    tpr_wrapped: float = float("nan")
+    auc: float = float("nan")
+
+    @property
+    def key(self) -> str:
+        s = self.settings
+        probe = f"mlp{s.hidden}" if s.kind == "mlp" else "linear"
+        return f"max-pooled {probe}, layer {self.layer}, weight decay {s.weight_decay:g}"
+
+    @property
+    def merit(self) -> tuple[float, float]:
+        return (self.tpr_plain + self.tpr_wrapped) / 2, self.auc
+
+
+Fit = Callable[[Tensor, Sequence[Prompt], TokenActs], Probe]
+
+
+def mil_fit(settings: MilSettings) -> Fit:
+    def fit(x_TD: Tensor, prompts: Sequence[Prompt], acts: TokenActs) -> Probe:
+        harmful = torch.tensor([p.meta["kind"] == "harmful" for p in prompts])
+        return fit_mil_probe(x_TD, make_bags(acts, harmful, bag_weights(prompts)), settings)
+
+    return fit
+
+
+def out_of_fold(prompts: Sequence[Prompt], acts: TokenActs, layer: int, fit: Fit, folds: int) -> Tensor:
+    """``(P,)`` each prompt's max-pooled score under a probe fitted without its fold."""
+    fold = torch.tensor([fold_of(p, folds) for p in prompts])
+    out = torch.empty(len(prompts))
+    for k in range(folds):
+        train = [i for i in range(len(prompts)) if int(fold[i]) != k]
+        test = [i for i in range(len(prompts)) if int(fold[i]) == k]
+        sub = acts.take(train)
+        probe = fit(sub.acts[layer].float(), [prompts[i] for i in train], sub)
+        held = acts.take(test)
+        out[test] = prompt_max(probe, held.acts[layer], held.offsets_P1)
+    return out
+
+
+def judge(c: Candidate, prompts: Sequence[Prompt], s_P: Tensor, max_fpr: float) -> Candidate:
+    """The candidate's threshold (the strictest of the scored harmless sets' at ``max_fpr``) and its rates."""
+    threshold = max(threshold_at_fpr(s_P[idx], max_fpr) for idx in scored_sets(prompts).values())
+    harmful = [p.meta["kind"] == "harmful" for p in prompts]
+    plain = [p.meta["group"] == "plain" for p in prompts]
+    pos = torch.tensor(harmful)
+
+    def tpr(want_plain: bool) -> float:
+        m = pos & (torch.tensor(plain) == want_plain)
+        return float((s_P[m] > threshold).float().mean())
+
+    return replace(
+        c, threshold=threshold, tpr_plain=tpr(True), tpr_wrapped=tpr(False), auc=roc_auc(s_P[pos], s_P[~pos])
+    )
+
+
+def choose(
+    prompts: Sequence[Prompt], acts: TokenActs, candidates: Sequence[Candidate], *, folds: int, max_fpr: float
+) -> tuple[Candidate, list[Candidate]]:
+    """Every candidate judged out of fold; the best by mean of plain and wrapped TPR (ties: AUC)."""
+    judged = []
+    for c in candidates:
+        s = out_of_fold(prompts, acts, c.layer, mil_fit(c.settings), folds)
+        judged.append(judge(c, prompts, s, max_fpr))
+    return max(judged, key=lambda c: c.merit), judged
+
+
+def candidate_json(c: Candidate) -> dict[str, Any]:
+    return {"threshold": c.threshold, "tpr_plain": c.tpr_plain, "tpr_wrapped": c.tpr_wrapped, "auc": c.auc}
