@@ -5,17 +5,19 @@ the offline scores (marked ``real_model``)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 
 from evals.datasets import Prompt
+from evals.recipes.gate_attack import GcgSettings, allowed_tokens, gcg, margins, pieces, success_curve
 from evals.recipes.mil_probe import MilSettings, bag_max, fit_mil_probe, make_bags, prompt_max
 from evals.recipes.probe import roc_auc
-from evals.recipes.token_acts import TokenActs
+from evals.recipes.token_acts import TokenActs, run_layers
 from evals.recipes.wrapped_detector import rates, save_gate
-from evals.recipes.wrapped_select import Candidate, bag_weights, fold_of, gate_of_preset, mean_pool
+from evals.recipes.wrapped_select import Candidate, OfflineGate, bag_weights, fold_of, gate_of_preset, mean_pool
 from steerlib.extract.probes import LinearProbe
 from steerlib.mlp_probe import MlpProbe
 
@@ -125,3 +127,37 @@ def test_offline_scores_match_the_plugins_verdicts(tmp_path: Path) -> None:
                 cfg = SteeringConfig.from_dict(raw, base_dir=path.parent)
                 out = generate(model, tok, [p], cfg, max_new_tokens=1)[0]
                 assert (out.refused_by is not None) == refused, (path.name, p, delta)
+
+
+def _tiny_gate(aggregate: str) -> tuple[torch.nn.Module, Any, OfflineGate]:
+    from tests.tiny_models import tiny_model, word_tokenizer
+
+    model, tok = tiny_model("llama"), word_tokenizer()
+    g = torch.Generator().manual_seed(1)
+    probe = LinearProbe(torch.randn(64, generator=g), 0.0)
+    return model, tok, OfflineGate(1, probe, aggregate, 0.0, False)
+
+
+def test_gcg_lowers_the_margin_and_a_suffix_cannot_hide_the_request_from_a_max_gate() -> None:
+    model, tok, gate = _tiny_gate("max")
+    request = "w40 w41 w42 w43"
+    ok = allowed_tokens(tok, 128)
+    assert not ok[0] and ok[40]  # <pad> is special, w40 is printable
+    before, _ = pieces(tok, request, "suffix")
+    floor = float(
+        gate.probe.scores(
+            run_layers(model, torch.tensor([before]), torch.ones(1, len(before), dtype=torch.long), [1])[1][0]
+        ).max()
+    )
+    gate = OfflineGate(1, gate.probe, "max", floor - 1.0, False)  # the request alone fires the gate
+    s = GcgSettings(n_adv=4, steps=6, top_k=8, batch=8, where="suffix")
+    res = gcg(model, tok, gate, request, ok, s)
+    assert res.success_step is None and min(res.margins) >= 1.0 - 1e-4
+    before, after = pieces(tok, request, "prefix")
+    adv = [int(ok.nonzero()[0])] * 4
+    ids = torch.tensor([before + adv + after])
+    start = float(margins(model, OfflineGate(1, gate.probe, "mean", 0.0, False), ids))
+    mean_gate = OfflineGate(1, gate.probe, "mean", start - 0.05, False)  # fires, by 0.05, before the attack
+    res = gcg(model, tok, mean_gate, request, ok, GcgSettings(n_adv=4, steps=6, top_k=8, batch=8, where="prefix"))
+    assert abs(res.margins[0] - 0.05) < 1e-4 and min(res.margins) < res.margins[0]
+    assert success_curve([res], (0, 6))[6] == int(res.success_step is not None)

@@ -78,15 +78,19 @@ class _Stop(Exception):
     pass
 
 
-def run_layers(model: nn.Module, ids_BT: Tensor, mask_BT: Tensor, layers: Sequence[int]) -> dict[int, Tensor]:
-    """``{layer: (B, T, D)}`` outputs of the given decoder layers; the model stops after the deepest."""
+def run_layers(
+    model: nn.Module, ids_BT: Tensor | None, mask_BT: Tensor, layers: Sequence[int], *, embeds_BTD: Tensor | None = None
+) -> dict[int, Tensor]:
+    """``{layer: (B, T, D)}`` outputs of the given decoder layers; the model stops after the deepest. Given
+    ``embeds_BTD`` instead of ids, the outputs keep their graph (for gradients with respect to the inputs)."""
     blocks = get_layout(model).layers
     out: dict[int, Tensor] = {}
     last = max(layers)
 
     def hook(layer: int) -> Any:
         def fn(_m: nn.Module, _i: Any, o: Any) -> None:
-            out[layer] = (o[0] if isinstance(o, tuple) else o).detach()
+            h = o[0] if isinstance(o, tuple) else o
+            out[layer] = h if embeds_BTD is not None else h.detach()
             if layer == last:
                 raise _Stop
 
@@ -94,8 +98,11 @@ def run_layers(model: nn.Module, ids_BT: Tensor, mask_BT: Tensor, layers: Sequen
 
     handles = [blocks[layer].register_forward_hook(hook(layer)) for layer in layers]
     try:
-        with torch.no_grad():
-            model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)
+        if embeds_BTD is not None:
+            model(inputs_embeds=embeds_BTD, attention_mask=mask_BT, use_cache=False)
+        else:
+            with torch.no_grad():
+                model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)
     except _Stop:
         pass
     finally:
