@@ -15,7 +15,7 @@ from servers.settings import ServerSettings, load_settings
 
 log = logging.getLogger("servers")
 
-LIST_FIELDS = ("default_presets", "features")
+LIST_FIELDS = ("default_presets", "features", "allowed_hosts", "allowed_origins")
 """Settings that take several values after their flag (``--features DIR1 DIR2``)."""
 
 

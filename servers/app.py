@@ -9,16 +9,19 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import nn
 
 from servers import browser, features, routes_openai, routes_steering
 from servers.errors import ApiError, install_error_handlers
+from servers.guards import BodyLimit, OriginGuard, default_hosts
 from servers.metrics import Metrics
 from servers.settings import ServerSettings
 from servers.state import ServerState, build_state, state_of
@@ -43,6 +46,7 @@ def create_app(settings: ServerSettings, model: nn.Module, tokenizer: Any, model
 
     app = FastAPI(title="steerlib server", version="0.1.0", lifespan=lifespan)
     app.state.steerlib = state
+    app.state.private_roots = _private_roots(settings, registry.root, registry.index_saes.values())
     install_error_handlers(app)
     auth = [Depends(_require_key)]
     for router in (routes_openai.router, routes_steering.router, features.router):
@@ -50,8 +54,19 @@ def create_app(settings: ServerSettings, model: nn.Module, tokenizer: Any, model
     browser.install(app, browser_state, auth)
     app.add_api_route("/health", _health, methods=["GET"])
     app.add_api_route("/metrics", _metrics, methods=["GET"])
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    hosts = default_hosts(settings.host, settings.allowed_hosts)
+    app.add_middleware(OriginGuard, hosts=hosts, origins=settings.allowed_origins, strict=bool(settings.allowed_hosts))
     app.add_middleware(_CountRequests, metrics=state.metrics)
     return app
+
+
+def _private_roots(settings: ServerSettings, presets: Path | None, saes: Iterable[Path]) -> list[Path]:
+    """Folders whose paths client-facing errors show relative (or not at all)."""
+    roots = [presets, *saes, *(p.resolve() for p in settings.features)]
+    if settings.model is not None and Path(settings.model).exists():
+        roots.append(Path(settings.model).resolve())
+    return [r for r in roots if r is not None]
 
 
 async def _require_key(request: Request) -> None:
@@ -69,9 +84,12 @@ async def _require_key(request: Request) -> None:
         )
 
 
-async def _health(request: Request) -> dict[str, Any]:
+async def _health(request: Request) -> JSONResponse:
+    """200 while the engine thread runs and takes work; 503 (with its state) otherwise."""
     st: ServerState = state_of(request)
-    return {"status": "ok", "model": st.model_name, "queue_depth": st.engine.queue_depth}
+    status = st.engine.status
+    body = {"status": status, "model": st.model_name, "queue_depth": st.engine.queue_depth}
+    return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 
 async def _metrics(request: Request) -> Response:

@@ -150,8 +150,12 @@ class Engine:
                     self._run_batch(item)
         except BaseException:
             log.critical("the engine thread died; /health reports it and new requests get 503", exc_info=True)
-            self._cancel_all()
-            raise
+            with self._cv:
+                for req in self._running:
+                    req.emit(Failed(503, "the engine stopped while running this request"))
+                if self._job is not None and self._job.future.running():
+                    self._job.future.set_exception(ApiError(503, "the engine stopped", type="server_error"))
+            self._cancel_all()  # then the thread ends: status "dead" (logged above, not re-raised)
 
     def _next(self) -> list[GenRequest] | Job | None:
         """A batch of requests, one job, or None when closed and drained."""
@@ -208,9 +212,8 @@ class Engine:
             log.exception("batch of %d failed; re-running it in halves to find the request that broke it", len(batch))
             culprits = isolate(batch, self._decode)
             self.metrics.rejected.labels(reason="failed_alone").inc(len(culprits))
-        finally:
-            self._running = []
-            log.debug("batch of %d done in %.2f s", len(batch), time.perf_counter() - start)
+        self._running = []  # not on BaseException: the dying thread still answers these (see _work)
+        log.debug("batch of %d done in %.2f s", len(batch), time.perf_counter() - start)
 
     def _decode(self, batch: list[GenRequest]) -> None:
         steps = run_batch(self.model, self.tokenizer, batch, self.eos_ids, self.pad_id, self.resources)

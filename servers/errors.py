@@ -6,6 +6,9 @@ Every failure a client can cause is a 4xx with a message naming what is wrong; a
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -39,6 +42,22 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+_ABSOLUTE = re.compile(r"(?<![\w.:/])/[^\s'\"/:,;()\[\]]+(?:/[^\s'\"/:,;()\[\]]+)*")
+
+
+def scrub_paths(message: str, roots: Sequence[Path] = ()) -> str:
+    """``message`` without the server's absolute paths: a path inside one of ``roots`` (the presets folder, feature
+    indexes) shown relative to it, any other path of this machine by its last part."""
+    for root in sorted((str(r) for r in roots), key=len, reverse=True):
+        message = message.replace(root + "/", "").replace(root, ".")
+
+    def short(m: re.Match[str]) -> str:
+        path = m.group()
+        return Path(path).name if Path("/" + path.split("/")[1]).exists() else path
+
+    return _ABSOLUTE.sub(short, message)
+
+
 def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)
 
@@ -48,9 +67,15 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
+def _roots(request: Request) -> Sequence[Path]:
+    roots: Sequence[Path] = getattr(request.app.state, "private_roots", ())
+    return roots
+
+
 async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return JSONResponse(exc.body(), status_code=exc.status)
+    body = error_body(scrub_paths(exc.message, _roots(request)), exc.type, exc.param, exc.code)
+    return JSONResponse(body, status_code=exc.status)
 
 
 async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
@@ -59,13 +84,15 @@ async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     param = _loc(tuple(first.get("loc", ())))
     msgs = [f"{_loc(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg', '')}" for e in errors[:5]]
-    return JSONResponse(error_body("; ".join(msgs), "invalid_request_error", param or None), status_code=400)
+    message = scrub_paths("; ".join(msgs), _roots(request))
+    return JSONResponse(error_body(message, "invalid_request_error", param or None), status_code=400)
 
 
 async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code, headers=exc.headers)
+    message = scrub_paths(str(exc.detail), _roots(request))
+    return JSONResponse(error_body(message, kind), status_code=exc.status_code, headers=exc.headers)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -62,6 +62,17 @@ class ServerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port.")
     api_key: str | None = Field(None, description="If set, requests need `Authorization: Bearer <api_key>`.")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names browsers may address this server by (DNS-rebinding guard). Empty: the loopback "
+        "names when `host` is a loopback address, any host otherwise. Given, every request's Host is checked. "
+        "Env: comma-separated.",
+    )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Web origins (scheme://host:port) other than the server's own whose pages may call the API "
+        "from a browser. Env: comma-separated.",
+    )
     max_batch: int = Field(16, ge=1, le=256, description="Most requests decoded together in one batch.")
     batch_wait_ms: float = Field(5.0, ge=0, description="How long the worker waits for more requests to batch.")
     max_queue: int = Field(64, ge=1, description="Requests waiting beyond this many are refused with 429.")
@@ -92,6 +103,20 @@ class ServerSettings(BaseSettings):
     )
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads; None leaves torch's default.")
     log_level: str = Field("info", description="Python logging level name.")
+
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _non_empty_key(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("api_key is empty: give a key, or leave it unset to serve without one")
+        return value
 
     @field_validator("features", mode="before")
     @classmethod
