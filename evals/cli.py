@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evals.datasets import DATASETS, Kind, Part, load_dataset, mmlu_subset, split, subset
+from evals.datasets import DATASETS, WRAPPED_SETS, Kind, Part, Prompt, load_dataset, mmlu_subset, split, subset
 
 if TYPE_CHECKING:
     from evals.runner import Arm, PromptSet
@@ -149,6 +149,12 @@ def _sets(names: list[str], kind: Kind, part: Part, limit: int | None, field: st
 
     out = []
     for name in names:
+        if name in WRAPPED_SETS:  # the held-out families already: one set per wrapper group, first `limit` of each
+            groups: dict[str, list[Prompt]] = {}
+            for p in load_dataset(name):
+                groups.setdefault(p.meta["group"], []).append(p)
+            out += [PromptSet(f"{name}/{g}", kind, subset(ps, limit)) for g, ps in groups.items()]
+            continue
         prompts = subset(split(load_dataset(name, field=field), part), limit)
         out.append(PromptSet(Path(name).stem if name not in DATASETS else name, kind, prompts))
     return out

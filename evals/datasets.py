@@ -241,12 +241,42 @@ def _rho_overrefusal(cache_dir: str | Path | None) -> list[Prompt]:
     )
 
 
+# -- wrapped (jailbreak templates, role-play, reformulations; evals.wrapped) ------------------------------------
+
+
+@register(
+    "wrapped_harmful",
+    "harmful",
+    540,
+    "held-out harmful requests wrapped in held-out jailbreak-template, role-play and reformulation families "
+    "(evals.wrapped, single-turn; meta 'group' and 'family'); already the evaluation side, never split again",
+)
+def _wrapped_harmful(cache_dir: str | Path | None) -> list[Prompt]:
+    from evals.wrapped import single_turn, wrapped_prompts  # evals.wrapped imports this module
+
+    return single_turn(wrapped_prompts("eval", "harmful", cache_dir=cache_dir))
+
+
+@register(
+    "wrapped_harmless",
+    "harmless",
+    344,
+    "held-out harmless requests in the same wrappers as wrapped_harmful (over-refusal under wrapping)",
+)
+def _wrapped_harmless(cache_dir: str | Path | None) -> list[Prompt]:
+    from evals.wrapped import single_turn, wrapped_prompts
+
+    return single_turn(wrapped_prompts("eval", "harmless", cache_dir=cache_dir))
+
+
 # -- public API ------------------------------------------------------------------------------------------------
 
 HARMFUL_SETS = ("harmbench", "advbench", "donotanswer", "harmful_probes")
 """The harmful benchmarks the safety recipes (:mod:`evals.recipes`) fit on and measure."""
 HARMLESS_SETS = ("harmless_probes", "rho_benign", "rho_overrefusal")
 """The harmless benchmarks the safety recipes fit on and measure (benign, paired-benign, over-refusal)."""
+WRAPPED_SETS = ("wrapped_harmful", "wrapped_harmless")
+"""Wrapped requests of held-out families: not split by :func:`split` again, reported per wrapper group."""
 
 
 def load_dataset(name: str, cache_dir: str | Path | None = None, *, field: str | None = None) -> list[Prompt]:

@@ -195,3 +195,18 @@ def test_pyrit_templates_split_without_shared_families_or_requests() -> None:
         text = "\n".join(m["content"] for m in json.loads(p.meta["messages"]))
         assert p.meta["ask"] in text
     assert PLANS["eval"].harmful_per_template == 3
+
+
+@pytest.mark.registry
+def test_eval_cli_reports_wrapped_sets_per_group_without_splitting_again() -> None:
+    from evals.cli import _sets
+    from evals.datasets import load_dataset
+
+    sets = _sets(["wrapped_harmful"], "harmful", "heldout", None, None)
+    groups = ("jailbreakchat", "in_the_wild", "pliny", "arth_singh", "roleplay", "reformulation")
+    assert {s.name for s in sets} == {f"wrapped_harmful/{g}" for g in groups}
+    ids = [p.id for s in sets for p in s.prompts]
+    assert sorted(ids) == sorted(p.id for p in load_dataset("wrapped_harmful"))  # all of them, no hash split
+    assert all(len(messages_of(p)) == 1 for s in sets for p in s.prompts)
+    limited = _sets(["wrapped_harmless"], "harmless", "heldout", 3, None)
+    assert all(0 < len(s.prompts) <= 3 for s in limited) and len(limited) == 6
