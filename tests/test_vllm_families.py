@@ -55,6 +55,7 @@ def _extra(model_type: str, **kwargs: Any) -> Callable[[], PretrainedConfig]:
 
 
 CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
+    "mistral": lambda: tiny_config("mistral"),
     "qwen2": lambda: tiny_config("qwen2"),
     "qwen3": lambda: tiny_config("qwen3"),
     "gemma2": lambda: tiny_config("gemma2"),
@@ -67,11 +68,12 @@ CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "qwen2_moe": _extra(
         "qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=128
     ),
+    "mixtral": _extra("mixtral", num_local_experts=4, num_experts_per_tok=2),
 }
-"""Tiny configs, by transformers model type; the first five are tests/tiny_models.py's own."""
+"""Tiny configs, by transformers model type; the first six are tests/tiny_models.py's own."""
 COMPILED = {"olmo2"}
 """Families whose engine compiles the model (torch.compile), as vLLM does by default; the others run eagerly."""
-RESIDUAL_ONLY = {"qwen2_moe": "Qwen2-MoE"}
+RESIDUAL_ONLY = {"qwen2_moe": "Qwen2-MoE", "mixtral": "Mixtral"}
 
 
 def tiny_checkpoint(model_type: str, folder: Path, config: PretrainedConfig | None = None) -> PreTrainedModel:
