@@ -161,3 +161,19 @@ def test_gcg_lowers_the_margin_and_a_suffix_cannot_hide_the_request_from_a_max_g
     res = gcg(model, tok, mean_gate, request, ok, GcgSettings(n_adv=4, steps=6, top_k=8, batch=8, where="prefix"))
     assert abs(res.margins[0] - 0.05) < 1e-4 and min(res.margins) < res.margins[0]
     assert success_curve([res], (0, 6))[6] == int(res.success_step is not None)
+
+
+def test_ablation_sample_takes_its_quota_per_cell_in_hash_order() -> None:
+    from evals.recipes.wrapped_attacks import ablation_sample, cell
+
+    def p(i: int, kind: str, group: str) -> Prompt:
+        return Prompt(f"x/{i}", f"t{i}", "x", {"kind": kind, "group": group, "family": group})
+
+    ps = [p(i, "harmful" if i % 2 else "harmless", ("plain", "roleplay", "in_the_wild")[i % 3]) for i in range(60)]
+    sizes = {("harmful", "plain"): 3, ("harmless", "rule"): 2, ("harmful", "template"): 50}
+    idx = ablation_sample(ps, sizes)
+    got = [cell(ps[i]) for i in idx]
+    assert got.count(("harmful", "plain")) == 3 and got.count(("harmless", "rule")) == 2
+    assert got.count(("harmful", "template")) == 10 and len(idx) == 15 and idx == sorted(idx)
+    rev = list(reversed(ps))
+    assert {ps[i].id for i in idx} == {rev[j].id for j in ablation_sample(rev, sizes)}  # order does not matter
