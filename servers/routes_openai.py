@@ -13,7 +13,16 @@ from servers.errors import bad_request
 from servers.features import known_sae, response_features
 from servers.jobs import Finished
 from servers.schemas import ChatCompletionRequest, CompletionRequest
-from servers.serving import check_request, collect, new_id, sampling_params, stream, submit, usage
+from servers.serving import (
+    check_request,
+    collect,
+    new_id,
+    sampling_params,
+    stream,
+    submit,
+    tokenize_bounded,
+    usage,
+)
 from servers.state import ServerState, state_of
 
 router = APIRouter(prefix="/v1")
@@ -100,7 +109,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 def chat_prompt(st: ServerState, body: ChatCompletionRequest) -> tuple[str, list[int]]:
     """The rendered chat prompt and its token ids (run in a worker thread: never on the event loop)."""
     text = render_chat(st, body)
-    return text, list(st.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return text, tokenize_bounded(st, text, add_special_tokens=False)
 
 
 def render_chat(st: ServerState, body: ChatCompletionRequest) -> str:
@@ -125,7 +134,7 @@ def completion_prompt_ids(st: ServerState, prompt: str | list[str] | list[int]) 
         if len(prompt) != 1:
             raise bad_request("prompt: exactly one prompt per request (batch by sending concurrent requests)", "prompt")
         prompt = str(prompt[0])
-    return list(st.tokenizer(prompt)["input_ids"])
+    return tokenize_bounded(st, prompt)
 
 
 def _chat_response(st: ServerState, rid: str, created: int, fin: Finished) -> dict[str, Any]:

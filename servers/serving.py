@@ -40,6 +40,23 @@ def check_request(st: ServerState, body: SamplingRequest) -> None:
         raise bad_request(problem)
 
 
+PROBE_CHARS_PER_TOKEN = 16
+"""A prompt longer than ``max_prompt_tokens`` times this many characters is first tokenized in part."""
+
+
+def tokenize_bounded(st: ServerState, text: str, **kwargs: Any) -> list[int]:
+    """``text``'s token ids, at a cost bounded by the prompt limit rather than by the text: a text long enough to
+    be over the limit is first tokenized up to ``PROBE_CHARS_PER_TOKEN`` characters per allowed token, and refused
+    if that part alone is over (a prefix has at most one token more than the text it starts)."""
+    limit = st.settings.max_prompt_tokens
+    probe = limit * PROBE_CHARS_PER_TOKEN
+    if len(text) > probe:
+        head = st.tokenizer(text[:probe], **kwargs)["input_ids"]
+        if len(head) > limit + 1:
+            raise bad_request(f"prompt has more than {limit} tokens; this server's limit is {limit}", "messages")
+    return list(st.tokenizer(text, **kwargs)["input_ids"])
+
+
 def sampling_params(st: ServerState, body: SamplingRequest, max_tokens: int | None, n_prompt: int) -> SamplingParams:
     s = st.settings
     if max_tokens is not None and max_tokens > s.max_tokens_limit:
