@@ -69,8 +69,16 @@ class PresetRegistry:
             if not self.root.is_dir():
                 raise PresetError(f"presets folder not found: {root}")
             for path in sorted(self.root.glob("*.y*ml")):
-                self.add(path)
+                self._add_or_skip(path)
             log.info("loaded %d presets from %s: %s", len(self._presets), self.root, ", ".join(self._presets))
+
+    def _add_or_skip(self, path: Path) -> None:
+        """A preset file that cannot be served (unreadable, invalid, reaching outside the folder) is skipped with a
+        logged error: the others still load (a default preset that is skipped stops the server, as unknown)."""
+        try:
+            self.add(path)
+        except (ValueError, OSError, yaml.YAMLError) as e:
+            log.error("skipping preset file %s: %s", path.name, e)
 
     def add(self, path: Path) -> Preset:
         """Load the preset file ``path`` and list it under its stem (replacing one of that name)."""

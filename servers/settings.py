@@ -59,6 +59,10 @@ class ServerSettings(BaseSettings):
     allow_preset_writes: bool = Field(
         False, description="Let clients save presets into the presets folder (POST /v1/steering/presets)."
     )
+    allow_preset_overwrite: bool = Field(
+        False,
+        description="Let clients who may save presets also replace existing ones (never the default presets).",
+    )
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port.")
     api_key: str | None = Field(None, description="If set, requests need `Authorization: Bearer <api_key>`.")

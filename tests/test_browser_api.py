@@ -15,7 +15,7 @@ from test_browser_support import PLANTED, F, browser_app, explanation, make_sae,
 from test_server_support import MODEL_NAME, SAE_LAYER, serving
 
 from servers.browser.index import FeatureIndexError, load_index
-from servers.browser.presets import BrowserRegistry
+from servers.browser.presets import BrowserRegistry, _restore, _write_atomic
 from servers.settings import ServerSettings, load_settings
 from steerlib.extract.activations import prompt_ids
 
@@ -38,7 +38,7 @@ def record(
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Client, Any, Any, Path]]:
     tmp = tmp_path_factory.mktemp("browser")
-    app, model, tokenizer = browser_app(tmp)
+    app, model, tokenizer = browser_app(tmp, allow_preset_overwrite=True, default_presets=["erase"])
     with serving(app) as base, httpx.Client(base_url=base, timeout=60) as client:
         yield client, model, tokenizer, tmp
 
@@ -218,6 +218,7 @@ def test_save_a_preset_then_list_and_use_it(server: tuple[httpx.Client, Any, Any
     [
         ({"name": "../evil"}, 400, "invalid preset name '../evil'"),
         ({"name": "a/b"}, 400, "invalid preset name 'a/b'"),
+        ({"name": "ok\n"}, 400, "invalid preset name 'ok\\n'"),
         ({"name": "push"}, 409, "preset 'push' exists (push.yaml)"),
         ({"steering": {"interventions": []}}, 400, "nothing to save"),
         ({"steering": {"presets": ["nope"]}}, 400, "unknown preset 'nope'"),
@@ -235,6 +236,33 @@ def test_bad_preset_saves_are_refused(
     assert r.status_code == status, r.text
     assert message in r.json()["error"]["message"]
     assert sorted(p.name for p in (tmp / "presets").iterdir()) == before
+
+
+def test_overwrites_need_their_own_setting_and_never_touch_default_presets(
+    server: tuple[httpx.Client, Any, Any, Path], tmp_path: Path
+) -> None:
+    client, tmp = server[0], server[3]
+    before = (tmp / "presets" / "erase.yaml").read_bytes()
+    body = {"name": "erase", "description": "d", "steering": sae_edit(1.0), "overwrite": True}
+    r = client.post("/v1/steering/presets", json=body)
+    assert r.status_code == 403 and "'erase' is a default preset of this server" in r.json()["error"]["message"]
+    assert (tmp / "presets" / "erase.yaml").read_bytes() == before
+    app, _, _ = browser_app(tmp_path)  # writes allowed, overwrites not
+    with serving(app) as base, httpx.Client(base_url=base) as other:
+        r = other.post("/v1/steering/presets", json=body | {"name": "push"})
+        assert r.status_code == 403 and "--allow-preset-overwrite" in r.json()["error"]["message"]
+        assert other.post("/v1/steering/presets", json=body | {"name": "fresh", "overwrite": False}).status_code == 200
+    assert (tmp_path / "presets" / "push.yaml").read_text().startswith("description: add the push vector")
+
+
+def test_a_failed_save_puts_the_old_file_back_atomically(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    _write_atomic(path, b"old")
+    _write_atomic(path, b"new")
+    _restore(path, b"old")
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
+    _restore(path, None)
+    assert not path.exists()
 
 
 def test_preset_writes_are_off_unless_allowed(tmp_path: Path) -> None:

@@ -231,17 +231,28 @@ def test_registry_confines_every_name(presets: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "op",
+    "text",
     [
-        "{op: add, layer: 1, vector: ../elsewhere.safetensors}",
-        "{op: refuse, layer: 1, apply: {when: {probe: ../probe.safetensors, above: 0, scope: prompt}}}",
+        "description: reads elsewhere\ninterventions:\n  - {op: add, layer: 1, vector: ../elsewhere.safetensors}\n",
+        "description: reads elsewhere\ninterventions:\n  - {op: refuse, layer: 1, apply: {when: {probe: "
+        "../probe.safetensors, above: 0, scope: prompt}}}\n",
+        "description: [unclosed\n",
+        "interventions: []\n",
+        "description: typo\ninterventions:\n  - {op: add, layr: 1, vector: vectors/push.safetensors}\n",
     ],
 )
-def test_a_preset_file_pointing_outside_the_folder_stops_the_server(tmp_path: Path, op: str) -> None:
+def test_a_preset_file_that_cannot_be_served_is_skipped_with_an_error(
+    tmp_path: Path, text: str, caplog: pytest.LogCaptureFixture
+) -> None:
     make_presets(tmp_path)
-    (tmp_path / "evil.yaml").write_text(f"description: reads elsewhere\ninterventions:\n  - {op}\n")
-    with pytest.raises(PresetError, match="outside the presets folder"):
-        PresetRegistry(tmp_path)
+    (tmp_path / "evil.yaml").write_text(text)
+    reg = PresetRegistry(tmp_path)
+    assert reg.names == ["erase", "push", "sae_edit"]
+    assert [r.levelname for r in caplog.records if "skipping preset file evil.yaml" in r.getMessage()] == ["ERROR"]
+    with pytest.raises(PresetError, match="unknown preset 'evil'"):
+        reg.get("evil")
+    with pytest.raises(PresetError, match="unknown preset 'evil'"):
+        make_app(tmp_path, default_presets=["evil"])  # a default that was skipped still stops the server
 
 
 def test_inline_configs_are_steerlib_configs(client: TestClient) -> None:

@@ -4,11 +4,13 @@ Each served feature index lends its SAE to steering under the index's name (``{"
 so the browser's "try it" needs no copy of the SAE in the presets folder. Those SAE paths are the only files outside
 the presets folder a preset may reach; they come from the operator's ``--features`` folders, never from a client.
 
-Saved presets are YAML files in the presets folder, written atomically, named like every preset (letters, digits,
-``_ - .``) and never overwritten unless the request says so. Paths inside the presets folder are stored relative to
-it; an index SAE is stored by the index's name (``sae: <index>``), which any server serving a feature index of that
-name resolves to its SAE (an index name wins over a folder of the same name beside the presets; under ``saes/`` such
-a clash stops the server).
+Saved presets are YAML files in the presets folder, written atomically and durably (file and folder fsynced), named
+like every preset (letters, digits, ``_ - .``) and never overwritten unless the request says so and the server
+allows it (``allow_preset_overwrite``; the server's default presets never, see :mod:`servers.browser.routes`).
+Every file reference is stored portable (``SteeringConfig.map_refs``): paths inside the presets folder relative to
+it, an index SAE by the index's name (``sae: <index>``), which any server serving a feature index of that name
+resolves to its SAE (an index name wins over a folder of the same name beside the presets; under ``saes/`` such a
+clash stops the server).
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class BrowserRegistry(PresetRegistry):
             if others and not overwrite:
                 raise PresetExistsError(f"preset {name!r} exists ({others[0].name}); set overwrite to replace it")
             previous = path.read_bytes() if path.exists() else None
-            _write_atomic(path, yaml.safe_dump(data, sort_keys=False))
+            _write_atomic(path, yaml.safe_dump(data, sort_keys=False).encode())
             try:
                 preset = self.add(path)
             except Exception:
@@ -88,6 +90,7 @@ class BrowserRegistry(PresetRegistry):
             for p in others:
                 if p != path:
                     p.unlink()  # a .yml of the same name would shadow the new file at the next start
+                    _sync_folder(self.root)
         log.info("saved preset %r to %s", name, path)
         return preset.info
 
@@ -106,20 +109,35 @@ class BrowserRegistry(PresetRegistry):
         return resolved.relative_to(self.root).as_posix()
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` so that a crash leaves the old file or the new one, never a part: a temporary file in the
+    same folder, flushed to disk, renamed over ``path``, then the folder itself flushed (the rename is durable)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+        _sync_folder(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def _sync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _restore(path: Path, previous: bytes | None) -> None:
+    """Put back what ``path`` held before a failed save (atomically), or remove it if it did not exist."""
     if previous is None:
         path.unlink(missing_ok=True)
+        _sync_folder(path.parent)
     else:
-        path.write_bytes(previous)
+        _write_atomic(path, previous)

@@ -152,6 +152,16 @@ async def save_preset(request: Request, body: SavePresetRequest) -> dict[str, An
     registry = st.registry
     if not isinstance(registry, BrowserRegistry):
         raise ApiError(500, "the server's registry cannot save presets", type="server_error")
+    if body.overwrite and body.name in st.resolver.defaults:
+        raise ApiError(
+            403, f"preset {body.name!r} is a default preset of this server: it cannot be overwritten from the API",
+            param="name", code="forbidden",
+        )  # fmt: skip
+    if body.overwrite and not st.settings.allow_preset_overwrite:
+        raise ApiError(
+            403, "overwriting presets is disabled on this server (start it with --allow-preset-overwrite true)",
+            param="overwrite", code="forbidden",
+        )  # fmt: skip
     config = await asyncio.to_thread(st.resolver.resolve, body.steering)
     if config is None:
         raise ApiError(400, "steering has no interventions and no presets: nothing to save", param="steering")
