@@ -80,24 +80,25 @@ def test_family_folds_and_weights() -> None:
     assert r["harmful"]["plain"]["all"]["n"] == 3 and r["harmless"]["plain"]["rho_benign"]["k"] == 1
 
 
+@pytest.mark.parametrize("pool", ["max", "mean"])
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
-def test_saved_gate_reproduces_the_probe_threshold(tmp_path: Path, kind: str) -> None:
+def test_saved_gate_reproduces_the_probe_threshold(tmp_path: Path, kind: str, pool: str) -> None:
     acts, _ = _planted(30)
-    x = acts.acts[3].float()
     g, b = torch.Generator().manual_seed(3), torch.tensor(0.2)
     probe = (
         LinearProbe(torch.randn(D, generator=g), 0.7)
         if kind == "linear"
         else MlpProbe(torch.randn(4, D, generator=g), torch.randn(4, generator=g), torch.randn(4, generator=g), b)
     )
-    s = prompt_max(probe, acts.acts[3], acts.offsets_P1)
-    c = Candidate(3, MilSettings(kind=kind, hidden=4), threshold=float(s.sort().values[14:16].mean()))  # type: ignore[arg-type]
+    x = acts.acts[3].float()
+    s = prompt_max(probe, x, acts.offsets_P1) if pool == "max" else probe.scores(mean_pool(x, acts.offsets_P1))
+    threshold = float(s.sort().values[14:16].mean())
+    c = Candidate(3, MilSettings(kind=kind, hidden=4), pool, threshold=threshold)  # type: ignore[arg-type]
     path = save_gate(probe, c, tmp_path)
     when = yaml.safe_load(path.read_text())["interventions"][0]["apply"]["when"]
-    assert when["aggregate"] == "max" and when["scope"] == "prompt"
+    assert when["aggregate"] == pool and when["scope"] == "prompt"
     gate = gate_of_preset(path)
     assert torch.equal(gate.fires(acts), s > c.threshold) and int((s > c.threshold).sum()) == 15
-    assert mean_pool(x, acts.offsets_P1).shape == (30, D)
 
 
 @pytest.mark.real_model

@@ -35,7 +35,7 @@ from evals.jailbreak_templates import Side, load_templates
 from evals.metrics import wilson
 from evals.recipes.mil_probe import MilSettings
 from evals.recipes.token_acts import TokenActs, record_tokens
-from evals.recipes.wrapped_select import Candidate, candidate_json, choose, gate_of_preset, mil_fit
+from evals.recipes.wrapped_select import Candidate, candidate_json, choose, fitter, gate_of_preset
 from evals.recipes.wrapped_sets import conversation, side_prompts
 from evals.wrapped import GROUPS
 from steerlib.config import DEFAULT_REFUSAL, SteeringConfig
@@ -96,10 +96,10 @@ def baseline(prompts: Sequence[Prompt], acts: TokenActs, presets: Sequence[Path]
     return {str(path): rates(prompts, gate_of_preset(path).fires(acts)) for path in presets}
 
 
-def candidates(layers: Sequence[int], weight_decays: Sequence[float]) -> list[Candidate]:
+def candidates(layers: Sequence[int], weight_decays: Sequence[float], pools: Sequence[str]) -> list[Candidate]:
     kinds = [MilSettings(kind="linear", weight_decay=wd) for wd in weight_decays]
     kinds += [MilSettings(kind="mlp", hidden=32, weight_decay=wd) for wd in weight_decays]
-    return [Candidate(layer, s) for layer in layers for s in kinds]
+    return [Candidate(layer, s, pool) for pool in pools for layer in layers for s in kinds]
 
 
 def fit_and_report(
@@ -109,14 +109,15 @@ def fit_and_report(
     *,
     layers: Sequence[int],
     weight_decays: Sequence[float],
+    pools: Sequence[str],
     folds: int,
     max_fpr: float,
 ) -> dict[str, Any]:
     """Choose out of fold on the fit side, refit on all of it, report on the evaluation side, write the preset."""
     (fp, fa), (ep, ea) = fit, ev
-    best, judged = choose(fp, fa, candidates(layers, weight_decays), folds=folds, max_fpr=max_fpr)
+    best, judged = choose(fp, fa, candidates(layers, weight_decays, pools), folds=folds, max_fpr=max_fpr)
     log.info("chose %s: out-of-fold TPR plain %.3f wrapped %.3f", best.key, best.tpr_plain, best.tpr_wrapped)
-    probe = mil_fit(best.settings)(fa.acts[best.layer].float(), fp, fa)
+    probe = fitter(best)(fa.acts[best.layer].float(), fp, fa)
     path = save_gate(probe, best, out)
     gate = gate_of_preset(path)
     return {
@@ -131,28 +132,28 @@ def fit_and_report(
     }
 
 
-PROBE_NAME = "harm_detector_wrapped_l{layer}_{probe}_max.safetensors"
+PROBE_NAME = "harm_detector_wrapped_l{layer}_{probe}_{pool}.safetensors"
 
 
 def save_gate(probe: Probe, c: Candidate, out: Path) -> Path:
     """``out/refuse_wrapped.yaml`` and its probe file (an MLP probe under ``probes/``, a vector under
     ``vectors/``), gate ``aggregate: max`` at the chosen threshold."""
-    meta = {"layer": str(c.layer), "site": "resid_post", "pool": "max", "fit": c.key}
+    meta = {"layer": str(c.layer), "site": "resid_post", "pool": c.pool, "fit": c.key}
     if isinstance(probe, MlpProbe):
-        rel = "probes/" + PROBE_NAME.format(layer=c.layer, probe=f"mlp{c.settings.hidden}")
+        rel = "probes/" + PROBE_NAME.format(layer=c.layer, probe=f"mlp{c.settings.hidden}", pool=c.pool)
         MlpProbe(*probe.tensors(), meta).save(out / rel)
         source: dict[str, Any] = {"probe": rel}
         above = c.threshold
     elif isinstance(probe, LinearProbe):
-        rel = "vectors/" + PROBE_NAME.format(layer=c.layer, probe="linear")
+        rel = "vectors/" + PROBE_NAME.format(layer=c.layer, probe="linear", pool=c.pool)
         SteeringVector.single(probe.weight_D, method="mil_probe", bias=probe.bias, **meta).save(out / rel)
         source = {"vector": rel, "metric": "dot"}
         above = c.threshold - probe.bias
     else:
         raise TypeError(f"cannot ship a {type(probe).__name__}")
-    when = source | {"above": round(above, 6), "scope": "prompt", "aggregate": "max"}
-    refuse = {"layer": c.layer, "op": "refuse", "name": f"harm-probe-max-l{c.layer}", "message": DEFAULT_REFUSAL}
-    config = {"description": f"Detector-gated refusal, max-pooled ({c.key}); see report.json.",
+    when = source | {"above": round(above, 6), "scope": "prompt", "aggregate": c.pool}
+    refuse = {"layer": c.layer, "op": "refuse", "name": f"harm-probe-{c.pool}-l{c.layer}", "message": DEFAULT_REFUSAL}
+    config = {"description": f"Detector-gated refusal ({c.key}); see report.json.",
               "interventions": [refuse | {"apply": {"when": when}}]}  # fmt: skip
     SteeringConfig.from_dict(config, base_dir=out)
     path = out / "refuse_wrapped.yaml"
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=list(LAYERS))
     ap.add_argument("--preset", type=Path, nargs="+", default=[DEFAULT_PRESET])
     ap.add_argument("--weight-decay", type=float, nargs="+", default=[1e-2])
+    ap.add_argument("--pools", nargs="+", default=["max", "mean"], choices=["max", "mean"])
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--max-fpr", type=float, default=0.02)
     ap.add_argument("--threads", type=int, default=1)
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         fit = side_acts(model, tok, "fit", args.out)
         found = fit_and_report(fit, ev, args.out, layers=args.layers, weight_decays=args.weight_decay,
-                               folds=args.folds, max_fpr=args.max_fpr)  # fmt: skip
+                               pools=args.pools, folds=args.folds, max_fpr=args.max_fpr)  # fmt: skip
         (args.out / "report.json").write_text(json.dumps({"command": command} | found, indent=2))
     print(json.dumps(report if args.command == "baseline" else found, indent=2)[:4000])
 

@@ -22,7 +22,7 @@ from evals.recipes.mil_probe import MilSettings, fit_mil_probe, make_bags, promp
 from evals.recipes.probe import roc_auc, threshold_at_fpr
 from evals.recipes.token_acts import TokenActs
 from steerlib.config import SteeringConfig
-from steerlib.extract.probes import LinearProbe, Probe
+from steerlib.extract.probes import LinearProbe, Probe, fit_logistic_probe, fit_mlp_probe
 from steerlib.mlp_probe import load_mlp_probe
 from steerlib.vectors import load_vector
 
@@ -105,6 +105,9 @@ def scored_sets(prompts: Sequence[Prompt]) -> dict[str, list[int]]:
 class Candidate:
     layer: int
     settings: MilSettings
+    pool: str = "max"
+    """``max``: a per-token probe fitted by MIL, max over the prompt; ``mean``: a probe on the mean activation
+    (the shipped detector's pooling, refitted on the same plain and wrapped prompts, for comparison)."""
     threshold: float = float("nan")
     tpr_plain: float = float("nan")
     tpr_wrapped: float = float("nan")
@@ -114,7 +117,7 @@ class Candidate:
     def key(self) -> str:
         s = self.settings
         probe = f"mlp{s.hidden}" if s.kind == "mlp" else "linear"
-        return f"max-pooled {probe}, layer {self.layer}, weight decay {s.weight_decay:g}"
+        return f"{self.pool}-pooled {probe}, layer {self.layer}, weight decay {s.weight_decay:g}"
 
     @property
     def merit(self) -> tuple[float, float]:
@@ -132,8 +135,35 @@ def mil_fit(settings: MilSettings) -> Fit:
     return fit
 
 
-def out_of_fold(prompts: Sequence[Prompt], acts: TokenActs, layer: int, fit: Fit, folds: int) -> Tensor:
-    """``(P,)`` each prompt's max-pooled score under a probe fitted without its fold."""
+def mean_fit(settings: MilSettings) -> Fit:
+    """A probe on each prompt's mean activation (harmless prompts weighted as in :func:`bag_weights`)."""
+
+    def fit(x_TD: Tensor, prompts: Sequence[Prompt], acts: TokenActs) -> Probe:
+        m = mean_pool(x_TD, acts.offsets_P1)
+        harmful = torch.tensor([p.meta["kind"] == "harmful" for p in prompts])
+        w = bag_weights(prompts)[~harmful]
+        if settings.kind == "mlp":
+            return fit_mlp_probe(m[harmful], m[~harmful], hidden=settings.hidden,
+                                 weight_decay=settings.weight_decay, neg_weight_N=w)  # fmt: skip
+        return fit_logistic_probe(m[harmful], m[~harmful], l2=settings.weight_decay, neg_weight_N=w)
+
+    return fit
+
+
+def fitter(c: Candidate) -> Fit:
+    return mil_fit(c.settings) if c.pool == "max" else mean_fit(c.settings)
+
+
+def pooled_scores(probe: Probe, acts: TokenActs, layer: int, pool: str) -> Tensor:
+    """``(P,)`` the probe pooled over each prompt as the gate pools it."""
+    if pool == "max":
+        return prompt_max(probe, acts.acts[layer], acts.offsets_P1)
+    return probe.scores(mean_pool(acts.acts[layer], acts.offsets_P1))
+
+
+def out_of_fold(prompts: Sequence[Prompt], acts: TokenActs, c: Candidate, folds: int) -> Tensor:
+    """``(P,)`` each prompt's pooled score under a probe fitted without its fold."""
+    layer, fit = c.layer, fitter(c)
     fold = torch.tensor([fold_of(p, folds) for p in prompts])
     out = torch.empty(len(prompts))
     for k in range(folds):
@@ -141,8 +171,7 @@ def out_of_fold(prompts: Sequence[Prompt], acts: TokenActs, layer: int, fit: Fit
         test = [i for i in range(len(prompts)) if int(fold[i]) == k]
         sub = acts.take(train)
         probe = fit(sub.acts[layer].float(), [prompts[i] for i in train], sub)
-        held = acts.take(test)
-        out[test] = prompt_max(probe, held.acts[layer], held.offsets_P1)
+        out[test] = pooled_scores(probe, acts.take(test), layer, c.pool)
     return out
 
 
@@ -168,7 +197,7 @@ def choose(
     """Every candidate judged out of fold; the best by mean of plain and wrapped TPR (ties: AUC)."""
     judged = []
     for c in candidates:
-        s = out_of_fold(prompts, acts, c.layer, mil_fit(c.settings), folds)
+        s = out_of_fold(prompts, acts, c, folds)
         judged.append(judge(c, prompts, s, max_fpr))
     return max(judged, key=lambda c: c.merit), judged
 
