@@ -59,7 +59,7 @@ def test_mil_probe_finds_the_short_span_and_ignores_the_template(kind: str) -> N
     probe = fit_mil_probe(acts.acts[3].float(), bags, MilSettings(kind=kind, steps=150))  # type: ignore[arg-type]
     test, test_harmful = _planted(40, seed=1)
     s = prompt_max(probe, test.acts[3], test.offsets_P1)
-    assert roc_auc(s[test_harmful], s[~test_harmful]) == 1.0
+    assert roc_auc(s[test_harmful], s[~test_harmful]) >= 0.99  # a template-reading probe would be near 0.5
     manual = torch.stack([probe.scores(test.acts[3][20 * i : 20 * i + 20].float()).max() for i in range(40)])
     torch.testing.assert_close(s, manual)
 

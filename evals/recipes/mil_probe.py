@@ -70,8 +70,8 @@ class MilSettings:
     kind: Literal["linear", "mlp"] = "mlp"
     hidden: int = 32
     weight_decay: float = 1e-2
-    steps: int = 300
-    lr: float = 3e-3
+    steps: int = 200
+    lr: float = 5e-3
     refresh: int = 10
     top_k: int = 4
     seed: int = 0
@@ -102,11 +102,12 @@ def fit_mil_probe(x_TD: Tensor, bags: Bags, s: MilSettings = MilSettings()) -> P
         return z @ params[0] + params[1]
 
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    cand_BK = bags.index_BK[:, :1]
+    cand_BK, z_BKD = bags.index_BK[:, :1], torch.empty(0)
     for step in range(s.steps):
-        if step % s.refresh == 0:
-            cand_BK = _top_tokens(x_TD, bags.index_BK, lambda z: score((z - mu) / sd), s.top_k)
-        z_BKD = (x_TD[cand_BK.clamp_min(0)].float() - mu) / sd
+        if step % s.refresh == 0:  # the candidates (and their standardised activations) until the next refresh
+            raw = _unstandardised(s.kind, [p.detach() for p in params], mu, sd)
+            cand_BK = _top_tokens(x_TD, bags.index_BK, raw, s.top_k)
+            z_BKD = (x_TD[cand_BK.clamp_min(0)].float() - mu) / sd
         logits = score(z_BKD).masked_fill(cand_BK < 0, -torch.inf).max(dim=1).values
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
             logits, bags.label_B, weight=bags.weight_B, reduction="sum"
@@ -117,9 +118,10 @@ def fit_mil_probe(x_TD: Tensor, bags: Bags, s: MilSettings = MilSettings()) -> P
     return _unstandardised(s.kind, [p.detach() for p in params], mu, sd)
 
 
-def _top_tokens(x_TD: Tensor, index_BK: Tensor, score: object, k: int) -> Tensor:
+def _top_tokens(x_TD: Tensor, index_BK: Tensor, probe: Probe, k: int) -> Tensor:
+    """``(B, k)`` each bag's ``k`` highest-scoring tokens (padding where a bag has fewer)."""
     with torch.no_grad():
-        scores_T = torch.cat([score(x_TD[i : i + 65536].float()) for i in range(0, len(x_TD), 65536)])  # type: ignore[operator]
+        scores_T = torch.cat([probe.scores(x_TD[i : i + 65536]) for i in range(0, len(x_TD), 65536)])
         s_BK = scores_T[index_BK.clamp_min(0)].masked_fill(index_BK < 0, -torch.inf)
         top = s_BK.topk(min(k, s_BK.shape[1]), dim=1).indices
         return index_BK.gather(1, top)
