@@ -60,12 +60,13 @@ def mean_pool(x_TD: Tensor, offsets_P1: Tensor) -> Tensor:
 
 
 def gate_of_preset(path: Path) -> OfflineGate:
-    """The gate of a preset's first ``refuse`` op (a file probe or vector; the vector's score is ``x . v``)."""
+    """The prompt-scoped gate of a preset's first op that has one (a ``refuse`` op, or the ``add`` of a gated
+    steering preset), from a file probe or vector (the vector's score is ``x . v``)."""
     cfg = SteeringConfig.from_file(path)
-    op = next(iv for iv in cfg.interventions if iv.op == "refuse")
-    when = op.apply.when
-    if when is None or when.above is None or not isinstance(op.layer, int):
-        raise ValueError(f"{path}: the refuse op needs one layer and a when condition with 'above'")
+    op = next((iv for iv in cfg.interventions if iv.apply.when is not None and iv.apply.when.scope == "prompt"), None)
+    when = None if op is None else op.apply.when
+    if op is None or when is None or when.above is None or not isinstance(op.layer, int) or op.site != "resid_post":
+        raise ValueError(f"{path}: needs an op at one resid_post layer with a prompt-scoped when and 'above'")
     if when.probe is not None:
         probe: Probe = load_mlp_probe(cfg.resolve(when.probe))
         return OfflineGate(op.layer, probe, when.aggregate, when.above, when.aggregate == "mean")
