@@ -22,6 +22,7 @@ from torch import nn
 from servers import browser, features, routes_openai, routes_steering
 from servers.errors import ApiError, install_error_handlers
 from servers.guards import BodyLimit, OriginGuard, default_hosts
+from servers.keys import OPEN, KeyRule
 from servers.metrics import Metrics
 from servers.settings import ServerSettings
 from servers.state import ServerState, build_state, state_of
@@ -70,18 +71,27 @@ def _private_roots(settings: ServerSettings, presets: Path | None, saes: Iterabl
 
 
 async def _require_key(request: Request) -> None:
-    key = state_of(request).settings.api_key
-    if key is None:
-        return
-    given = request.headers.get("authorization", "")
-    scheme, _, token = given.partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
-        raise ApiError(
-            401,
-            "invalid or missing API key (Authorization: Bearer <key>)",
-            type="authentication_error",
-            code="invalid_api_key",
-        )
+    """The caller's key rule (:mod:`servers.keys`) in ``request.state.key_rule``; 401 for a missing or wrong key."""
+    st = state_of(request)
+    key, policy = st.settings.api_key, st.keys
+    rule: KeyRule | None = OPEN
+    if key is not None or policy is not None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
+        rule = None
+        if scheme.lower() == "bearer" and token:
+            if key is not None and secrets.compare_digest(token.encode(), key.encode()):
+                rule = OPEN
+            elif policy is not None:
+                rule = policy.find(token)
+        if rule is None:
+            raise ApiError(
+                401,
+                "invalid or missing API key (Authorization: Bearer <key>)",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+    request.state.key_rule = rule
 
 
 async def _health(request: Request) -> JSONResponse:

@@ -14,18 +14,34 @@ import logging
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from servers.audit import row_record, row_tokens
 from servers.jobs import Finished, GenRequest
 from servers.sampling import RowSampler, TextTracker
 from steerlib.extract.activations import left_pad, model_device
-from steerlib.hf.hooks import steer
+from steerlib.hf.hooks import SteeringHandle, steer
 from steerlib.hf.refusal import ForcedRefusal, refusals
 from steerlib.plan import Resources, TokenizerLike
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Auditor:
+    """Builds a row's audit record (:mod:`servers.audit`) from the batch's steering once the row is done."""
+
+    handle: SteeringHandle | None
+    device: torch.device
+
+    def record(self, row: int, req: GenRequest, fed_ids: list[int]) -> list[dict[str, Any]]:
+        if self.handle is None or req.steering is None:
+            return []
+        tb = row_tokens(req.prompt_ids, fed_ids, self.device)
+        return row_record(self.handle.plan, self.handle.state, row, tb, req.sources)
 
 
 @dataclass
@@ -34,9 +50,12 @@ class _Row:
     sampler: RowSampler
     tracker: TextTracker
     eos_ids: frozenset[int]
+    index: int = 0
+    auditor: Auditor | None = None
     text: list[str] = field(default_factory=list)
     refused_by: str | None = None
     """The steering config's ``refuse`` detector that answered this row, if one fired on its prompt."""
+    chosen: list[int] = field(default_factory=list)
     n_new: int = 0
     last: int = 0
     done: bool = False
@@ -57,6 +76,7 @@ class _Row:
             )
             return self.last
         self.last = self.sampler.choose(logits_V)
+        self.chosen.append(self.last)
         self.n_new += 1
         if self.last in self.eos_ids:
             self._finish("stop")
@@ -77,13 +97,18 @@ class _Row:
     def _finish(self, reason: str) -> None:
         if reason == "stop" and not self.tracker.stopped:
             self._emit(self.tracker.flush())
-        self.done = True
-        self.req.emit(Finished("".join(self.text), reason, len(self.req.prompt_ids), self.n_new, self.refused_by))
+        self._end(reason, None)
 
     def _fail(self, message: str) -> None:
+        self._end("error", message)
+
+    def _end(self, reason: str, error: str | None) -> None:
         self.done = True
-        n_prompt = len(self.req.prompt_ids)
-        self.req.emit(Finished("".join(self.text), "error", n_prompt, self.n_new, self.refused_by, message))
+        audit = None
+        if self.req.audit and self.auditor is not None:
+            audit = self.auditor.record(self.index, self.req, self.chosen[:-1])  # the last choice was never fed
+        text, n_prompt = "".join(self.text), len(self.req.prompt_ids)
+        self.req.emit(Finished(text, reason, n_prompt, self.n_new, self.refused_by, error, audit))
 
 
 def finite_rows(logits_BV: Tensor) -> list[bool]:
@@ -107,7 +132,9 @@ def run_batch(
     resources: Resources | None = None,
 ) -> int:
     """Decode ``reqs`` to the end; every request gets its deltas and one Finished event. Returns decode steps."""
-    rows = [_Row(r, RowSampler(r.params), TextTracker(tokenizer, r.params.stop), eos_ids) for r in reqs]
+    rows = [
+        _Row(r, RowSampler(r.params), TextTracker(tokenizer, r.params.stop), eos_ids, b) for b, r in enumerate(reqs)
+    ]
     device = model_device(model)
     ids_BT, mask_BT = left_pad([r.prompt_ids for r in reqs], pad_id, device)
     configs = [r.steering for r in reqs]
@@ -115,10 +142,14 @@ def run_batch(
     cache_kw = cache_keyword(model)
     forced: ForcedRefusal | None = None
     with ExitStack() as stack, torch.no_grad():
+        handle = None
         if any(c is not None for c in configs):
             handle = stack.enter_context(steer(model, configs, tokenizer=tokenizer, resources=resources))
             if handle.plan.detectors:
                 forced = ForcedRefusal(handle, tokenizer)
+        auditor = Auditor(handle, device)
+        for r in rows:
+            r.auditor = auditor
         pos_BT = (mask_BT.cumsum(-1) - 1).clamp_min(0)
         out = model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT, use_cache=True)
         if forced is not None:  # detectors decided on the prompts during that prefill

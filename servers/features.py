@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from servers.errors import ApiError
+from servers.keys import check_steering, key_rule
 from servers.registry import PresetError
 from servers.schemas import STEERING_DOC, FeatureRequest, RequestModel
 from servers.serving import run_job
@@ -48,6 +49,7 @@ async def inspect(body: InspectRequest, request: Request) -> dict[str, Any]:
             400, f"generate_tokens exceeds the limit {st.settings.max_tokens_limit}", param="generate_tokens"
         )
     await asyncio.to_thread(_check_lengths, st, body)
+    check_steering(key_rule(request), body.steering, st.resolver.defaults)
     steering = await asyncio.to_thread(st.resolver.resolve, body.steering)
     known_sae(st, body.sae)
 

@@ -33,6 +33,8 @@ class Finished:
     """Name of the steering ``refuse`` detector that answered instead of the model, if one fired."""
     error: str | None = None
     """With ``finish_reason == "error"``: what went wrong with this row (its neighbours finished normally)."""
+    audit: list[dict[str, Any]] | None = None
+    """With ``GenRequest.audit``: per intervention, what it touched and how its gates decided (``servers.audit``)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,10 @@ class GenRequest:
     loop: asyncio.AbstractEventLoop
     cost: int = 0
     """What a batch pays per step for its steering (:func:`servers.limits.cost`)."""
+    sources: tuple[str, ...] = ()
+    """Per intervention of ``steering``: ``preset:NAME`` or ``inline``."""
+    audit: bool = False
+    """Build the audit record of this row when it finishes (``Finished.audit``)."""
     queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.monotonic)

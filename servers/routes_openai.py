@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from servers.audit_trail import AuditTrail
 from servers.errors import bad_request
 from servers.features import known_sae, response_features
-from servers.jobs import Finished
-from servers.schemas import ChatCompletionRequest, CompletionRequest
+from servers.jobs import Finished, GenRequest
+from servers.keys import check_steering, key_rule
+from servers.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from servers.serving import (
     check_request,
     collect,
@@ -34,39 +37,61 @@ async def models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [{"id": st.model_name, "object": "model", "created": 0, "owned_by": "steerlib"}]}
 
 
+@dataclass(frozen=True)
+class _Started:
+    req: GenRequest
+    trail: AuditTrail
+    rid: str
+    created: int
+
+
+async def _start(
+    st: ServerState, http: Request, body: SamplingRequest, prompt: tuple[str, list[int]], max_tokens: int | None
+) -> _Started:
+    """Check, resolve and queue one generation request (everything that can refuse it happens before queueing)."""
+    text, prompt_ids = prompt
+    params = sampling_params(st, body, max_tokens, len(prompt_ids))
+    rule = key_rule(http)
+    check_steering(rule, body.steering, st.resolver.defaults)
+    resolved = await asyncio.to_thread(st.resolver.resolve_all, body.steering)
+    chat = isinstance(body, ChatCompletionRequest)
+    rid = new_id("chatcmpl" if chat else "cmpl")
+    endpoint = "chat.completions" if chat else "completions"
+    trail = AuditTrail(st, rule.name, endpoint, rid, resolved, bool(body.steering_audit), text)
+    if isinstance(body, ChatCompletionRequest) and body.return_features is not None:
+        known_sae(st, body.return_features.sae)  # an unknown SAE is a 400 before generating
+    req = await submit(st, prompt_ids, resolved, params, trail.needed)
+    return _Started(req, trail, rid, int(time.time()))
+
+
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     st = state_of(request)
     check_request(st, body)
-    text, prompt_ids = await asyncio.to_thread(chat_prompt, st, body)  # tokenizing a long prompt takes a while
-    params = sampling_params(st, body, body.max_completion_tokens or body.max_tokens, len(prompt_ids))
-    resolved = await asyncio.to_thread(st.resolver.resolve_all, body.steering)
-    steering = resolved.config
-    if body.return_features is not None:
-        known_sae(st, body.return_features.sae)  # an unknown SAE is a 400 before generating
-    req = await submit(st, prompt_ids, resolved, params)
-    rid, created = new_id("chatcmpl"), int(time.time())
+    prompt = await asyncio.to_thread(chat_prompt, st, body)  # tokenizing a long prompt takes a while
+    go = await _start(st, request, body, prompt, body.max_completion_tokens or body.max_tokens)
 
     def chunk(delta: str | None, finish: str | None) -> dict[str, Any]:
         d = {} if delta is None else {"content": delta} if delta else {"role": "assistant", "content": ""}
         choices = [] if delta is None and finish is None else [{"index": 0, "delta": d, "finish_reason": finish}]
         return {
-            "id": rid,
+            "id": go.rid,
             "object": "chat.completion.chunk",
-            "created": created,
+            "created": go.created,
             "model": st.model_name,
             "choices": choices,
         }
 
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(
-            stream(st, req, chunk, chunk if include_usage else None), media_type="text/event-stream"
-        )
-    fin = await collect(st, req, request)
-    out = _chat_response(st, rid, created, fin)
+        events = stream(st, go.req, chunk, chunk if include_usage else None, go.trail)
+        return StreamingResponse(events, media_type="text/event-stream")
+    fin = await collect(st, go.req, request, go.trail)
+    out = _chat_response(st, go.rid, go.created, fin) | _audit(go.trail)
     if body.return_features is not None:
-        out["steering_features"] = await response_features(st, body.return_features, text, fin.text, steering, request)
+        out["steering_features"] = await response_features(
+            st, body.return_features, prompt[0], fin.text, go.req.steering, request
+        )
     return JSONResponse(out)
 
 
@@ -75,10 +100,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     st = state_of(request)
     check_request(st, body)
     prompt_ids = await asyncio.to_thread(completion_prompt_ids, st, body.prompt)
-    params = sampling_params(st, body, body.max_tokens if body.max_tokens is not None else 16, len(prompt_ids))
-    resolved = await asyncio.to_thread(st.resolver.resolve_all, body.steering)
-    req = await submit(st, prompt_ids, resolved, params)
-    rid, created = new_id("cmpl"), int(time.time())
+    text = body.prompt if isinstance(body.prompt, str) else ""
+    go = await _start(st, request, body, (text, prompt_ids), body.max_tokens if body.max_tokens is not None else 16)
 
     def chunk(delta: str | None, finish: str | None) -> dict[str, Any]:
         choices = (
@@ -86,24 +109,33 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             if delta is None and finish is None
             else [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}]
         )
-        return {"id": rid, "object": "text_completion", "created": created, "model": st.model_name, "choices": choices}
+        return {
+            "id": go.rid,
+            "object": "text_completion",
+            "created": go.created,
+            "model": st.model_name,
+            "choices": choices,
+        }
 
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(
-            stream(st, req, chunk, chunk if include_usage else None), media_type="text/event-stream"
-        )
-    fin = await collect(st, req, request)
-    return JSONResponse(
-        {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": st.model_name,
-            "choices": [{"index": 0, "text": fin.text, "finish_reason": fin.finish_reason, "logprobs": None}],
-            "usage": usage(fin),
-        }
-    )
+        events = stream(st, go.req, chunk, chunk if include_usage else None, go.trail)
+        return StreamingResponse(events, media_type="text/event-stream")
+    fin = await collect(st, go.req, request, go.trail)
+    choice = {"index": 0, "text": fin.text, "finish_reason": fin.finish_reason, "logprobs": None}
+    out = {
+        "id": go.rid,
+        "object": "text_completion",
+        "created": go.created,
+        "model": st.model_name,
+        "choices": [choice],
+        "usage": usage(fin),
+    }
+    return JSONResponse(out | _audit(go.trail))
+
+
+def _audit(trail: AuditTrail) -> dict[str, Any]:
+    return {} if trail.response is None else {"steering_audit": trail.response}
 
 
 def chat_prompt(st: ServerState, body: ChatCompletionRequest) -> tuple[str, list[int]]:

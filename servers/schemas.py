@@ -72,6 +72,11 @@ class SamplingRequest(RequestModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     steering: SteeringField | None = Field(None, description=STEERING_DOC)
+    steering_audit: bool | None = Field(
+        None,
+        description="Return the audit record (`steering_audit`): presets and ops applied, each gate's score and "
+        "decision, the detector that answered, tokens each op touched.",
+    )
 
     @field_validator("temperature")
     @classmethod

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from servers.audit_trail import AuditTrail
 from servers.errors import ApiError, bad_request, error_body
 from servers.jobs import Event, Failed, Finished, GenRequest, Job
 from servers.sampling import SamplingParams
@@ -82,8 +83,11 @@ def sampling_params(st: ServerState, body: SamplingRequest, max_tokens: int | No
     return SamplingParams(temperature, top_p, body.seed, n_new, stop)
 
 
-async def submit(st: ServerState, prompt_ids: list[int], resolved: Resolved, params: SamplingParams) -> GenRequest:
-    req = GenRequest(prompt_ids, resolved.config, params, asyncio.get_running_loop(), cost=resolved.cost)
+async def submit(
+    st: ServerState, prompt_ids: list[int], resolved: Resolved, params: SamplingParams, audit: bool = False
+) -> GenRequest:
+    loop = asyncio.get_running_loop()
+    req = GenRequest(prompt_ids, resolved.config, params, loop, resolved.cost, resolved.sources, audit)
     st.engine.submit(req)
     st.metrics.prompt_tokens.inc(len(prompt_ids))
     if resolved.config is not None:
@@ -108,14 +112,15 @@ async def run_job(st: ServerState, fn: Callable[[], T], http: Request) -> T:
         watcher.cancel()
 
 
-async def collect(st: ServerState, req: GenRequest, http: Request) -> Finished:
-    """Wait for the request to finish (ApiError 408 after the timeout, 503 if cancelled by shutdown).
+async def collect(st: ServerState, req: GenRequest, http: Request, trail: AuditTrail | None = None) -> Finished:
+    """Wait for the request to finish (ApiError 408 after the timeout, 503 if cancelled by shutdown); its audit
+    record goes to ``trail`` first, error finishes included.
 
     A client that hangs up stops its row: nobody would read the answer.
     """
     watcher = asyncio.create_task(_cancel_on_disconnect(http, req.cancelled))
     try:
-        return await _wait(st, req)
+        return await _wait(st, req, trail)
     finally:
         watcher.cancel()
 
@@ -128,19 +133,21 @@ async def _cancel_on_disconnect(http: Request, cancelled: threading.Event) -> No
         await asyncio.sleep(_DISCONNECT_POLL_S)
 
 
-async def _wait(st: ServerState, req: GenRequest) -> Finished:
+async def _wait(st: ServerState, req: GenRequest, trail: AuditTrail | None) -> Finished:
     try:
-        return await asyncio.wait_for(_final(st, req), st.settings.request_timeout_s)
+        return await asyncio.wait_for(_final(st, req, trail), st.settings.request_timeout_s)
     except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
         req.cancelled.set()
         raise ApiError(408, f"request timed out after {st.settings.request_timeout_s:g} s", type="timeout") from None
 
 
-async def _final(st: ServerState, req: GenRequest) -> Finished:
+async def _final(st: ServerState, req: GenRequest, trail: AuditTrail | None) -> Finished:
     async for event in req.events():
         if isinstance(event, Failed):
             raise ApiError(event.status, event.message, type="server_error")
         if isinstance(event, Finished):
+            if trail is not None and event.finish_reason != "cancelled":
+                await trail.finish(event)
             return _finished(st, event, req.steering is not None)
     raise ApiError(500, "generation ended without a result", type="server_error")
 
@@ -163,8 +170,11 @@ def row_error(fin: Finished, steered: bool) -> ApiError:
     return ApiError(500, message, type="server_error", code="non_finite")
 
 
-async def stream(st: ServerState, req: GenRequest, chunk: ChunkFn, usage_chunk: ChunkFn | None) -> AsyncIterator[str]:
-    """SSE lines: one chunk per text delta, a final chunk with the finish reason, optional usage, ``[DONE]``."""
+async def stream(
+    st: ServerState, req: GenRequest, chunk: ChunkFn, usage_chunk: ChunkFn | None, trail: AuditTrail | None = None
+) -> AsyncIterator[str]:
+    """SSE lines: one chunk per text delta, a final chunk with the finish reason (and the audit record when asked
+    for), optional usage, ``[DONE]``."""
     deadline = time.monotonic() + st.settings.request_timeout_s
     events = req.events()
     yield _sse(chunk("", None))
@@ -185,7 +195,11 @@ async def stream(st: ServerState, req: GenRequest, chunk: ChunkFn, usage_chunk: 
             yield _sse(error_body("the request was cancelled (server shutting down)", "server_error"))
             break
         st.metrics.completion_tokens.inc(event.completion_tokens)
-        yield _sse(chunk(None, event.finish_reason))
+        final = chunk(None, event.finish_reason)
+        if trail is not None:
+            await trail.finish(event)
+            final |= {"steering_audit": trail.response} if trail.response is not None else {}
+        yield _sse(final)
         if event.finish_reason == "error":
             yield _sse(row_error(event, req.steering is not None).body())
         if usage_chunk is not None:

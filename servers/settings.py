@@ -66,6 +66,17 @@ class ServerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port.")
     api_key: str | None = Field(None, description="If set, requests need `Authorization: Bearer <api_key>`.")
+    key_policy: Path | None = Field(
+        None,
+        description="YAML file mapping API keys to what each may do (presets, inline configs, ops, caps, preset "
+        "writes); see servers/keys.py. Requests then need one of its keys (or `api_key`, which may do everything).",
+    )
+    audit_log: Path | None = Field(
+        None,
+        description="Append one JSON line per generation request: presets and ops applied, gate scores and "
+        "decisions, the detector that answered, tokens each op touched, the key's name.",
+    )
+    audit_text: bool = Field(False, description="Also write the prompt and the response text to the audit log.")
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Host names browsers may address this server by (DNS-rebinding guard). Empty: the loopback "

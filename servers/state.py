@@ -9,7 +9,9 @@ from typing import Any
 from fastapi import Request
 from torch import nn
 
+from servers.audit import AuditLog
 from servers.engine import Engine, EngineLimits
+from servers.keys import KeyPolicy
 from servers.limits import RequestLimits
 from servers.metrics import Metrics
 from servers.registry import PresetRegistry
@@ -34,6 +36,8 @@ class ServerState:
     metrics: Metrics
     max_positions: int | None
     vocab_size: int
+    keys: KeyPolicy | None = None
+    audit_log: AuditLog | None = None
 
     def sae(self, name: str) -> Sae:
         """A preset SAE by name, loaded once onto the model's device: the same copy steering uses."""
@@ -63,8 +67,11 @@ def build_state(
     config = getattr(model, "config", None)
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     vocab = int(getattr(config, "vocab_size", 0) or len(tokenizer))
+    keys = KeyPolicy.load(settings.key_policy) if settings.key_policy is not None else None
+    audit = AuditLog(settings.audit_log) if settings.audit_log is not None else None
+    vocab = min(vocab, len(tokenizer))
     return ServerState(
-        settings, model, tokenizer, model_name, registry, resolver, engine, metrics, max_pos, min(vocab, len(tokenizer))
+        settings, model, tokenizer, model_name, registry, resolver, engine, metrics, max_pos, vocab, keys, audit
     )
 
 

@@ -28,6 +28,7 @@ from torch import Tensor
 from servers.browser.index import FeatureIndex, FeatureIndexError
 from servers.browser.presets import BrowserRegistry, PresetExistsError
 from servers.errors import ApiError
+from servers.keys import check_steering, forbid, key_rule
 from servers.registry import PresetError
 from servers.schemas import RequestModel
 from servers.serving import run_job
@@ -149,6 +150,12 @@ async def save_preset(request: Request, body: SavePresetRequest) -> dict[str, An
             "saving presets is disabled on this server (start it with --allow-preset-writes true)",
             code="forbidden",
         )
+    rule = key_rule(request)
+    if not rule.preset_writes:
+        raise forbid(rule, "save presets", "preset_writes: false")
+    if body.overwrite and not rule.preset_overwrite:
+        raise forbid(rule, "overwrite presets", "preset_overwrite: false")
+    check_steering(rule, body.steering, [])  # a saved config is not run: it need not carry the defaults
     registry = st.registry
     if not isinstance(registry, BrowserRegistry):
         raise ApiError(500, "the server's registry cannot save presets", type="server_error")
