@@ -3,8 +3,8 @@
 The text this project steers and browses most is chat: a prompt rendered in the model's chat template and the
 model's reply. Three ``chat:<name>`` sources provide it (:data:`CHAT_SETS`):
 
-- ``chat:prompts``: every prompt set registered in :data:`evals.datasets.DATASETS` (harmful and harmless), with
-  the embedded model's greedy reply;
+- ``chat:prompts``: the prompt sets of :data:`evals.datasets.DATASETS` named in :data:`PROMPT_SETS` (harmful
+  and harmless), with the embedded model's greedy reply;
 - ``chat:mmlu``: MMLU questions asked as :func:`evals.capability.mmlu_prompt` asks them, with the reply;
 - ``chat:mmlu-prompts``: further MMLU questions, prompt only, ending at the assistant header (what the model reads
   just before it answers, where steering and probes look).
@@ -64,6 +64,14 @@ class Sampling:
     temperature: float = 0.0
 
 
+PROMPT_SETS = (
+    "advbench", "donotanswer", "harmbench", "harmbench_text", "harmbench_text_val", "harmful_probes",
+    "harmless_probes", "rho_benign", "rho_overrefusal",
+)  # fmt: skip
+"""The :data:`evals.datasets.DATASETS` entries in ``chat:prompts``: named, so that a set registered later changes
+neither the transcripts nor their reply cache (a new set belongs in a new chat source)."""
+
+
 def _eval_prompts() -> list[ChatItem]:
     # evals' prompt sets are read through evals.datasets (their owner); imported here, at use, because
     # evals itself imports sae_train.fetch
@@ -71,7 +79,7 @@ def _eval_prompts() -> list[ChatItem]:
 
     seen: set[str] = set()
     out: list[ChatItem] = []
-    for name in sorted(DATASETS):
+    for name in PROMPT_SETS:
         for p in DATASETS[name].loader(None):
             if in_train(p.text) and p.text.strip() not in seen:
                 seen.add(p.text.strip())
@@ -86,8 +94,8 @@ def _mmlu_train() -> list[ChatItem]:
     return [ChatItem(q.id, mmlu_prompt(q)) for q in load_mmlu() if in_train(q.question)]
 
 
-MMLU_WITH_REPLIES = 1500
-"""MMLU questions asked with replies (every ``len / 1500``-th of the train half); the rest go prompt-only."""
+MMLU_WITH_REPLIES = 400
+"""MMLU questions asked with replies (every ``len / 400``-th of the train half); the rest go prompt-only."""
 
 
 def _mmlu_replied() -> list[ChatItem]:

@@ -200,6 +200,11 @@ def _source(
     return rows, cache.meta.d[in_site], cache.meta.d[out_site], len(rows)
 
 
+MASSIVE_FACTOR = 10.0
+"""Where training keeps every token (``max_norm_factor: null``), held-out FVU is still also reported without the
+tokens above this times the median norm (``fvu_typical``), so releases compare with and without them."""
+
+
 def heldout_sets(cfg: TrainConfig, tok: Tokenizer) -> dict[str, tuple[list[str], torch.Tensor]]:
     """Per evaluation domain, its sources and up to ``run.eval_contexts`` held-out contexts of them."""
     d = cfg.data
@@ -224,7 +229,7 @@ def evaluate_domains(
     metrics: dict[str, SaeMetrics] = {}
     rows: dict[str, object] = {}
     for name, (srcs, ids) in heldout_sets(cfg, tok).items():
-        m = evaluate(model, sae, ids, skip_bos=a.skip_bos, max_norm_factor=a.max_norm_factor)
+        m = evaluate(model, sae, ids, skip_bos=a.skip_bos, max_norm_factor=a.max_norm_factor or MASSIVE_FACTOR)
         metrics[name] = m
         rows[name] = {**m._asdict(), "eval_contexts": int(ids.shape[0]), "sources": srcs}
         logger.info("held-out metrics, %s: %s", name, rows[name])
