@@ -11,6 +11,7 @@ import torch
 import yaml
 from tiny_models import BOS_ID, EOS_ID, tiny_model
 
+import sae_train.evaluate as sae_evaluate
 import sae_train.pipeline as pipeline
 from sae_train.__main__ import main
 from sae_train.config import TrainConfig
@@ -124,7 +125,7 @@ def test_streaming_processes_harvest_disjoint_shares_of_the_contexts(tmp_path: P
     assert torch.equal(torch.cat(shares), torch.cat([full[0::2], full[1::2]]))
 
 
-def test_eval_domains_are_reported_one_by_one(tmp_path: Path, tiny: list[Any]) -> None:
+def test_eval_domains_are_reported_one_by_one(tmp_path: Path, tiny: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
     cfg, docs = tmp_path / "cfg.yaml", _docs(tmp_path)
     text = CONFIG.format(docs=docs, arch="topk").replace(
         "heldout_fraction: 0.2}", f"heldout_fraction: 0.2, eval_domains: {{a: [{docs}], b: [{docs}, {docs}]}}}}"
@@ -135,3 +136,10 @@ def test_eval_domains_are_reported_one_by_one(tmp_path: Path, tiny: list[Any]) -
     assert sorted(report["domains"]) == ["a", "b"]
     assert report["domains"]["b"]["sources"] == [str(docs), str(docs)]
     assert report["domains"]["a"]["n_tokens"] == 4 * 15 and "fvu_typical" in report["domains"]["a"]
+    # python -m sae_train.evaluate measures any SAE on the config's domains the same way
+    monkeypatch.setattr(sae_evaluate, "load_model", pipeline.load_model)
+    out = tmp_path / "again.json"
+    assert sae_evaluate.main([str(cfg), str(tmp_path / "out" / "sae"), "--domains", "b", "--out", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert list(again["domains"]) == ["b"]
+    assert again["domains"]["b"]["fvu"] == pytest.approx(report["domains"]["b"]["fvu"], rel=1e-5)
