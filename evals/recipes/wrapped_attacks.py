@@ -30,7 +30,7 @@ from evals.datasets import Prompt
 from evals.jailbreak_templates import hash_key
 from evals.recipes.gate_attack import GcgSettings, allowed_tokens, gcg, success_curve
 from evals.recipes.token_acts import TokenActs, record_tokens
-from evals.recipes.wrapped_detector import rates, side_acts
+from evals.recipes.wrapped_detector import LAYERS, rates, side_acts
 from evals.recipes.wrapped_select import gate_of_preset
 from evals.recipes.wrapped_sets import conversation
 
@@ -70,7 +70,7 @@ def ablation_report(
     from steerlib.hf.hooks import steer
 
     with steer(model, ablation_attack(direction)):
-        layers = sorted({gate_of_preset(p).layer for p in presets})
+        layers = sorted({*LAYERS, *(gate_of_preset(p).layer for p in presets)})  # one cache for every preset
         attacked = record_tokens(model, tok, [c for c, _ in convs], [a for _, a in convs], layers, out / ".ablated")
     clean = acts.take(idx)
     return {
