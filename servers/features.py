@@ -17,7 +17,7 @@ from servers.errors import ApiError
 from servers.keys import check_steering, key_rule
 from servers.registry import PresetError
 from servers.schemas import STEERING_DOC, FeatureRequest, RequestModel
-from servers.serving import run_job
+from servers.serving import over_limit, run_job
 from servers.state import ServerState, state_of
 from servers.steering import SteeringField
 from steerlib.config import SteeringConfig
@@ -85,17 +85,25 @@ async def inspect(body: InspectRequest, request: Request) -> dict[str, Any]:
 
 
 def _check_lengths(st: ServerState, body: InspectRequest) -> None:
-    """The prompt and the response within the server's token limits (tokenized in a worker thread)."""
+    """The prompt and the response within the server's token limits (tokenized in a worker thread, at a cost
+    bounded by the limits: :func:`servers.serving.over_limit`)."""
+    s = st.settings
+    for field, text, limit in (
+        ("prompt", body.prompt, s.max_prompt_tokens),
+        ("response", body.response, s.max_tokens_limit),
+    ):
+        if text is not None and over_limit(st.tokenizer, text, limit, add_special_tokens=False):
+            raise ApiError(400, f"{field} has more than {limit} tokens; this server's limit is {limit}", param=field)
     n_prompt = len(prompt_ids(st.tokenizer, body.prompt, body.chat))
-    if n_prompt > st.settings.max_prompt_tokens:
+    if n_prompt > s.max_prompt_tokens:
         raise ApiError(
-            400, f"prompt has {n_prompt} tokens; this server's limit is {st.settings.max_prompt_tokens}", param="prompt"
+            400, f"prompt has {n_prompt} tokens; this server's limit is {s.max_prompt_tokens}", param="prompt"
         )
     if body.response is not None:
         n = len(st.tokenizer(body.response, add_special_tokens=False)["input_ids"])
-        if n > st.settings.max_tokens_limit:
+        if n > s.max_tokens_limit:
             raise ApiError(
-                400, f"response has {n} tokens; this server's limit is {st.settings.max_tokens_limit}", param="response"
+                400, f"response has {n} tokens; this server's limit is {s.max_tokens_limit}", param="response"
             )
 
 

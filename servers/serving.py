@@ -46,16 +46,19 @@ PROBE_CHARS_PER_TOKEN = 16
 
 
 def tokenize_bounded(st: ServerState, text: str, **kwargs: Any) -> list[int]:
-    """``text``'s token ids, at a cost bounded by the prompt limit rather than by the text: a text long enough to
-    be over the limit is first tokenized up to ``PROBE_CHARS_PER_TOKEN`` characters per allowed token, and refused
-    if that part alone is over (a prefix has at most one token more than the text it starts)."""
+    """``text``'s token ids, at a cost bounded by the prompt limit rather than by the text (see :func:`over_limit`)."""
     limit = st.settings.max_prompt_tokens
-    probe = limit * PROBE_CHARS_PER_TOKEN
-    if len(text) > probe:
-        head = st.tokenizer(text[:probe], **kwargs)["input_ids"]
-        if len(head) > limit + 1:
-            raise bad_request(f"prompt has more than {limit} tokens; this server's limit is {limit}", "messages")
+    if over_limit(st.tokenizer, text, limit, **kwargs):
+        raise bad_request(f"prompt has more than {limit} tokens; this server's limit is {limit}", "messages")
     return list(st.tokenizer(text, **kwargs)["input_ids"])
+
+
+def over_limit(tokenizer: Any, text: str, limit: int, **kwargs: Any) -> bool:
+    """True when ``text`` certainly has more than ``limit`` tokens, found by tokenizing at most
+    ``PROBE_CHARS_PER_TOKEN`` characters per allowed token (a prefix has at most one token more than the text it
+    starts); False means: tokenize it and count."""
+    probe = limit * PROBE_CHARS_PER_TOKEN
+    return len(text) > probe and len(tokenizer(text[:probe], **kwargs)["input_ids"]) > limit + 1
 
 
 def sampling_params(st: ServerState, body: SamplingRequest, max_tokens: int | None, n_prompt: int) -> SamplingParams:

@@ -3,6 +3,7 @@ DNS rebinding), empty API keys refused, /health following the engine thread, no 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,3 +132,10 @@ def test_errors_never_show_server_paths(tmp_path: Path) -> None:
             messages.append(r.json()["error"]["message"])
     assert not any(str(tmp_path) in m for m in messages), messages
     assert "saes/escape is outside the presets folder" in messages[0]
+
+
+def test_a_json_body_needs_a_json_content_type(local: TestClient) -> None:
+    """A form or a text/plain "simple request" (no CORS preflight) cannot carry a body the API reads."""
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+        r = local.post("/v1/chat/completions", content=json.dumps(CHAT), headers={"content-type": kind})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (kind, r.text)

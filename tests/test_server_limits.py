@@ -138,6 +138,8 @@ def test_an_inspection_times_out_and_stops(presets: Path) -> None:
     [
         ({"prompt": words(*range(10, 40))}, "prompt has 33 tokens; this server's limit is 20"),
         ({"prompt": "w10", "response": words(*range(10, 50))}, "response has 40 tokens; this server's limit is 32"),
+        ({"prompt": "w10 " * 500_000}, "prompt has more than 20 tokens"),  # refused after 320 characters
+        ({"prompt": "w10", "response": "w11 " * 500_000}, "response has more than 32 tokens"),
     ],
 )
 def test_inspection_counts_prompt_and_response_tokens(presets: Path, body: dict[str, Any], message: str) -> None:
@@ -175,7 +177,9 @@ def test_a_huge_prompt_costs_only_what_the_limit_allows(presets: Path) -> None:
         r = c.post("/v1/completions", json={"model": MODEL_NAME, "prompt": huge, "max_tokens": 2})
         assert r.status_code == 400 and "prompt has more than 50 tokens" in r.json()["error"]["message"]
         exact = " ".join(["w10"] * 49)  # with <s>: 50 tokens, at the limit
-        assert c.post("/v1/completions", json={"model": MODEL_NAME, "prompt": exact, "max_tokens": 2}).status_code == 200
+        assert (
+            c.post("/v1/completions", json={"model": MODEL_NAME, "prompt": exact, "max_tokens": 2}).status_code == 200
+        )
 
 
 def test_validation_and_the_engine_share_loaded_files(presets: Path) -> None:
