@@ -116,7 +116,8 @@ def _vllm_greedy(args: argparse.Namespace, dtype: str, texts: list[str], cfgs: l
     from steerlib.hf.loading import embedded_model_folder
     from steerlib.vllm import engine_kwargs, steering_args
 
-    llm = vllm.LLM(str(embedded_model_folder()), dtype=dtype, max_model_len=1024, seed=0, **engine_kwargs())
+    kwargs = engine_kwargs(steering_root=ROOT)  # the parity configs name the repository's preset files
+    llm = vllm.LLM(str(embedded_model_folder()), dtype=dtype, max_model_len=1024, seed=0, **kwargs)
     try:
         params = [vllm.SamplingParams(temperature=0.0, max_tokens=args.parity_tokens, logprobs=2,
                                       extra_args=None if c is None else steering_args(c)) for c in cfgs]  # fmt: skip

@@ -14,7 +14,7 @@ from servers.registry import PresetRegistry
 from steerlib import SteeringConfig
 from steerlib.__main__ import main
 from steerlib.plan import ModelSpec, Resources, build_plan
-from steerlib.vllm.params import config_key, parse_steering, steering_args
+from steerlib.vllm.params import ROOT_ENV, parse_steering, steering_args
 
 PRESETS = Path(__file__).resolve().parents[1] / "servers" / "presets"
 FILES = sorted(PRESETS.glob("*.y*ml"))
@@ -55,11 +55,13 @@ def test_preset_becomes_an_evals_arm(path: Path, resources: Resources) -> None:
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
-def test_preset_travels_to_vllm_unchanged(path: Path, resources: Resources) -> None:
+def test_preset_travels_to_vllm_unchanged(path: Path, resources: Resources, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ROOT_ENV, str(PRESETS))  # the operator serves the presets folder
     cfg = SteeringConfig.from_file(path)
     args = json.loads(json.dumps(steering_args(cfg)))  # as it crosses vLLM's processes (plain JSON data)
     back = parse_steering(args)
-    assert back is not None and config_key(back) == config_key(cfg)
+    assert back is not None
+    assert [r.ref for r in back.refs()] == [str(cfg.resolve(r.ref).resolve()) for r in cfg.refs()]
     build_plan(back, EMBEDDED, resources=resources)  # what the scheduler's check and the workers resolve
 
 

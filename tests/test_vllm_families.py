@@ -36,7 +36,7 @@ import steerlib  # noqa: E402
 from steerlib.hf.loading import cache_root, gguf_model_folder  # noqa: E402
 from steerlib.hf.refusal import ForcedRefusal  # noqa: E402
 from steerlib.sae import ReluSae, SaeMeta, save_sae  # noqa: E402
-from steerlib.vllm import engine_kwargs, steering_args  # noqa: E402
+from steerlib.vllm import ROOT_ENV, engine_kwargs, steering_args  # noqa: E402
 from steerlib.vllm import state as steering_state  # noqa: E402
 
 pytestmark = pytest.mark.real_model
@@ -91,6 +91,14 @@ def tiny_checkpoint(model_type: str, folder: Path, config: PretrainedConfig | No
     model.save_pretrained(folder / "model")
     word_tokenizer().save_pretrained(folder / "tokenizer")
     return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _steering_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Requests may name the test's files: the operator's steering root is the tests' temporary folder."""
+    os.environ[ROOT_ENV] = str(tmp_path_factory.getbasetemp().resolve())
+    yield
+    os.environ.pop(ROOT_ENV, None)
 
 
 @pytest.fixture(scope="module", autouse=True)

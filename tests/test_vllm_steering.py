@@ -22,7 +22,7 @@ from steerlib.hf.refusal import ForcedRefusal  # noqa: E402
 from steerlib.mlp_probe import MlpProbe  # noqa: E402
 from steerlib.sae import ReluSae, SaeMeta, save_sae  # noqa: E402
 from steerlib.vectors import SteeringVector  # noqa: E402
-from steerlib.vllm import engine_kwargs, steering_args  # noqa: E402
+from steerlib.vllm import ROOT_ENV, engine_kwargs, steering_args  # noqa: E402
 
 pytestmark = pytest.mark.real_model
 
@@ -54,6 +54,14 @@ def start_engine(**overrides: Any) -> Any:
 
 def stop_engine(llm: Any) -> None:
     llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _steering_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Requests may name the test's files: the operator's steering root is the tests' temporary folder."""
+    os.environ[ROOT_ENV] = str(tmp_path_factory.getbasetemp().resolve())
+    yield
+    os.environ.pop(ROOT_ENV, None)
 
 
 @pytest.fixture(scope="module")

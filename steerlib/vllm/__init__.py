@@ -49,19 +49,30 @@ it with three CPU ranks against steerlib-on-HF (a rank that skipped the ops woul
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
-from steerlib.vllm.params import STEERING_KEY, cache_salt, parse_steering, steering_args
+from steerlib.vllm.params import ROOT_ENV, STEERING_KEY, cache_salt, parse_steering, steering_args
 
 TRACKER = "steerlib.vllm.tracker:StepTracker"
 SCHEDULER = "steerlib.vllm.scheduler.SteeringScheduler"
 
 
-def engine_kwargs(compilation_config: dict[str, Any] | None = None) -> dict[str, object]:
+def engine_kwargs(
+    compilation_config: dict[str, Any] | None = None, steering_root: str | os.PathLike[str] | None = None
+) -> dict[str, object]:
     """Keyword arguments for ``vllm.LLM(...)`` / ``EngineArgs(...)`` that switch per-request steering on: the step
     tracker, the steering scheduler and a compilation config under which CUDA graphs cannot freeze steering
-    (``compilation_config`` is yours to extend; see ``steerlib.vllm.compilation``). Imports vLLM."""
+    (``compilation_config`` is yours to extend; see ``steerlib.vllm.compilation``). Imports vLLM.
+
+    ``steering_root``: the folder requests may name files in (vectors, SAEs, probes); without one, requests carry
+    vectors inline only. It is set as ``$STEERLIB_VLLM_STEERING_ROOT`` in this process, which the engine's processes
+    inherit (``steerlib.vllm.params``)."""
     from steerlib.vllm.compilation import compilation_config as graph_safe
+
+    if steering_root is not None:
+        os.environ[ROOT_ENV] = str(Path(steering_root).expanduser().resolve())
 
     return {
         "logits_processors": [TRACKER],
@@ -80,6 +91,7 @@ def serve_args(compilation_config: dict[str, Any] | None = None) -> list[str]:
 
 __all__ = [
     "SCHEDULER",
+    "ROOT_ENV",
     "STEERING_KEY",
     "TRACKER",
     "cache_salt",

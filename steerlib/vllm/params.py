@@ -1,7 +1,14 @@
 """A request's steering as it travels through vLLM: ``SamplingParams.extra_args["steering"]`` and its cache key.
 
-Over HTTP the same dict goes in ``vllm_xargs`` (or the request body's ``extra_args``). Data only: vectors inline or
-as paths readable by the server; nothing executable is ever accepted.
+Over HTTP the same dict goes in ``vllm_xargs`` (or the request body's ``extra_args``). Data only: vectors inline, or
+files under the operator's steering root; nothing executable is ever accepted.
+
+Confinement: a request may name files (vectors, SAEs, probes) only when the operator has set a steering root
+(``STEERLIB_VLLM_STEERING_ROOT`` where vLLM runs, or ``steerlib.vllm.engine_kwargs(steering_root=DIR)``); each
+reference is resolved (symlinks followed) against the root, or the request's ``steering_base_dir`` if that lies
+inside the root, and must land inside the root. Absolute paths outside it, ``~`` and ``..`` escapes are refused with
+an error naming the field and never showing the root, so neither loading nor its failure reveals other files. The
+front end, the scheduler's check and the workers all parse through :func:`parse_steering`, so they agree.
 
 Prefix caching (vLLM reuses KV blocks whose tokens, and salt, match) must never hand a request KV computed under
 other steering. :func:`cache_salt` keys a request's blocks by its steering. When the steering of a token depends
@@ -14,15 +21,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from steerlib.config import ApplyPolicy, SteeringConfig, TokenSelector
+from steerlib.config import ApplyPolicy, FileRef, SteeringConfig, TokenSelector
 
 STEERING_KEY = "steering"
 """Key of the steering config (a dict, as in a YAML/JSON config file) in ``SamplingParams.extra_args``."""
 BASE_DIR_KEY = "steering_base_dir"
-"""Optional folder that relative file references of the config resolve against."""
+"""Optional folder (inside the steering root) that relative file references of the config resolve against."""
+ROOT_ENV = "STEERLIB_VLLM_STEERING_ROOT"
+"""The operator's folder: the only place a request's file references may point into."""
+
+
+def steering_root() -> Path | None:
+    """The operator's steering root (``$STEERLIB_VLLM_STEERING_ROOT``, resolved), or None when none is set."""
+    raw = os.environ.get(ROOT_ENV)
+    return Path(raw).expanduser().resolve() if raw else None
 
 
 def steering_args(config: SteeringConfig) -> dict[str, Any]:
@@ -42,7 +59,35 @@ def parse_steering(extra_args: Mapping[str, Any] | None) -> SteeringConfig | Non
         data = json.loads(data)
     if not isinstance(data, dict):
         raise ValueError(f"extra_args[{STEERING_KEY!r}] must be a steering config (a mapping), got {type(data)}")
-    return SteeringConfig.from_dict(data, base_dir=extra_args.get(BASE_DIR_KEY))
+    return confine(SteeringConfig.from_dict(data), extra_args.get(BASE_DIR_KEY), steering_root())
+
+
+def confine(cfg: SteeringConfig, base: str | None, root: Path | None) -> SteeringConfig:
+    """``cfg`` with every file reference resolved inside ``root`` (absolute), or a ``ValueError`` naming the field."""
+    refs = cfg.refs()
+    if not refs:
+        return cfg
+    if root is None:
+        raise ValueError(
+            f"{refs[0].where}: a request names files only under the operator's steering root, and none is set "
+            f"({ROOT_ENV} where vLLM runs, or steerlib.vllm.engine_kwargs(steering_root=DIR)); send vectors inline"
+        )
+    start = root if base is None else _inside(Path(str(base)), root, BASE_DIR_KEY)
+
+    def one(ref: FileRef) -> str:
+        if ref.ref.startswith("~"):
+            raise ValueError(f"{ref.where}: '~' paths are not allowed; name a file inside the steering root")
+        path = Path(ref.ref)
+        return str(_inside(path if path.is_absolute() else start / path, root, ref.where))
+
+    return cfg.map_refs(one)
+
+
+def _inside(path: Path, root: Path, where: str) -> Path:
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise ValueError(f"{where}: outside the operator's steering root; name a file inside it")
+    return resolved
 
 
 def config_key(config: SteeringConfig) -> str:

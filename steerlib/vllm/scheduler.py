@@ -36,7 +36,7 @@ from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import RequestStatus
 
 from steerlib.config import SteeringConfig
-from steerlib.plan import ModelSpec, build_plan
+from steerlib.plan import ModelSpec, Resources, build_plan
 from steerlib.vllm.compilation import unsafe_reason
 from steerlib.vllm.families import STEERABLE_PREFIX, Family, steerable_architectures
 from steerlib.vllm.params import cache_salt, config_key, parse_steering
@@ -86,6 +86,8 @@ class ModelCheck:
         self.load_tokenizer = load_tokenizer
         self.tokenizer: Any = None
         self.verdicts: OrderedDict[str, str | None] = OrderedDict()
+        self.resources = Resources(spec)
+        """Files loaded once: requests name only files under the operator's steering root (params.confine)."""
 
     def error(self, cfg: SteeringConfig) -> str | None:
         """Why ``cfg`` cannot steer this model (the message names the field), or None if it can."""
@@ -94,7 +96,7 @@ class ModelCheck:
             try:
                 if self.tokenizer is None:  # token matching resolves against the vocabulary
                     self.tokenizer = self.load_tokenizer()
-                plan = build_plan(cfg, self.spec, self.tokenizer)
+                plan = build_plan(cfg, self.spec, self.tokenizer, self.resources)
                 if self.family is not None:
                     self.family.check(site for _, site in plan.ops)
                 self.verdicts[key] = None
