@@ -142,16 +142,6 @@ def test_call_steering_reads_extra_body(folder: Path) -> None:
         call_steering({"temperature": 1}, default)
 
 
-@pytest.mark.skipif(
-    "extra_body" not in GenerateConfig.model_fields, reason="GenerateConfig.extra_body arrived in inspect-ai 0.3.93"
-)
-def test_extra_body_steers_one_call(folder: Path, oracle_model: tuple) -> None:
-    model = get_model(f"steerlib/{folder / 'model'}")
-    config = GenerateConfig(max_tokens=MAX_TOKENS, temperature=0.0, extra_body={"steering": str(folder / "steer.yaml")})
-    out = asyncio.run(model.generate(PROMPTS[0], config=config))
-    assert out.completion == _expected(oracle_model, folder, "steer")[0].text
-
-
 def test_bad_model_args_are_errors(folder: Path) -> None:
     name = f"steerlib/{folder / 'model'}"
     with pytest.raises(ValueError, match=r"unknown model args \['steer'\]; valid: steering, device, dtype"):
