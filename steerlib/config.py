@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, field_validator, model_validator
 
+from steerlib.config_refs import FileRef, ref_slots
 from steerlib.sites import SITES, parse_site
 
 TokenScope = Literal["all", "prompt", "generated"]
@@ -362,7 +362,7 @@ class SteeringConfig(_Strict):
         """Every file reference of the config (inline vectors are not files), in config order."""
         out: list[FileRef] = []
         for i, iv in enumerate(self.model_dump(mode="json", exclude_none=True)["interventions"]):
-            out += [FileRef(where, kind, ref) for where, kind, ref, _ in _ref_slots(iv, f"interventions[{i}]")]
+            out += [FileRef(where, kind, ref) for where, kind, ref, _ in ref_slots(iv, f"interventions[{i}]")]
         return out
 
     def map_refs(self, fn: Callable[[FileRef], str]) -> SteeringConfig:
@@ -371,34 +371,6 @@ class SteeringConfig(_Strict):
         The one walk over a config's references: servers, presets and recipes map references through it."""
         data = self.model_dump(mode="json", exclude_none=True)
         for i, iv in enumerate(data["interventions"]):
-            for where, kind, ref, (holder, key) in _ref_slots(iv, f"interventions[{i}]"):
+            for where, kind, ref, (holder, key) in ref_slots(iv, f"interventions[{i}]"):
                 holder[key] = fn(FileRef(where, kind, ref))
         return SteeringConfig.from_dict(data, base_dir=self.base_dir)
-
-
-RefKind = Literal["vector", "sae", "probe"]
-
-
-@dataclass(frozen=True)
-class FileRef:
-    """One file a config names: where (``interventions[0].apply.when.probe``), what kind, and the reference."""
-
-    where: str
-    kind: RefKind
-    ref: str
-
-
-def _ref_slots(iv: dict[str, Any], where: str) -> list[tuple[str, RefKind, str, tuple[dict[str, Any], str]]]:
-    """The file-reference fields of one dumped intervention: (where, kind, reference, (holder, key))."""
-    slots: list[tuple[str, RefKind, str, tuple[dict[str, Any], str]]] = []
-    when = iv.get("apply", {}).get("when") or {}
-    for holder, key, kind, path in (
-        (iv, "vector", "vector", where),
-        (iv, "sae", "sae", where),
-        (when, "vector", "vector", f"{where}.apply.when"),
-        (when, "probe", "probe", f"{where}.apply.when"),
-        (when, "sae", "sae", f"{where}.apply.when"),
-    ):
-        if isinstance(holder.get(key), str):
-            slots.append((f"{path}.{key}", kind, holder[key], (holder, key)))  # type: ignore[arg-type]
-    return slots

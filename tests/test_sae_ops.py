@@ -166,7 +166,7 @@ def test_an_sae_runs_where_it_was_trained_unless_told_otherwise(
     with steer(model, cfg(tmp_path, {"op": "replace", "sae": "sae", "layer": 1, "site": "resid_post"})):
         torch.testing.assert_close(hidden(model, ids)[2], by_default[2], rtol=0, atol=0)
     for elsewhere in ({"layer": 2}, {"layer": "all"}, {"site": "resid_pre"}, {"layer": [1, 2]}):
-        with pytest.raises(SteeringConfigError, match="trained at layer 1, site resid_post.*any_site: true"):
+        with pytest.raises(SteeringConfigError, match=r"trained at layer 1, site resid_post.*any_site: true"):
             attach(model, cfg(tmp_path, {"op": "sae", "sae": "sae", **elsewhere}))
     with steer(model, cfg(tmp_path, {"op": "replace", "sae": "sae", "layer": "all", "any_site": True})) as anywhere:
         assert sorted(anywhere.plan.ops) == [(0, "resid_post"), (1, "resid_post"), (2, "resid_post")]

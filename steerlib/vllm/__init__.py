@@ -90,8 +90,8 @@ def serve_args(compilation_config: dict[str, Any] | None = None) -> list[str]:
 
 
 __all__ = [
-    "SCHEDULER",
     "ROOT_ENV",
+    "SCHEDULER",
     "STEERING_KEY",
     "TRACKER",
     "cache_salt",
