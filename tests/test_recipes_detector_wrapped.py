@@ -178,3 +178,24 @@ def test_ablation_sample_takes_its_quota_per_cell_in_hash_order() -> None:
     assert got.count(("harmful", "template")) == 10 and len(idx) == 15 and idx == sorted(idx)
     rev = list(reversed(ps))
     assert {ps[i].id for i in idx} == {rev[j].id for j in ablation_sample(rev, sizes)}  # order does not matter
+
+
+def test_window_means_stay_inside_each_prompt_and_match_the_attack_pooling() -> None:
+    from evals.recipes.gate_attack import _pooled
+    from evals.recipes.mil_probe import window_means
+
+    acts = _acts([5, 3], [0, 0])
+    x = acts.acts[3].float()
+    wm = window_means(x, acts.offsets_P1, 2)
+    torch.testing.assert_close(wm[0], x[0])  # a prompt's first token: its own window of one
+    torch.testing.assert_close(wm[4], (x[3] + x[4]) / 2)
+    torch.testing.assert_close(wm[5], x[5])  # the second prompt does not reach into the first
+    torch.testing.assert_close(wm[7], (x[6] + x[7]) / 2)
+    g = torch.Generator().manual_seed(5)
+    probe = MlpProbe(
+        torch.randn(4, D, generator=g), torch.randn(4, generator=g), torch.randn(4, generator=g), torch.tensor(0.0)
+    )
+    gate = OfflineGate(3, probe, "max", 0.0, False, window=2)
+    offline = gate.scores(acts)
+    torch.testing.assert_close(offline, torch.stack([probe.scores(wm[:5]).max(), probe.scores(wm[5:]).max()]))
+    torch.testing.assert_close(_pooled(gate, x[:5][None]), offline[:1])

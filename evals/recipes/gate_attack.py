@@ -71,6 +71,11 @@ def margins(model: nn.Module, gate: OfflineGate, ids_BT: Tensor) -> Tensor:
 
 
 def _pooled(gate: OfflineGate, x_BTD: Tensor) -> Tensor:
+    if gate.window > 1:  # rows are unpadded and of equal length: window means along T
+        c = torch.cat([torch.zeros_like(x_BTD[:, :1]), x_BTD.float().cumsum(1)], dim=1)
+        t = torch.arange(x_BTD.shape[1], device=x_BTD.device)
+        lo = (t - gate.window + 1).clamp_min(0)
+        x_BTD = (c[:, t + 1] - c[:, lo]) / (t + 1 - lo)[None, :, None]
     if gate.pooled_mean:
         return gate.probe.scores(x_BTD.float().mean(1))
     s_BT = gate.probe.scores(x_BTD.reshape(-1, x_BTD.shape[-1])).reshape(x_BTD.shape[:2])

@@ -58,6 +58,16 @@ def bag_max(scores_T: Tensor, index_BK: Tensor) -> Tensor:
     return s.masked_fill(index_BK < 0, -torch.inf).max(dim=1).values
 
 
+def window_means(x_TD: Tensor, offsets_P1: Tensor, w: int) -> Tensor:
+    """``(T, D)`` at each token the mean activation of the last ``w`` tokens of its prompt (fewer at the start),
+    summed in float64: what a gate pooling "max over windows of w tokens" scores at each token."""
+    c = torch.cat([torch.zeros(1, x_TD.shape[1], dtype=torch.float64), x_TD.double().cumsum(0)])
+    t = torch.arange(len(x_TD))
+    start = torch.repeat_interleave(offsets_P1[:-1], offsets_P1[1:] - offsets_P1[:-1])
+    lo = torch.maximum(start, t - w + 1)
+    return ((c[t + 1] - c[lo]) / (t + 1 - lo)[:, None]).float()
+
+
 def prompt_max(probe: Probe, x_TD: Tensor, offsets_P1: Tensor, chunk: int = 65536) -> Tensor:
     """``(P,)`` the probe's maximum over each prompt's tokens (what ``aggregate: max`` decides on)."""
     scores = torch.cat([probe.scores(x_TD[i : i + chunk].float()) for i in range(0, len(x_TD), chunk)])

@@ -30,8 +30,7 @@ from evals.datasets import Prompt
 from evals.jailbreak_templates import hash_key
 from evals.recipes.gate_attack import GcgSettings, allowed_tokens, gcg, success_curve
 from evals.recipes.token_acts import TokenActs, record_tokens
-from evals.recipes.wrapped_detector import LAYERS, rates, side_acts
-from evals.recipes.wrapped_select import gate_of_preset
+from evals.recipes.wrapped_detector import LAYERS, gate_of_file, rates, side_acts
 from evals.recipes.wrapped_sets import conversation
 
 log = logging.getLogger(__name__)
@@ -70,13 +69,13 @@ def ablation_report(
     from steerlib.hf.hooks import steer
 
     with steer(model, ablation_attack(direction)):
-        layers = sorted({*LAYERS, *(gate_of_preset(p).layer for p in presets)})  # one cache for every preset
+        layers = sorted({*LAYERS, *(gate_of_file(p).layer for p in presets)})  # one cache for every preset
         attacked = record_tokens(model, tok, [c for c, _ in convs], [a for _, a in convs], layers, out / ".ablated")
     clean = acts.take(idx)
     return {
         str(p): {
-            "clean": rates(sub, gate_of_preset(p).fires(clean)),
-            "ablated": rates(sub, gate_of_preset(p).fires(attacked)),
+            "clean": rates(sub, gate_of_file(p).fires(clean)),
+            "ablated": rates(sub, gate_of_file(p).fires(attacked)),
         }
         for p in presets
     }
@@ -92,7 +91,7 @@ def gcg_targets(prompts: Sequence[Prompt], n: int) -> list[Prompt]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--out", type=Path, required=True, help="the folder of a wrapped_detector record run")
-    ap.add_argument("--preset", type=Path, nargs="+", required=True)
+    ap.add_argument("--preset", type=Path, nargs="+", required=True, help="presets (YAML) or a fit's gate.json")
     ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--gcg-prompts", type=int, default=5)
     ap.add_argument("--where", nargs="+", default=["prefix", "suffix"], choices=["prefix", "suffix"])
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     targets = gcg_targets(prompts, args.gcg_prompts)
     report["gcg"] = {}
     for preset in args.preset:
-        gate = gate_of_preset(preset)
+        gate = gate_of_file(preset)
         for where in args.where:
             s = GcgSettings(n_adv=args.n_adv, steps=args.steps, batch=args.batch, where=where)
             results = []

@@ -35,12 +35,20 @@ from evals.jailbreak_templates import Side, load_templates
 from evals.metrics import wilson
 from evals.recipes.mil_probe import MilSettings
 from evals.recipes.token_acts import TokenActs, record_tokens
-from evals.recipes.wrapped_select import Candidate, candidate_json, choose, fitter, gate_of_preset
+from evals.recipes.wrapped_select import (
+    Candidate,
+    OfflineGate,
+    candidate_json,
+    choose,
+    fitter,
+    gate_of_preset,
+    windowed,
+)
 from evals.recipes.wrapped_sets import conversation, side_prompts
 from evals.wrapped import GROUPS
 from steerlib.config import DEFAULT_REFUSAL, SteeringConfig
 from steerlib.extract.probes import LinearProbe, Probe
-from steerlib.mlp_probe import MlpProbe
+from steerlib.mlp_probe import MlpProbe, load_mlp_probe
 from steerlib.vectors import SteeringVector
 
 log = logging.getLogger(__name__)
@@ -96,10 +104,14 @@ def baseline(prompts: Sequence[Prompt], acts: TokenActs, presets: Sequence[Path]
     return {str(path): rates(prompts, gate_of_preset(path).fires(acts)) for path in presets}
 
 
-def candidates(layers: Sequence[int], weight_decays: Sequence[float], pools: Sequence[str]) -> list[Candidate]:
+def candidates(
+    layers: Sequence[int], weight_decays: Sequence[float], pools: Sequence[str], windows: Sequence[int] = ()
+) -> list[Candidate]:
+    """Logistic and MLP probes per pooling and layer; per window width (``max`` over windows), MLP probes only."""
     kinds = [MilSettings(kind="linear", weight_decay=wd) for wd in weight_decays]
-    kinds += [MilSettings(kind="mlp", hidden=32, weight_decay=wd) for wd in weight_decays]
-    return [Candidate(layer, s, pool) for pool in pools for layer in layers for s in kinds]
+    mlps = [MilSettings(kind="mlp", hidden=32, weight_decay=wd) for wd in weight_decays]
+    out = [Candidate(layer, s, pool) for pool in pools for layer in layers for s in kinds + mlps]
+    return out + [Candidate(layer, s, "max", w) for w in windows for layer in layers for s in mlps]
 
 
 def fit_and_report(
@@ -110,16 +122,18 @@ def fit_and_report(
     layers: Sequence[int],
     weight_decays: Sequence[float],
     pools: Sequence[str],
+    windows: Sequence[int] = (),
     folds: int,
     max_fpr: float,
 ) -> dict[str, Any]:
     """Choose out of fold on the fit side, refit on all of it, report on the evaluation side, write the preset."""
     (fp, fa), (ep, ea) = fit, ev
-    best, judged = choose(fp, fa, candidates(layers, weight_decays, pools), folds=folds, max_fpr=max_fpr)
+    best, judged = choose(fp, fa, candidates(layers, weight_decays, pools, windows), folds=folds, max_fpr=max_fpr)
     log.info("chose %s: out-of-fold TPR plain %.3f wrapped %.3f", best.key, best.tpr_plain, best.tpr_wrapped)
-    probe = fitter(best)(fa.acts[best.layer].float(), fp, fa)
+    fw = windowed(fa, best)
+    probe = fitter(best)(fw.acts[best.layer].float(), fp, fw)
     path = save_gate(probe, best, out)
-    gate = gate_of_preset(path)
+    gate = gate_of_file(path)
     return {
         "choice": {"key": best.key, **candidate_json(best)},
         "out_of_fold": {c.key: candidate_json(c) for c in judged},
@@ -135,10 +149,28 @@ def fit_and_report(
 PROBE_NAME = "harm_detector_wrapped_l{layer}_{probe}_{pool}.safetensors"
 
 
+def gate_of_file(path: Path) -> OfflineGate:
+    """A gate from a preset (YAML) or from the ``gate.json`` of a window-pooled detector."""
+    if path.suffix != ".json":
+        return gate_of_preset(path)
+    g = json.loads(path.read_text())
+    probe = load_mlp_probe(path.parent / g["probe"])
+    return OfflineGate(int(g["layer"]), probe, "max", float(g["above"]), False, int(g["window"]))
+
+
 def save_gate(probe: Probe, c: Candidate, out: Path) -> Path:
     """``out/refuse_wrapped.yaml`` and its probe file (an MLP probe under ``probes/``, a vector under
-    ``vectors/``), gate ``aggregate: max`` at the chosen threshold."""
-    meta = {"layer": str(c.layer), "site": "resid_post", "pool": c.pool, "fit": c.key}
+    ``vectors/``), gate ``aggregate`` the candidate's pooling at the chosen threshold. A window-pooled detector,
+    which the plugin cannot run yet, is written as ``out/gate.json`` (layer, window, threshold, probe file)."""
+    meta = {"layer": str(c.layer), "site": "resid_post", "pool": c.pool, "window": str(c.window), "fit": c.key}
+    if c.window > 1:
+        if not isinstance(probe, MlpProbe):
+            raise TypeError("window-pooled detectors are MLP probes")
+        rel = "probes/" + PROBE_NAME.format(layer=c.layer, probe=f"mlp{c.settings.hidden}", pool=f"window{c.window}")
+        MlpProbe(*probe.tensors(), meta).save(out / rel)
+        gate = {"layer": c.layer, "window": c.window, "above": c.threshold, "probe": rel, "key": c.key}
+        (out / "gate.json").write_text(json.dumps(gate, indent=2))
+        return out / "gate.json"
     if isinstance(probe, MlpProbe):
         rel = "probes/" + PROBE_NAME.format(layer=c.layer, probe=f"mlp{c.settings.hidden}", pool=c.pool)
         MlpProbe(*probe.tensors(), meta).save(out / rel)
@@ -169,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=list(LAYERS))
     ap.add_argument("--preset", type=Path, nargs="+", default=[DEFAULT_PRESET])
     ap.add_argument("--weight-decay", type=float, nargs="+", default=[1e-2])
-    ap.add_argument("--pools", nargs="+", default=["max", "mean"], choices=["max", "mean"])
+    ap.add_argument("--pools", nargs="*", default=["max", "mean"], choices=["max", "mean"])
+    ap.add_argument("--windows", type=int, nargs="*", default=[], help="window widths of max-over-window candidates")
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--max-fpr", type=float, default=0.02)
     ap.add_argument("--threads", type=int, default=1)
@@ -191,8 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "baseline.json").write_text(json.dumps(report, indent=2))
     else:
         fit = side_acts(model, tok, "fit", args.out)
-        found = fit_and_report(fit, ev, args.out, layers=args.layers, weight_decays=args.weight_decay,
-                               pools=args.pools, folds=args.folds, max_fpr=args.max_fpr)  # fmt: skip
+        grid = {"layers": args.layers, "weight_decays": args.weight_decay, "pools": args.pools, "windows": args.windows}
+        found = fit_and_report(fit, ev, args.out, **grid, folds=args.folds, max_fpr=args.max_fpr)
         (args.out / "report.json").write_text(json.dumps({"command": command} | found, indent=2))
     print(json.dumps(report if args.command == "baseline" else found, indent=2)[:4000])
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from evals.datasets import Prompt
-from evals.recipes.mil_probe import MilSettings, fit_mil_probe, make_bags, prompt_max
+from evals.recipes.mil_probe import MilSettings, fit_mil_probe, make_bags, prompt_max, window_means
 from evals.recipes.probe import roc_auc, threshold_at_fpr
 from evals.recipes.token_acts import TokenActs
 from steerlib.config import SteeringConfig
@@ -35,10 +35,15 @@ class OfflineGate:
     above: float
     pooled_mean: bool
     """An MLP probe under ``aggregate: mean`` scores the mean activation (not the mean of token scores)."""
+    window: int = 1
+    """With ``aggregate: max``: score the mean of each run of ``window`` tokens (a pooling the plugin does not
+    offer yet; see docs/safety.md), 1 for single tokens."""
 
     def scores(self, acts: TokenActs) -> Tensor:
         x = acts.acts[self.layer]
         off = acts.offsets_P1
+        if self.window > 1:
+            x = window_means(x, off, self.window)
         if self.pooled_mean:
             return self.probe.scores(mean_pool(x, off))
         if self.aggregate == "max":
@@ -109,6 +114,8 @@ class Candidate:
     pool: str = "max"
     """``max``: a per-token probe fitted by MIL, max over the prompt; ``mean``: a probe on the mean activation
     (the shipped detector's pooling, refitted on the same plain and wrapped prompts, for comparison)."""
+    window: int = 1
+    """With ``max``: the probe reads the mean of the last ``window`` tokens at each token (1: the token itself)."""
     threshold: float = float("nan")
     tpr_plain: float = float("nan")
     tpr_wrapped: float = float("nan")
@@ -118,7 +125,8 @@ class Candidate:
     def key(self) -> str:
         s = self.settings
         probe = f"mlp{s.hidden}" if s.kind == "mlp" else "linear"
-        return f"{self.pool}-pooled {probe}, layer {self.layer}, weight decay {s.weight_decay:g}"
+        pool = f"max-over-{self.window}-token-windows" if self.window > 1 else f"{self.pool}-pooled"
+        return f"{pool} {probe}, layer {self.layer}, weight decay {s.weight_decay:g}"
 
     @property
     def merit(self) -> tuple[float, float]:
@@ -198,9 +206,18 @@ def choose(
     """Every candidate judged out of fold; the best by mean of plain and wrapped TPR (ties: AUC)."""
     judged = []
     for c in candidates:
-        s = out_of_fold(prompts, acts, c, folds)
+        s = out_of_fold(prompts, windowed(acts, c), c, folds)
         judged.append(judge(c, prompts, s, max_fpr))
     return max(judged, key=lambda c: c.merit), judged
+
+
+def windowed(acts: TokenActs, c: Candidate) -> TokenActs:
+    """``acts`` as the candidate's probe reads them: window means at its layer when it pools windows."""
+    if c.window <= 1:
+        return acts
+    return TokenActs(
+        {c.layer: window_means(acts.acts[c.layer], acts.offsets_P1, c.window)}, acts.offsets_P1, acts.ask_P
+    )
 
 
 def candidate_json(c: Candidate) -> dict[str, Any]:
