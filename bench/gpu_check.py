@@ -211,6 +211,7 @@ def run_sae_train(args: argparse.Namespace) -> dict[str, Any]:
     """bench/train_throughput.py on the device: sae_train (bf16 autocast) against sparsify on the same rows."""
     report = Path(args.out) / "train_throughput.json"
     cmd = [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--device", args.device,
+           "--train-device", args.device,
            "--steps", str(args.train_steps), "--eval-at", str(args.train_steps // 2),
            "--trainers", "sae_train_bf16,sparsify_fp32", "--out", str(report)]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=args.part_timeout)

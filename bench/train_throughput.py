@@ -6,9 +6,10 @@ architecture and size (TopK, k=32, 8x expansion by default) with Adam at the sam
 The trainers take turns, batch by batch, in one process, so that on a shared machine they run under the same load.
 Reported per trainer: tokens/s over the timed steps (the first step is warm-up and not timed, nor are the
 evaluations) and the FVU on held-out rows of the cache after the same numbers of tokens (``--eval-at`` and the last
-step). The torch thread count is set and recorded; the ratios are the figures to read. The trainers all run on the
-CPU (so the ratios compare like with like); ``--device`` / ``--dtype`` say where and in which dtype the model harvests
-the bench's own cache.
+step). The torch thread count is set and recorded; the ratios are the figures to read. ``--device`` / ``--dtype`` say
+where and in which dtype the model harvests the bench's own cache; ``--train-device`` (default: the CPU) where
+sae_train and sparsify train (the rows reach it through pinned memory; SAELens' trainer stays on the CPU), so that
+the ratios compare like with like on one device (``bench/gpu_check.py`` runs them on CUDA).
 
     PYTHONPATH=. V/bin/python bench/train_throughput.py --steps 300 --eval-at 40,100 \
         --cache ~/.cache/steerlib/activations/<folder> --out bench/results/train_throughput.json
@@ -53,7 +54,7 @@ from sae_train.config import ActivationConfig, DataConfig, OptimConfig, SaeConfi
 from sae_train.models import build_train_sae
 from sae_train.pipeline import build_cache, fingerprint, sites_of
 from sae_train.trainer import Trainer
-from steerlib.devices import add_device_arguments, hardware_info
+from steerlib.devices import add_device_arguments, hardware_info, resolve_device
 from steerlib.hf.loading import cache_root, load_model
 
 logger = logging.getLogger("bench.train_throughput")
@@ -99,6 +100,8 @@ def race(contestants: dict[str, Contestant], held: Tensor, steps: int, marks: li
         for name, c in contestants.items():
             t0 = time.perf_counter()
             c.step(i)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # a GPU step is timed to its end, not to its launch
             seconds[name] += time.perf_counter() - t0 if i else 0.0
             if i + 1 in marks:
                 fvu_at[name][i + 1] = _fvu(c.recon(), held)
@@ -114,8 +117,14 @@ def sae_train_contestant(
     optim = OptimConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, auxk_alpha=args.auxk_alpha,
                         dead_tokens=args.dead_tokens, dtype=dtype, seed=0, warmup_steps=0, decay_fraction=0.0,
                         sparsity_coefficient=0.0)  # fmt: skip
-    trainer = Trainer(build_train_sae(sae, d, d), optim, rows)
-    return Contestant(lambda i: _ignore(trainer.train_step()), trainer.export, {})
+    dev = args.train_device
+    trainer = Trainer(build_train_sae(sae, d, d), optim, rows, device=dev)
+
+    def recon() -> Callable[[Tensor], Tensor]:
+        exported = trainer.export()
+        return lambda x: exported(x.to(dev)).to(x.device)
+
+    return Contestant(lambda i: _ignore(trainer.train_step()), recon, {"device": str(dev)})
 
 
 def _ignore(_: object) -> None:
@@ -138,13 +147,15 @@ def sparsify_contestant(rows: TensorRows, args: argparse.Namespace) -> Contestan
     sc = _import_sparsify()
     d = rows.x_in_ND.shape[1]
     torch.manual_seed(0)
-    sae = sc.SparseCoder(d, sc.SparseCoderConfig(k=args.k, num_latents=args.expansion * d))
+    dev = args.train_device
+    sae = sc.SparseCoder(d, sc.SparseCoderConfig(k=args.k, num_latents=args.expansion * d), device=dev)
     opt = torch.optim.Adam(sae.parameters(), lr=args.lr)
     n = len(rows)
-    since = torch.zeros(sae.num_latents, dtype=torch.long)
+    since = torch.zeros(sae.num_latents, dtype=torch.long, device=dev)
 
     def step(i: int) -> None:
         x, _ = rows.rows(batch_indices(i, args.batch_size, n, 0))
+        x = x.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else x
         if i == 0:
             sae.b_dec.data = x.mean(0)  # as sparsify's trainer does on its first batch
         out = sae(x, dead_mask=since > args.dead_tokens)
@@ -157,9 +168,9 @@ def sparsify_contestant(rows: TensorRows, args: argparse.Namespace) -> Contestan
         since[out.latent_indices.flatten()] = 0
 
     def recon() -> Callable[[Tensor], Tensor]:
-        return lambda x: sae(x).sae_out
+        return lambda x: sae(x.to(dev)).sae_out.to(x.device)
 
-    return Contestant(step, recon, {"version": _version("eai-sparsify")})
+    return Contestant(step, recon, {"version": _version("eai-sparsify"), "device": str(dev)})
 
 
 def saelens_contestant(rows: TensorRows, args: argparse.Namespace, autocast: bool) -> Contestant:
@@ -230,10 +241,12 @@ def main() -> None:
     p.add_argument("--auxk-alpha", type=float, default=1 / 32)
     p.add_argument("--dead-tokens", type=int, default=1_000_000)
     p.add_argument("--threads", type=int, default=1)
-    add_device_arguments(p, what="the model that harvests the bench's own cache (the trainers run on the CPU)")
+    add_device_arguments(p, what="the model that harvests the bench's own cache")
+    p.add_argument("--train-device", default="cpu", help="where sae_train and sparsify train (cpu, cuda, cuda:N)")
     p.add_argument("--max-norm-factor", type=float, default=10.0, help="drop massive-activation tokens (all trainers)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_throughput.json")
     args = p.parse_args()
+    args.train_device = resolve_device(args.train_device)
     unknown = sorted(set(args.trainers) - set(TRAINERS))
     if unknown:
         p.error(f"--trainers: unknown {unknown}; choose from {list(TRAINERS)}")
@@ -272,7 +285,7 @@ def _write(args: argparse.Namespace, n_train: int, results: dict[str, Any]) -> d
     ratios = {f"ratio_to_{base}": _ratios(results, base) for base in ("sparsify_fp32", "saelens_fp32", "saelens_bf16")}
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-              "hardware": hardware_info(torch.device("cpu")),  # where the timed trainers run
+              "hardware": hardware_info(args.train_device),  # where the timed trainers run
               "n_train_rows": n_train, "results": results, **ratios}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
