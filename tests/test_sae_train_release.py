@@ -52,3 +52,17 @@ def test_release_refuses_to_overwrite_or_a_half_run(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"dtype 'float8' not supported; choose one of \['bfloat16', 'float32'\]"):
         release(tmp_path / "run", tmp_path / "other", dtype="float8")
     assert not (tmp_path / "other").exists()
+
+
+def test_the_shipped_chat_release_loads_and_reports_every_domain() -> None:
+    folder = Path(__file__).parents[1] / "servers" / "presets" / "saes" / "smollm2-l15-topk32-chat-small"
+    sae = load_sae(folder)
+    assert (sae.architecture, sae.d_sae, sae.meta.k) == ("topk", 4608, 32)
+    assert sae.meta.input_site == sae.meta.output_site == "blocks.15.hook_resid_post"
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 10 * 2**20
+    report = json.loads((folder / "eval.json").read_text())
+    assert sorted(report["domains"]) == ["chat", "modern", "old"]
+    for row in report["domains"].values():
+        assert row["l0"] <= 32 and 0 < row["fvu"] < 1 and 0 < row["fvu_typical"] < 1
+        assert 0.9 < row["ce_loss_recovered"] <= 1
+    assert json.loads((folder / "train_config.json").read_text())["activations"]["n_tokens"] == 600_000
