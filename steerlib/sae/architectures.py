@@ -85,16 +85,7 @@ class ReluSae(Sae):
 class TopKSae(Sae):
     """Exactly ``k`` slots per token (``meta.k``); the forward pass decodes sparsely from the top-k indices."""
 
-    def __init__(
-        self,
-        meta: SaeMeta,
-        *,
-        subtract_b_dec: bool = False,
-        skip: bool = False,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-    ) -> None:
-        super().__init__(meta, subtract_b_dec=subtract_b_dec, skip=skip, dtype=dtype, device=device)
+    def _own_parameters(self, meta: SaeMeta, dtype: torch.dtype, device: str | torch.device) -> None:
         self.k = _checked_k(meta)
 
     def encode_sparse(self, x_BD: Tensor) -> SparseLatents:
@@ -168,16 +159,7 @@ class BatchTopKSae(Sae):
 class JumpReluSae(Sae):
     """JumpReLU: ``z = relu(pre) * (pre > threshold_F)``; a latent at or below its threshold is zero."""
 
-    def __init__(
-        self,
-        meta: SaeMeta,
-        *,
-        subtract_b_dec: bool = False,
-        skip: bool = False,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-    ) -> None:
-        super().__init__(meta, subtract_b_dec=subtract_b_dec, skip=skip, dtype=dtype, device=device)
+    def _own_parameters(self, meta: SaeMeta, dtype: torch.dtype, device: str | torch.device) -> None:
         self.threshold = nn.Parameter(torch.zeros(meta.d_sae, dtype=dtype, device=device))
 
     def activate(self, pre_BF: Tensor) -> Tensor:
@@ -190,16 +172,7 @@ class GatedSae(Sae):
 
     has_b_enc = False
 
-    def __init__(
-        self,
-        meta: SaeMeta,
-        *,
-        subtract_b_dec: bool = False,
-        skip: bool = False,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-    ) -> None:
-        super().__init__(meta, subtract_b_dec=subtract_b_dec, skip=skip, dtype=dtype, device=device)
+    def _own_parameters(self, meta: SaeMeta, dtype: torch.dtype, device: str | torch.device) -> None:
         self.b_gate = nn.Parameter(torch.zeros(meta.d_sae, dtype=dtype, device=device))
         self.r_mag = nn.Parameter(torch.zeros(meta.d_sae, dtype=dtype, device=device))
         self.b_mag = nn.Parameter(torch.zeros(meta.d_sae, dtype=dtype, device=device))

@@ -93,6 +93,10 @@ class Sae(nn.Module, abc.ABC):
         self.W_skip: nn.Parameter | None = (
             nn.Parameter(torch.zeros(d_in, d_out, dtype=dtype, device=device)) if skip else None
         )
+        self._own_parameters(meta, dtype, device)
+
+    def _own_parameters(self, meta: SaeMeta, dtype: torch.dtype, device: str | torch.device) -> None:
+        """An architecture's parameters beyond the shared ones (thresholds, gates), or facts read from ``meta``."""
 
     @classmethod
     def for_tensors(
