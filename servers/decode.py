@@ -4,7 +4,9 @@ The prompts are left padded; ``steerlib.steer(model, [cfg_or_None per row])`` in
 whole batch; the loop calls the model with ``input_ids``, ``attention_mask``, ``position_ids`` and the KV cache
 just as ``generate`` does, so steerlib's hooks see prompt and generated tokens correctly. Each row samples with its
 own parameters and stops on its own (EOS, stop sequence, ``max_tokens``, cancellation); a finished row stays in the
-batch (its outputs are ignored) because steerlib's per-row plan is bound to the batch's rows.
+batch (its outputs are ignored) because steerlib's per-row plan is bound to the batch's rows. Rows that ask for
+log-probabilities get them from the logits they were sampled from (``servers.logprobs``); an echoed prompt's come
+from the prefill, which reads the prompt as the prompt (a prompt-scoped policy applies to it).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 
 from servers.audit import row_record, row_tokens
 from servers.jobs import Finished, GenRequest
+from servers.logprobs import TokenLogprob, logprobs_of, prompt_logprobs
 from servers.sampling import RowSampler, TextTracker
 from steerlib.extract.activations import left_pad, model_device
 from steerlib.hf.hooks import SteeringHandle, steer
@@ -56,6 +59,9 @@ class _Row:
     refused_by: str | None = None
     """The steering config's ``refuse`` detector that answered this row, if one fired on its prompt."""
     chosen: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_finite: bool = True
     n_new: int = 0
     last: int = 0
     done: bool = False
@@ -68,16 +74,20 @@ class _Row:
         if self.req.cancelled.is_set():
             self._finish("cancelled")
             return self.last
-        if not finite:
+        if not (finite and self.prompt_finite):
             self._fail(
                 f"generation stopped after {self.n_new} token(s): this request's logits became NaN or infinite "
                 "(its steering drove the activations beyond what the model's dtype holds; lower its coefficients "
                 "or edit values)"
             )
             return self.last
+        if self.n_new >= self.req.params.max_tokens:  # max_tokens 0: the echoed prompt's scores only
+            self._finish("length")
+            return self.last
         self.last = self.sampler.choose(logits_V)
         self.chosen.append(self.last)
         self.n_new += 1
+        self._report(logits_V)
         if self.last in self.eos_ids:
             self._finish("stop")
             return self.last
@@ -88,6 +98,20 @@ class _Row:
             self._emit(self.tracker.flush())
             self._finish("length")
         return self.last
+
+    def score_prompt(self, logits_TV: Tensor) -> None:
+        """The echoed prompt's log-probabilities from the prefill's logits over this row's prompt positions."""
+        self.prompt_finite = all(finite_rows(logits_TV))
+        if self.prompt_finite:
+            self.prompt_logprobs = prompt_logprobs(logits_TV, self.req.prompt_ids, self.req.params.logprobs or 0)
+
+    def _report(self, logits_V: Tensor) -> None:
+        top = self.req.params.logprobs
+        if top is None:
+            return
+        (entry,) = logprobs_of(logits_V[None], [self.last], top)
+        self.logprobs.append(entry)
+        self.req.emit(entry)  # before the token's text: a stream sends it with that text (or later)
 
     def _emit(self, delta: str) -> None:
         if delta:
@@ -108,7 +132,8 @@ class _Row:
         if self.req.audit and self.auditor is not None:
             audit = self.auditor.record(self.index, self.req, self.chosen[:-1])  # the last choice was never fed
         text, n_prompt = "".join(self.text), len(self.req.prompt_ids)
-        self.req.emit(Finished(text, reason, n_prompt, self.n_new, self.refused_by, error, audit))
+        lps, prompt_lps = tuple(self.logprobs), tuple(self.prompt_logprobs)
+        self.req.emit(Finished(text, reason, n_prompt, self.n_new, self.refused_by, error, audit, lps, prompt_lps))
 
 
 def finite_rows(logits_BV: Tensor) -> list[bool]:
@@ -155,6 +180,9 @@ def run_batch(
         if forced is not None:  # detectors decided on the prompts during that prefill
             for row, refusal in refusals(forced.handle).items():
                 rows[row].refused_by = refusal.detector
+        for b, r in enumerate(rows):
+            if r.req.params.echo_logprobs:  # left padded: the row's prompt is its last positions
+                r.score_prompt(out.logits[b, -len(r.req.prompt_ids) :])
         while True:
             logits_BV = out.logits[:, -1, :]
             finite_B = finite_rows(logits_BV)

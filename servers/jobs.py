@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from servers.logprobs import TokenLogprob
 from servers.sampling import SamplingParams
 from steerlib.config import SteeringConfig
 
@@ -35,6 +36,10 @@ class Finished:
     """With ``finish_reason == "error"``: what went wrong with this row (its neighbours finished normally)."""
     audit: list[dict[str, Any]] | None = None
     """With ``GenRequest.audit``: per intervention, what it touched and how its gates decided (``servers.audit``)."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """With ``params.logprobs``: one entry per generated token (an end-of-sequence token included)."""
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    """With ``params.echo_logprobs``: one entry per prompt token (the first one's log-probability is None)."""
 
 
 @dataclass(frozen=True)
@@ -45,8 +50,9 @@ class Failed:
     message: str
 
 
-Event = str | Finished | Failed
-"""A text delta, then one Finished or Failed."""
+Event = str | TokenLogprob | Finished | Failed
+"""Text deltas (each generated token's log-probability before its text, with ``params.logprobs``), then one Finished
+or Failed."""
 
 
 @dataclass
@@ -76,8 +82,13 @@ class GenRequest:
     """Its final event (Finished or Failed) was emitted; nothing is emitted after it."""
     sent: str = ""
     """Text sent so far."""
+    logprobs_sent: int = 0
+    """Token log-probabilities sent so far."""
     _rerun: str | None = None
     """During a re-run: the text the re-run has produced so far (until it passes ``sent``)."""
+    _run_logprobs: int = 0
+    """Token log-probabilities this run (the first or a re-run) has produced: a re-run's first ``logprobs_sent``
+    were sent already."""
 
     def __post_init__(self) -> None:
         if self.params.seed is None and self.params.temperature > 0:
@@ -86,12 +97,18 @@ class GenRequest:
     def rerun(self) -> None:
         """The request runs again from the start: deltas up to the text already sent are swallowed."""
         self._rerun = ""
+        self._run_logprobs = 0
 
     def emit(self, event: Event) -> None:
         """Called from the worker thread."""
         if self.finished:
             return
-        if isinstance(event, str):
+        if isinstance(event, TokenLogprob):
+            self._run_logprobs += 1
+            if self._run_logprobs <= self.logprobs_sent:
+                return
+            self.logprobs_sent += 1
+        elif isinstance(event, str):
             event = self._unsent(event)
             if not event:
                 return

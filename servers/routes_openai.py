@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from servers.errors import bad_request
 from servers.features import known_sae, response_features
 from servers.jobs import Finished, GenRequest
 from servers.keys import check_steering, key_rule
+from servers.logprobs import LogprobFormatter, TokenLogprob
 from servers.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from servers.serving import (
     check_request,
@@ -70,10 +72,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     check_request(st, body)
     prompt = await asyncio.to_thread(chat_prompt, st, body)  # tokenizing a long prompt takes a while
     go = await _start(st, request, body, prompt, body.max_completion_tokens or body.max_tokens)
+    fmt = LogprobFormatter(st.tokenizer)
 
-    def chunk(delta: str | None, finish: str | None) -> dict[str, Any]:
+    def chunk(delta: str | None, finish: str | None, lps: Sequence[TokenLogprob]) -> dict[str, Any]:
         d = {} if delta is None else {"content": delta} if delta else {"role": "assistant", "content": ""}
-        choices = [] if delta is None and finish is None else [{"index": 0, "delta": d, "finish_reason": finish}]
+        logprobs = {"content": fmt.chat(lps), "refusal": None} if body.logprobs and (lps or finish) else None
+        choice = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}
+        choices = [] if delta is None and finish is None else [choice]
         return {
             "id": go.rid,
             "object": "chat.completion.chunk",
@@ -88,6 +93,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         return StreamingResponse(events, media_type="text/event-stream")
     fin = await collect(st, go.req, request, go.trail)
     out = _chat_response(st, go.rid, go.created, fin) | _audit(go.trail)
+    if body.logprobs:
+        content = await asyncio.to_thread(fmt.chat, fin.logprobs)
+        out["choices"][0]["logprobs"] = {"content": content, "refusal": None}
     if body.return_features is not None:
         out["steering_features"] = await response_features(
             st, body.return_features, prompt[0], fin.text, go.req.steering, request
@@ -100,14 +108,16 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     st = state_of(request)
     check_request(st, body)
     prompt_ids = await asyncio.to_thread(completion_prompt_ids, st, body.prompt)
-    text = body.prompt if isinstance(body.prompt, str) else ""
+    text = prompt_text(st, body.prompt, prompt_ids)
     go = await _start(st, request, body, (text, prompt_ids), body.max_tokens if body.max_tokens is not None else 16)
+    fmt = LogprobFormatter(st.tokenizer)
 
-    def chunk(delta: str | None, finish: str | None) -> dict[str, Any]:
+    def chunk(delta: str | None, finish: str | None, lps: Sequence[TokenLogprob]) -> dict[str, Any]:
+        logprobs = fmt.legacy(lps) if body.logprobs is not None and (lps or finish) else None
         choices = (
             []
             if delta is None and finish is None
-            else [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}]
+            else [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": logprobs}]
         )
         return {
             "id": go.rid,
@@ -122,7 +132,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         events = stream(st, go.req, chunk, chunk if include_usage else None, go.trail)
         return StreamingResponse(events, media_type="text/event-stream")
     fin = await collect(st, go.req, request, go.trail)
-    choice = {"index": 0, "text": fin.text, "finish_reason": fin.finish_reason, "logprobs": None}
+    logprobs = None
+    if body.logprobs is not None:
+        logprobs = await asyncio.to_thread(_legacy_logprobs, fmt, fin)
+    answer = text + fin.text if body.echo else fin.text
+    choice = {"index": 0, "text": answer, "finish_reason": fin.finish_reason, "logprobs": logprobs}
     out = {
         "id": go.rid,
         "object": "text_completion",
@@ -132,6 +146,14 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         "usage": usage(fin),
     }
     return JSONResponse(out | _audit(go.trail))
+
+
+def _legacy_logprobs(fmt: LogprobFormatter, fin: Finished) -> dict[str, list[Any]]:
+    """The completions ``logprobs`` object: the echoed prompt's tokens (if any), then the completion's."""
+    prompt = fmt.legacy(fin.prompt_logprobs)
+    fmt.new_segment()  # the completion's text is decoded on its own, as the response text is
+    completion = fmt.legacy(fin.logprobs)
+    return {k: v + completion[k] for k, v in prompt.items()}
 
 
 def _audit(trail: AuditTrail) -> dict[str, Any]:
@@ -155,9 +177,25 @@ def render_chat(st: ServerState, body: ChatCompletionRequest) -> str:
     return str(text)
 
 
-def completion_prompt_ids(st: ServerState, prompt: str | list[str] | list[int]) -> list[int]:
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+def prompt_text(st: ServerState, prompt: Prompt, ids: list[int]) -> str:
+    """The prompt as text (what ``echo`` returns): the string given, or the token ids decoded."""
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and isinstance(prompt[0], str):
+        return prompt[0]
+    return str(st.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def completion_prompt_ids(st: ServerState, prompt: Prompt) -> list[int]:
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+        if len(prompt) != 1:
+            raise bad_request("prompt: exactly one prompt per request (batch by sending concurrent requests)", "prompt")
+        prompt = prompt[0]
     if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
-        ids = [int(p) for p in prompt]
+        ids = [p for p in prompt if isinstance(p, int)]
         bad = [i for i in ids if not 0 <= i < st.vocab_size]
         if bad:
             raise bad_request(f"prompt: token ids {bad[:5]} out of range 0..{st.vocab_size - 1}", "prompt")

@@ -2,13 +2,16 @@
 
 A row is greedy (temperature 0) or samples from ``softmax(logits / temperature)`` restricted to the top-p nucleus,
 with its own ``torch.Generator`` (seeded by the request's ``seed``), so a seeded request draws the same tokens
-whatever else is in the batch. :class:`TextTracker` turns tokens into text deltas that never emit a partial stop
-sequence or a half-decoded character.
+whatever else is in the batch. Frequency and presence penalties are OpenAI's: before the choice, every token the row
+has generated ``c`` times loses ``c * frequency_penalty + (c > 0) * presence_penalty`` from its logit.
+:class:`TextTracker` turns tokens into text deltas that never emit a partial stop sequence or a half-decoded
+character.
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -25,6 +28,12 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 16
     stop: tuple[str, ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: int | None = None
+    """Report each generated token's log-probability and this many most likely alternatives; None: do not."""
+    echo_logprobs: bool = False
+    """Also report the prompt tokens' log-probabilities (with ``logprobs`` alternatives each)."""
 
 
 class RowSampler:
@@ -32,6 +41,8 @@ class RowSampler:
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
+        self.counts: Counter[int] = Counter()
+        """How often the row has generated each token (what the penalties read)."""
         self.generator: torch.Generator | None = None
         if params.temperature > 0:
             # Sampling runs on the host: one seed picks the same tokens whichever device computed the logits.
@@ -39,6 +50,12 @@ class RowSampler:
             self.generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
 
     def choose(self, logits_V: Tensor) -> int:
+        logits_V = penalized(logits_V, self.counts, self.params.frequency_penalty, self.params.presence_penalty)
+        token = self._pick(logits_V)
+        self.counts[token] += 1
+        return token
+
+    def _pick(self, logits_V: Tensor) -> int:
         if self.generator is None:
             return int(logits_V.argmax())
         # Shifted so the top logit is 0 before dividing (in float64): no temperature can overflow it to inf or NaN.
@@ -48,6 +65,18 @@ class RowSampler:
         if self.params.top_p < 1.0:
             probs_V = _nucleus(probs_V, self.params.top_p)
         return int(torch.multinomial(probs_V, 1, generator=self.generator))
+
+
+def penalized(logits_V: Tensor, counts: Counter[int], frequency: float, presence: float) -> Tensor:
+    """``logits_V`` less OpenAI's penalties for the tokens in ``counts`` (in float32: a bfloat16 logit would round a
+    small penalty away); the logits themselves when there is nothing to subtract."""
+    if not counts or (frequency == 0 and presence == 0):
+        return logits_V
+    ids_N = torch.tensor(list(counts), dtype=torch.long, device=logits_V.device)
+    count_N = torch.tensor(list(counts.values()), dtype=torch.float32, device=logits_V.device)
+    out_V = logits_V.float().clone()
+    out_V[ids_N] -= count_N * frequency + presence
+    return out_V
 
 
 def _nucleus(probs_V: Tensor, top_p: float) -> Tensor:

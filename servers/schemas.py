@@ -2,8 +2,8 @@
 
 Requests accept the fields OpenAI's API defines (clients send some we do not use) and reject unknown ones
 (``extra="forbid"``: a misspelt ``steering`` must not silently run unsteered). Fields that would change the answer
-in a way this server does not implement (``n > 1``, logprobs, tools, penalties, ...) are refused with a 400 by
-:func:`unsupported` rather than ignored.
+in a way this server does not implement (``n > 1``, ``logit_bias``, tools, ``suffix``, ``best_of``, ...) are refused
+with a 400 by :func:`unsupported` rather than ignored.
 """
 
 from __future__ import annotations
@@ -68,8 +68,12 @@ class SamplingRequest(RequestModel):
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1)
     user: str | None = None
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(
+        None, ge=-2, le=2, description="-2..2: each generated token's logit less this times its count so far."
+    )
+    presence_penalty: float | None = Field(
+        None, ge=-2, le=2, description="-2..2: each token already generated has its logit lowered by this."
+    )
     logit_bias: dict[str, float] | None = None
     steering: SteeringField | None = Field(None, description=STEERING_DOC)
     steering_audit: bool | None = Field(
@@ -90,12 +94,18 @@ class SamplingRequest(RequestModel):
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def top_logprobs_asked(self) -> tuple[int | None, str]:
+        """How many alternatives per token to report (None: no log-probabilities) and the field that says so."""
+        return None, "logprobs"
+
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = Field(None, description="Return each generated token's log-probability.")
+    top_logprobs: int | None = Field(
+        None, ge=0, description="With logprobs: the most likely tokens per position (at most `max_top_logprobs`)."
+    )
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -111,39 +121,54 @@ class ChatCompletionRequest(SamplingRequest):
     safety_identifier: str | None = None
     return_features: FeatureRequest | None = Field(None, description="Top SAE features over the response.")
 
+    def top_logprobs_asked(self) -> tuple[int | None, str]:
+        return (self.top_logprobs or 0 if self.logprobs else None), "top_logprobs"
+
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int]
-    echo: bool | None = None
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="One prompt: a string, token ids, or a list holding one of either."
+    )
+    max_tokens: int | None = Field(None, ge=0, description="0 only with echo (score the prompt, generate nothing).")
+    echo: bool | None = Field(None, description="Return the prompt before the completion (with logprobs: its scores).")
     suffix: str | None = None
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(
+        None, ge=0, description="Return each token's log-probability and this many alternatives (<= max_top_logprobs)."
+    )
+
+    def top_logprobs_asked(self) -> tuple[int | None, str]:
+        return self.logprobs, "logprobs"
 
 
-def unsupported(req: SamplingRequest) -> str | None:
-    """The first field set to something this server does not do, as an error message; None when all is fine."""
+def unsupported(req: SamplingRequest) -> tuple[str, str] | None:
+    """The first field set to something this server does not do, as ``(field, error message)``; None when all is
+    fine."""
     if req.n not in (None, 1):
-        return "n: only n=1 is supported"
-    if req.frequency_penalty or req.presence_penalty:
-        return "frequency_penalty / presence_penalty are not supported"
+        return "n", "n: only n=1 is supported"
     if req.logit_bias:
-        return "logit_bias is not supported"
+        return "logit_bias", "logit_bias is not supported"
     if isinstance(req, ChatCompletionRequest):
-        if req.logprobs or req.top_logprobs:
-            return "logprobs are not supported"
+        if req.top_logprobs is not None and not req.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
         if (
             req.tools
             or req.functions
             or req.function_call not in (None, "none")
             or req.tool_choice not in (None, "none")
         ):
-            return "tools / function calling are not supported"
+            return "tools", "tools / function calling are not supported"
         if req.response_format and req.response_format.get("type") != "text":
-            return "response_format: only {'type': 'text'} is supported"
+            return "response_format", "response_format: only {'type': 'text'} is supported"
         if req.modalities and req.modalities != ["text"]:
-            return "modalities: only ['text'] is supported"
+            return "modalities", "modalities: only ['text'] is supported"
         if req.return_features is not None and req.stream:
-            return "return_features is only available without stream"
-    if isinstance(req, CompletionRequest) and (req.echo or req.suffix or (req.best_of or 1) > 1 or req.logprobs):
-        return "echo / suffix / best_of / logprobs are not supported"
+            return "return_features", "return_features is only available without stream"
+    if isinstance(req, CompletionRequest):
+        if req.suffix or (req.best_of or 1) > 1:
+            return "suffix" if req.suffix else "best_of", "suffix / best_of are not supported"
+        if req.max_tokens == 0 and not req.echo:
+            return "max_tokens", "max_tokens: 0 needs echo: true (score the prompt, generate nothing)"
+        if req.echo and req.stream:
+            return "echo", "echo is only available without stream"
     return None

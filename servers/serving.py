@@ -8,7 +8,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -16,15 +16,17 @@ from fastapi import Request
 from servers.audit_trail import AuditTrail
 from servers.errors import ApiError, bad_request, error_body
 from servers.jobs import Event, Failed, Finished, GenRequest, Job
+from servers.logprobs import TokenLogprob
 from servers.sampling import SamplingParams
-from servers.schemas import SamplingRequest, unsupported
+from servers.schemas import CompletionRequest, SamplingRequest, unsupported
 from servers.state import ServerState
 from servers.steering import Resolved
 
 T = TypeVar("T")
 _DISCONNECT_POLL_S = 0.25
-ChunkFn = Callable[[str | None, str | None], dict[str, Any]]
-"""(text delta or None, finish_reason or None) -> one chunk object."""
+ChunkFn = Callable[[str | None, str | None, Sequence[TokenLogprob]], dict[str, Any]]
+"""(text delta or None, finish_reason or None, the log-probabilities of the tokens since the last chunk) -> one chunk
+object."""
 
 
 def check_request(st: ServerState, body: SamplingRequest) -> None:
@@ -38,7 +40,7 @@ def check_request(st: ServerState, body: SamplingRequest) -> None:
         )
     problem = unsupported(body)
     if problem is not None:
-        raise bad_request(problem)
+        raise bad_request(problem[1], problem[0])
 
 
 PROBE_CHARS_PER_TOKEN = 16
@@ -83,7 +85,28 @@ def sampling_params(st: ServerState, body: SamplingRequest, max_tokens: int | No
     long = [len(x) for x in stop if len(x) > s.max_stop_chars]
     if long:
         raise bad_request(f"stop: a sequence of {long[0]} characters; at most {s.max_stop_chars}", "stop")
-    return SamplingParams(temperature, top_p, body.seed, n_new, stop)
+    top, echo = logprob_params(st, body)
+    return SamplingParams(
+        temperature,
+        top_p,
+        body.seed,
+        n_new,
+        stop,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        logprobs=top,
+        echo_logprobs=echo,
+    )
+
+
+def logprob_params(st: ServerState, body: SamplingRequest) -> tuple[int | None, bool]:
+    """(alternatives per token or None, whether to score the echoed prompt); 400 beyond ``max_top_logprobs``."""
+    top, field = body.top_logprobs_asked()
+    limit = st.settings.max_top_logprobs
+    if top is not None and top > limit:
+        raise bad_request(f"{field}: {top} alternatives per token; this server's limit is {limit}", field)
+    echo = isinstance(body, CompletionRequest) and bool(body.echo) and top is not None
+    return top, echo
 
 
 async def submit(
@@ -180,7 +203,8 @@ async def stream(
     for), optional usage, ``[DONE]``."""
     deadline = time.monotonic() + st.settings.request_timeout_s
     events = req.events()
-    yield _sse(chunk("", None))
+    pending: list[TokenLogprob] = []  # tokens chosen whose text has not been sent yet
+    yield _sse(chunk("", None, ()))
     while True:
         try:
             event: Event = await asyncio.wait_for(anext(events), max(0.0, deadline - time.monotonic()))
@@ -188,8 +212,12 @@ async def stream(
             req.cancelled.set()
             yield _sse(error_body(f"request timed out after {st.settings.request_timeout_s:g} s", "timeout"))
             break
+        if isinstance(event, TokenLogprob):
+            pending.append(event)
+            continue
         if isinstance(event, str):
-            yield _sse(chunk(event, None))
+            yield _sse(chunk(event, None, pending))
+            pending = []
             continue
         if isinstance(event, Failed):
             yield _sse(error_body(event.message, "server_error"))
@@ -198,7 +226,7 @@ async def stream(
             yield _sse(error_body("the request was cancelled (server shutting down)", "server_error"))
             break
         st.metrics.completion_tokens.inc(event.completion_tokens)
-        final = chunk(None, event.finish_reason)
+        final = chunk(None, event.finish_reason, pending)
         if trail is not None:
             await trail.finish(event)
             final |= {"steering_audit": trail.response} if trail.response is not None else {}
@@ -206,7 +234,7 @@ async def stream(
         if event.finish_reason == "error":
             yield _sse(row_error(event, req.steering is not None).body())
         if usage_chunk is not None:
-            yield _sse(usage_chunk(None, None) | {"usage": usage(event)})
+            yield _sse(usage_chunk(None, None, ()) | {"usage": usage(event)})
         break
     yield "data: [DONE]\n\n"
 

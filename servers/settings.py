@@ -107,6 +107,9 @@ class ServerSettings(BaseSettings):
         256, ge=1, description="Most entries of an inline `apply.positions` or `apply.match` list."
     )
     max_stop_chars: int = Field(128, ge=1, description="Longest stop sequence, in characters.")
+    max_top_logprobs: int = Field(
+        20, ge=0, description="Most alternatives per token a request may ask for (`top_logprobs`, `logprobs: N`)."
+    )
     max_body_bytes: int = Field(
         8 * 2**20, ge=1024, description="Largest request body, in bytes (refused with 413 before it is parsed)."
     )
