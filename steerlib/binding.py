@@ -157,9 +157,8 @@ class Binder:
     def gate(self, cond: Condition, layer: int, sae: Sae | None, where: str) -> Gate:
         if cond.probe is not None:
             probe = self.probe(cond.probe, f"{where}.probe")
-            return Gate(
-                _mlp_probe_score(probe), cond.above, cond.below, cond.scope, cond.aggregate, pooled=probe.scores
-            )
+            return Gate(_mlp_probe_score(probe), cond.above, cond.below, cond.scope, cond.aggregate,
+                        pooled=probe.scores, window=cond.window or 0)  # fmt: skip
         if cond.feature is not None:
             if cond.sae is not None:
                 sae = self.sae(cond.sae, f"{where}.sae")
@@ -173,7 +172,7 @@ class Binder:
             if v.dim() != 1:
                 raise SteeringConfigError(f"{where}.vector: a probe is one vector, got shape {tuple(v.shape)}")
             score = _probe_score(v.to(self.res.spec.device), cond.metric)
-        return Gate(score, cond.above, cond.below, cond.scope, cond.aggregate)
+        return Gate(score, cond.above, cond.below, cond.scope, cond.aggregate, window=cond.window or 0)
 
     # -- files ----------------------------------------------------------------------------------------------------
 

@@ -132,10 +132,13 @@ class Condition(_Strict):
         description="token: tested on every token. prompt: tested once on the prompt (see aggregate) and the "
         "verdict holds for the whole row, generated tokens included.",
     )
-    aggregate: Literal["last", "mean", "max"] = Field(
+    aggregate: Literal["last", "mean", "max", "window_max"] = Field(
         "last",
-        description="With scope=prompt: score of the last prompt token, or mean / max over the prompt.",
+        description="With scope=prompt: score of the last prompt token, or mean / max over the prompt; window_max: "
+        "the highest score of the mean activation over any `window` consecutive prompt tokens (finds a short span "
+        "inside a long prompt, e.g. a request wrapped in a template).",
     )
+    window: int | None = Field(None, ge=2, le=4096, description="Tokens per window, with aggregate=window_max.")
 
     @model_validator(mode="after")
     def _one_source(self) -> Condition:
@@ -151,6 +154,10 @@ class Condition(_Strict):
             raise ValueError(f"when.metric {self.metric!r} is only meaningful with when.vector")
         if self.above is None and self.below is None:
             raise ValueError("when: give a threshold, 'above' and/or 'below'")
+        if (self.aggregate == "window_max") != (self.window is not None):
+            raise ValueError("when.window is needed with aggregate window_max, and only with it")
+        if self.aggregate == "window_max" and self.scope != "prompt":
+            raise ValueError("when.aggregate window_max reads the prompt: set scope to 'prompt'")
         for name, v in (("above", self.above), ("below", self.below)):
             if v is not None and not math.isfinite(v):
                 raise ValueError(f"when.{name} must be finite, got {v}")

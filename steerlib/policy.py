@@ -91,6 +91,8 @@ class Gate:
     pooled: Callable[[Tensor], Tensor] | None = None
     """Scores ``(R, D)`` activations directly. Given, ``aggregate == 'mean'`` scores each prompt's mean activation
     (the activation entering the site) instead of averaging per-token scores: for a nonlinear probe they differ."""
+    window: int = 0
+    """With ``aggregate == 'window_max'``: tokens per window (the score of each window's mean activation)."""
 
     def fires(self, s_N: Tensor) -> Tensor:
         f = torch.ones_like(s_N, dtype=torch.bool)

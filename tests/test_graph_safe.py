@@ -48,6 +48,8 @@ def _config(tmp_path: Path) -> SteeringConfig:
          "value": 0.0}], "apply": {"last": 2, "exclude": {"positions": [-1]}}},
         {"layer": 1, "op": "refuse", "apply": {"when": {"probe": "probe.safetensors", "above": 0.0,
                                                          "scope": "prompt", "aggregate": "mean"}}},
+        {"layer": 1, "op": "refuse", "name": "window", "apply": {"when": {"probe": "probe.safetensors", "above": 0.0,
+                                                         "scope": "prompt", "aggregate": "window_max", "window": 3}}},
         {"layer": 1, "op": "refuse", "name": "last",
          "apply": {"when": {"vector": probe, "metric": "cosine", "below": 0.0, "scope": "prompt"}}},
     ]  # fmt: skip
