@@ -6,11 +6,13 @@ cache, as the decode loop reads them), and a reference loop applying OpenAI's pe
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,9 +20,13 @@ import openai
 import pytest
 import torch
 from fastapi import FastAPI
-from test_server_support import MODEL_NAME, make_app, make_presets, serving, word_tokenizer, words
+from test_server_engine import engine, poisoned
+from test_server_support import MODEL_NAME, make_app, make_presets, serving, serving_guard, word_tokenizer, words
 from tiny_models import EOS_ID, tiny_model
 
+from servers.jobs import Failed, Finished, GenRequest
+from servers.logprobs import LOGPROB_FLOOR, TokenLogprob
+from servers.sampling import SamplingParams
 from steerlib import SteeringConfig, steer
 
 PROMPT = words(10, 11, 12)
@@ -283,3 +289,81 @@ def test_bad_values_are_400s_naming_the_field(url: str, path: str, body: dict[st
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == field and field in err["message"], err
+
+
+def test_echo_in_a_batch_of_different_lengths_is_each_prompts_own_forward(url: str, model: torch.nn.Module) -> None:
+    prompts = [[1, 10, 11], [1, *range(20, 32)], [1, 40, 41, 42, 43, 44]]
+    steering: list[Any] = [PROMPT_ONLY, [], ["push"]]
+    configs = [
+        PROMPT_ONLY,
+        None,
+        {"interventions": [{"op": "add", "layer": 1, "vector": _push_vector(), "coefficient": 2.0}]},
+    ]
+
+    async def together() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            bodies = [
+                {"model": MODEL_NAME, "prompt": p, "max_tokens": 0, "echo": True, "logprobs": 0, "steering": s}
+                for p, s in zip(prompts, steering, strict=True)
+            ]
+            return [r.json() for r in await asyncio.gather(*[c.post("/v1/completions", json=b) for b in bodies])]
+
+    for out, prompt, cfg in zip(asyncio.run(together()), prompts, configs, strict=True):
+        lp = out["choices"][0]["logprobs"]
+        assert len(lp["tokens"]) == len(prompt) and lp["top_logprobs"][1:] == [{}] * (len(prompt) - 1)
+        _, prompt_TV = steered_logprobs(model, cfg, prompt, [])
+        close(lp["token_logprobs"][1:], prompt_TV[:-1].gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0])
+
+
+def test_refused_rows_report_the_forced_distribution(tmp_path: Path) -> None:
+    message = "w100 w101 w102"
+    with serving_guard(tmp_path, message) as base:
+        body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 6, "logprobs": 2, "steering": ["guard"]}
+        out = httpx.post(f"{base}/v1/completions", json=body, timeout=30).json()
+    lp = out["choices"][0]["logprobs"]
+    assert out["choices"][0]["text"] == message
+    assert lp["tokens"] == ["w100", " w101", " w102", "</s>"]  # the message, then the end of turn
+    assert lp["token_logprobs"] == [0.0] * 4
+    assert [list(t.values()) for t in lp["top_logprobs"]] == [[0.0, LOGPROB_FLOOR]] * 4
+
+
+def test_logprob_events_are_not_sent_twice_when_a_failed_batch_is_rerun() -> None:
+    """The batch fails after every row streamed its first token (``poisoned``); the re-run rows send each token's
+    log-probability once, as alone."""
+    model = tiny_model("llama", 3)
+    prompts = [[1, 2, 10, 11, 3], [1, 2, 40, 3], [1, 2, 50, 51, 52, 3]]
+    params = [
+        SamplingParams(0.0, 1.0, None, 6, logprobs=2, presence_penalty=1.0),
+        SamplingParams(0.9, 1.0, 5, 6, logprobs=0, frequency_penalty=0.5),
+        SamplingParams(0.0, 1.0, None, 6, logprobs=1),
+    ]
+
+    async def events(req: GenRequest) -> list[Any]:
+        return [e async for e in req.events()]
+
+    async def run() -> tuple[list[list[Any]], list[list[Any]]]:
+        e = engine(model, max_batch=8, batch_wait_s=0.2)
+        e.start()
+        loop = asyncio.get_running_loop()
+        solo = []
+        for p, sp in zip(prompts, params, strict=True):
+            r = GenRequest(p, None, sp, loop)
+            e.submit(r)
+            solo.append(await events(r))
+        together = [GenRequest(p, None, sp, loop) for p, sp in zip(prompts, params, strict=True)]
+        together[2].steering = poisoned()
+        for r in together:
+            e.submit(r)
+        ends = [await events(r) for r in together]
+        await e.shutdown(grace_s=5)
+        return solo, ends
+
+    solo, ends = asyncio.run(run())
+    assert isinstance(ends[2][-1], Failed)
+    for alone, rerun in zip(solo[:2], ends[:2], strict=True):
+        fin = rerun[-1]
+        assert isinstance(fin, Finished) and fin.completion_tokens == 6
+        streamed = [e for e in rerun if isinstance(e, TokenLogprob)]
+        assert [e.token for e in streamed] == [e.token for e in fin.logprobs] == [e.token for e in alone[-1].logprobs]
+        assert [type(e) for e in rerun] == [type(e) for e in alone]  # the same events in the same order
+        close([e.logprob or 0.0 for e in streamed], torch.tensor([e.logprob or 0.0 for e in alone[-1].logprobs]))
