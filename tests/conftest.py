@@ -38,5 +38,6 @@ collect_ignore = (
         "test_vllm_server.py",
         "test_vllm_tensor_parallel.py",
         "test_vllm_compilation.py",
+        "test_vllm_families.py",
     ]
 )

@@ -57,7 +57,7 @@ def pieces(tok: Any, request: str, where: Where) -> tuple[list[int], list[int]]:
 def allowed_tokens(tok: Any, vocab: int) -> Tensor:
     """``(V,)`` True for tokens that decode to printable ASCII (no special or control tokens)."""
     special = set(getattr(tok, "all_special_ids", []))
-    ok = torch.zeros(vocab, dtype=torch.bool)
+    ok = torch.zeros(vocab, dtype=torch.bool, device="cpu")
     for i in range(vocab):
         s = tok.decode([i])
         ok[i] = i not in special and bool(s) and s.isascii() and s.isprintable()
@@ -89,7 +89,9 @@ def _gradient(model: nn.Module, gate: OfflineGate, before: Tensor, adv: Tensor, 
     emb = get_layout(model).base.get_input_embeddings().weight  # type: ignore[operator]
     one_hot = torch.nn.functional.one_hot(adv, emb.shape[0]).to(emb.dtype).requires_grad_()
     embeds = torch.cat([emb[before], one_hot @ emb, emb[after]])[None]
-    x = run_layers(model, None, torch.ones(1, embeds.shape[1], dtype=torch.long), [gate.layer], embeds_BTD=embeds)
+    x = run_layers(
+        model, None, torch.ones(1, embeds.shape[1], dtype=torch.long, device="cpu"), [gate.layer], embeds_BTD=embeds
+    )
     _pooled(gate, x[gate.layer]).sum().backward()
     assert one_hot.grad is not None
     return one_hot.grad
@@ -98,17 +100,17 @@ def _gradient(model: nn.Module, gate: OfflineGate, before: Tensor, adv: Tensor, 
 def passes_as_text(model: nn.Module, tok: Any, gate: OfflineGate, request: str, adv_text: str, where: Where) -> bool:
     content = f"{adv_text} {request}" if where == "prefix" else f"{request} {adv_text}"
     ids = tok(render(tok, [{"role": "user", "content": content}]), add_special_tokens=False)["input_ids"]
-    return bool(margins(model, gate, torch.tensor([ids]))[0] <= 0)
+    return bool(margins(model, gate, torch.tensor([ids], device="cpu"))[0] <= 0)
 
 
 def gcg(model: nn.Module, tok: Any, gate: OfflineGate, request: str, ok_V: Tensor, s: GcgSettings) -> AttackResult:
     """Attack one request (see the module docstring); stops early at the first success."""
-    gen = torch.Generator().manual_seed(s.seed)
+    gen = torch.Generator(device="cpu").manual_seed(s.seed)
     before_l, after_l = pieces(tok, request, s.where)
-    before, after = torch.tensor(before_l), torch.tensor(after_l)
-    adv = torch.tensor(tok(" !" * s.n_adv, add_special_tokens=False)["input_ids"][: s.n_adv])
+    before, after = torch.tensor(before_l, device="cpu"), torch.tensor(after_l, device="cpu")
+    adv = torch.tensor(tok(" !" * s.n_adv, add_special_tokens=False)["input_ids"][: s.n_adv], device="cpu")
     if len(adv) < s.n_adv or not bool(ok_V[adv].all()):  # "!" is not a token: start from the first allowed one
-        adv = torch.full((s.n_adv,), int(ok_V.nonzero()[0]))
+        adv = torch.full((s.n_adv,), int(ok_V.nonzero()[0]), device="cpu")
     out = AttackResult(request)
     best = float(margins(model, gate, torch.cat([before, adv, after])[None])[0])
     out.margins.append(best)
@@ -119,10 +121,10 @@ def gcg(model: nn.Module, tok: Any, gate: OfflineGate, request: str, ok_V: Tenso
         grad = _gradient(model, gate, before, adv, after)
         grad = grad.masked_fill(~ok_V[None, : grad.shape[1]], torch.inf)
         top = (-grad).topk(s.top_k, dim=1).indices
-        pos = torch.randint(0, len(adv), (s.batch,), generator=gen)
-        pick = top[pos, torch.randint(0, s.top_k, (s.batch,), generator=gen)]
+        pos = torch.randint(0, len(adv), (s.batch,), generator=gen, device="cpu")
+        pick = top[pos, torch.randint(0, s.top_k, (s.batch,), generator=gen, device="cpu")]
         cands = adv.repeat(s.batch, 1)
-        cands[torch.arange(s.batch), pos] = pick
+        cands[torch.arange(s.batch, device="cpu"), pos] = pick
         rows = torch.cat([before.repeat(s.batch, 1), cands, after.repeat(s.batch, 1)], dim=1)
         m = margins(model, gate, rows)
         i = int(m.argmin())

@@ -61,8 +61,8 @@ def bag_max(scores_T: Tensor, index_BK: Tensor) -> Tensor:
 def window_means(x_TD: Tensor, offsets_P1: Tensor, w: int) -> Tensor:
     """``(T, D)`` at each token the mean activation of the last ``w`` tokens of its prompt (fewer at the start),
     summed in float64: what a gate pooling "max over windows of w tokens" scores at each token."""
-    c = torch.cat([torch.zeros(1, x_TD.shape[1], dtype=torch.float64), x_TD.double().cumsum(0)])
-    t = torch.arange(len(x_TD))
+    c = torch.cat([torch.zeros(1, x_TD.shape[1], dtype=torch.float64, device="cpu"), x_TD.double().cumsum(0)])
+    t = torch.arange(len(x_TD), device="cpu")
     start = torch.repeat_interleave(offsets_P1[:-1], offsets_P1[1:] - offsets_P1[:-1])
     lo = torch.maximum(start, t - w + 1)
     return ((c[t + 1] - c[lo]) / (t + 1 - lo)[:, None]).float()
@@ -71,8 +71,8 @@ def window_means(x_TD: Tensor, offsets_P1: Tensor, w: int) -> Tensor:
 def prompt_max(probe: Probe, x_TD: Tensor, offsets_P1: Tensor, chunk: int = 65536) -> Tensor:
     """``(P,)`` the probe's maximum over each prompt's tokens (what ``aggregate: max`` decides on)."""
     scores = torch.cat([probe.scores(x_TD[i : i + chunk].float()) for i in range(0, len(x_TD), chunk)])
-    rows = torch.repeat_interleave(torch.arange(len(offsets_P1) - 1), offsets_P1[1:] - offsets_P1[:-1])
-    return torch.full((len(offsets_P1) - 1,), -torch.inf).scatter_reduce(0, rows, scores, reduce="amax")
+    rows = torch.repeat_interleave(torch.arange(len(offsets_P1) - 1, device="cpu"), offsets_P1[1:] - offsets_P1[:-1])
+    return torch.full((len(offsets_P1) - 1,), -torch.inf, device="cpu").scatter_reduce(0, rows, scores, reduce="amax")
 
 
 @dataclass(frozen=True)
@@ -97,13 +97,13 @@ def fit_mil_probe(x_TD: Tensor, bags: Bags, s: MilSettings = MilSettings()) -> P
     bound = 1 / D**0.5
     if s.kind == "mlp":
         params = [
-            ((torch.rand(s.hidden, D, generator=gen) * 2 - 1) * bound).requires_grad_(),
-            ((torch.rand(s.hidden, generator=gen) * 2 - 1) * bound).requires_grad_(),
-            ((torch.rand(s.hidden, generator=gen) * 2 - 1) / s.hidden**0.5).requires_grad_(),
-            torch.zeros((), requires_grad=True),
+            ((torch.rand(s.hidden, D, generator=gen, device="cpu") * 2 - 1) * bound).requires_grad_(),
+            ((torch.rand(s.hidden, generator=gen, device="cpu") * 2 - 1) * bound).requires_grad_(),
+            ((torch.rand(s.hidden, generator=gen, device="cpu") * 2 - 1) / s.hidden**0.5).requires_grad_(),
+            torch.zeros((), requires_grad=True, device="cpu"),
         ]
     else:
-        params = [torch.zeros(D, requires_grad=True), torch.zeros((), requires_grad=True)]
+        params = [torch.zeros(D, requires_grad=True, device="cpu"), torch.zeros((), requires_grad=True, device="cpu")]
 
     def score(z: Tensor) -> Tensor:
         if s.kind == "mlp":
@@ -112,7 +112,7 @@ def fit_mil_probe(x_TD: Tensor, bags: Bags, s: MilSettings = MilSettings()) -> P
         return z @ params[0] + params[1]
 
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    cand_BK, z_BKD = bags.index_BK[:, :1], torch.empty(0)
+    cand_BK, z_BKD = bags.index_BK[:, :1], torch.empty(0, device="cpu")
     for step in range(s.steps):
         if step % s.refresh == 0:  # the candidates (and their standardised activations) until the next refresh
             raw = _unstandardised(s.kind, [p.detach() for p in params], mu, sd)

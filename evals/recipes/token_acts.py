@@ -153,7 +153,9 @@ def record_tokens(
     lengths = torch.tensor([len(e[0]) for e in encoded], dtype=torch.long, device="cpu")
     offsets = torch.cat([torch.zeros(1, dtype=torch.long, device="cpu"), lengths.cumsum(0)])
     acts = {
-        layer: torch.cat([per_prompt[i][layer] for i in range(len(rendered))]) if rendered else torch.empty(0)
+        layer: torch.cat([per_prompt[i][layer] for i in range(len(rendered))])
+        if rendered
+        else torch.empty(0, device="cpu")
         for layer in layers
     }
     return TokenActs(acts, offsets, torch.tensor([e[1] for e in encoded], dtype=torch.long, device="cpu"))

@@ -59,8 +59,10 @@ class OfflineGate:
 
 def mean_pool(x_TD: Tensor, offsets_P1: Tensor) -> Tensor:
     """``(P, D)`` each prompt's mean over its tokens, summed in float64."""
-    rows = torch.repeat_interleave(torch.arange(len(offsets_P1) - 1), offsets_P1[1:] - offsets_P1[:-1])
-    sums = torch.zeros(len(offsets_P1) - 1, x_TD.shape[1], dtype=torch.float64).index_add_(0, rows, x_TD.double())
+    rows = torch.repeat_interleave(torch.arange(len(offsets_P1) - 1, device="cpu"), offsets_P1[1:] - offsets_P1[:-1])
+    sums = torch.zeros(len(offsets_P1) - 1, x_TD.shape[1], dtype=torch.float64, device="cpu").index_add_(
+        0, rows, x_TD.double()
+    )
     return (sums / (offsets_P1[1:] - offsets_P1[:-1]).clamp_min(1)[:, None]).float()
 
 
@@ -95,7 +97,7 @@ def bag_weights(prompts: Sequence[Prompt]) -> Tensor:
     cells = [(p.meta["kind"], p.meta.get("group", "plain") == "plain") for p in prompts]
     size = {c: cells.count(c) for c in set(cells)}
     n_parts = {k: len({c for c in size if c[0] == k}) for k in ("harmful", "harmless")}
-    return torch.tensor([0.5 / n_parts[c[0]] / size[c] for c in cells], dtype=torch.float64)
+    return torch.tensor([0.5 / n_parts[c[0]] / size[c] for c in cells], dtype=torch.float64, device="cpu")
 
 
 def scored_sets(prompts: Sequence[Prompt]) -> dict[str, list[int]]:
@@ -138,7 +140,7 @@ Fit = Callable[[Tensor, Sequence[Prompt], TokenActs], Probe]
 
 def mil_fit(settings: MilSettings) -> Fit:
     def fit(x_TD: Tensor, prompts: Sequence[Prompt], acts: TokenActs) -> Probe:
-        harmful = torch.tensor([p.meta["kind"] == "harmful" for p in prompts])
+        harmful = torch.tensor([p.meta["kind"] == "harmful" for p in prompts], device="cpu")
         return fit_mil_probe(x_TD, make_bags(acts, harmful, bag_weights(prompts)), settings)
 
     return fit
@@ -149,7 +151,7 @@ def mean_fit(settings: MilSettings) -> Fit:
 
     def fit(x_TD: Tensor, prompts: Sequence[Prompt], acts: TokenActs) -> Probe:
         m = mean_pool(x_TD, acts.offsets_P1)
-        harmful = torch.tensor([p.meta["kind"] == "harmful" for p in prompts])
+        harmful = torch.tensor([p.meta["kind"] == "harmful" for p in prompts], device="cpu")
         w = bag_weights(prompts)[~harmful]
         if settings.kind == "mlp":
             return fit_mlp_probe(m[harmful], m[~harmful], hidden=settings.hidden,
@@ -173,8 +175,8 @@ def pooled_scores(probe: Probe, acts: TokenActs, layer: int, pool: str) -> Tenso
 def out_of_fold(prompts: Sequence[Prompt], acts: TokenActs, c: Candidate, folds: int) -> Tensor:
     """``(P,)`` each prompt's pooled score under a probe fitted without its fold."""
     layer, fit = c.layer, fitter(c)
-    fold = torch.tensor([fold_of(p, folds) for p in prompts])
-    out = torch.empty(len(prompts))
+    fold = torch.tensor([fold_of(p, folds) for p in prompts], device="cpu")
+    out = torch.empty(len(prompts), device="cpu")
     for k in range(folds):
         train = [i for i in range(len(prompts)) if int(fold[i]) != k]
         test = [i for i in range(len(prompts)) if int(fold[i]) == k]
@@ -189,10 +191,10 @@ def judge(c: Candidate, prompts: Sequence[Prompt], s_P: Tensor, max_fpr: float) 
     threshold = max(threshold_at_fpr(s_P[idx], max_fpr) for idx in scored_sets(prompts).values())
     harmful = [p.meta["kind"] == "harmful" for p in prompts]
     plain = [p.meta["group"] == "plain" for p in prompts]
-    pos = torch.tensor(harmful)
+    pos = torch.tensor(harmful, device="cpu")
 
     def tpr(want_plain: bool) -> float:
-        m = pos & (torch.tensor(plain) == want_plain)
+        m = pos & (torch.tensor(plain, device="cpu") == want_plain)
         return float((s_P[m] > threshold).float().mean())
 
     return replace(
