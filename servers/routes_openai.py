@@ -19,6 +19,7 @@ from servers.keys import check_steering, key_rule
 from servers.logprobs import LogprobFormatter, TokenLogprob
 from servers.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from servers.serving import (
+    ChunkFn,
     check_request,
     collect,
     new_id,
@@ -79,20 +80,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         logprobs = {"content": fmt.chat(lps), "refusal": None} if body.logprobs and (lps or finish) else None
         choice = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}
         choices = [] if delta is None and finish is None else [choice]
-        return {
-            "id": go.rid,
-            "object": "chat.completion.chunk",
-            "created": go.created,
-            "model": st.model_name,
-            "choices": choices,
-        }
+        return _head(st, go, "chat.completion.chunk") | {"choices": choices}
 
     if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        events = stream(st, go.req, chunk, chunk if include_usage else None, go.trail)
-        return StreamingResponse(events, media_type="text/event-stream")
+        return _streamed(st, go, body, chunk)
     fin = await collect(st, go.req, request, go.trail)
-    out = _chat_response(st, go.rid, go.created, fin) | _audit(go.trail)
+    out = _chat_response(st, go, fin) | _audit(go.trail)
     if body.logprobs:
         content = await asyncio.to_thread(fmt.chat, fin.logprobs)
         out["choices"][0]["logprobs"] = {"content": content, "refusal": None}
@@ -119,32 +112,17 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             if delta is None and finish is None
             else [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": logprobs}]
         )
-        return {
-            "id": go.rid,
-            "object": "text_completion",
-            "created": go.created,
-            "model": st.model_name,
-            "choices": choices,
-        }
+        return _head(st, go, "text_completion") | {"choices": choices}
 
     if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        events = stream(st, go.req, chunk, chunk if include_usage else None, go.trail)
-        return StreamingResponse(events, media_type="text/event-stream")
+        return _streamed(st, go, body, chunk)
     fin = await collect(st, go.req, request, go.trail)
     logprobs = None
     if body.logprobs is not None:
         logprobs = await asyncio.to_thread(_legacy_logprobs, fmt, fin)
     answer = text + fin.text if body.echo else fin.text
     choice = {"index": 0, "text": answer, "finish_reason": fin.finish_reason, "logprobs": logprobs}
-    out = {
-        "id": go.rid,
-        "object": "text_completion",
-        "created": go.created,
-        "model": st.model_name,
-        "choices": [choice],
-        "usage": usage(fin),
-    }
+    out = _head(st, go, "text_completion") | {"choices": [choice], "usage": usage(fin)}
     return JSONResponse(out | _audit(go.trail))
 
 
@@ -154,6 +132,18 @@ def _legacy_logprobs(fmt: LogprobFormatter, fin: Finished) -> dict[str, list[Any
     fmt.new_segment()  # the completion's text is decoded on its own, as the response text is
     completion = fmt.legacy(fin.logprobs)
     return {k: v + completion[k] for k, v in prompt.items()}
+
+
+def _head(st: ServerState, go: _Started, obj: str) -> dict[str, Any]:
+    """The fields every response and stream chunk starts with (``choices`` and the rest follow)."""
+    return {"id": go.rid, "object": obj, "created": go.created, "model": st.model_name}
+
+
+def _streamed(st: ServerState, go: _Started, body: SamplingRequest, chunk: ChunkFn) -> StreamingResponse:
+    """The request's server-sent events; a usage chunk at the end only when ``stream_options`` asks for it."""
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    events = stream(st, go.req, chunk, chunk if include_usage else None, go.trail)
+    return StreamingResponse(events, media_type="text/event-stream")
 
 
 def _audit(trail: AuditTrail) -> dict[str, Any]:
@@ -207,19 +197,15 @@ def completion_prompt_ids(st: ServerState, prompt: Prompt) -> list[int]:
     return tokenize_bounded(st, prompt)
 
 
-def _chat_response(st: ServerState, rid: str, created: int, fin: Finished) -> dict[str, Any]:
-    body = _chat_body(st, rid, created, fin)
+def _chat_response(st: ServerState, go: _Started, fin: Finished) -> dict[str, Any]:
+    body = _chat_body(st, go, fin)
     if fin.refused_by is not None:  # which detector answered instead of the model
         body["steering_refusal"] = {"detector": fin.refused_by}
     return body
 
 
-def _chat_body(st: ServerState, rid: str, created: int, fin: Finished) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": st.model_name,
+def _chat_body(st: ServerState, go: _Started, fin: Finished) -> dict[str, Any]:
+    return _head(st, go, "chat.completion") | {
         "choices": [
             {
                 "index": 0,
