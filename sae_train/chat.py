@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from steerlib.hf.loading import cache_root
+from steerlib.registry import lookup
 
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 """Where a SmolLM2 (ChatML) transcript's first reply starts; the text before it decides the split."""
@@ -121,10 +122,7 @@ CHAT_SETS: dict[str, ChatSet] = {
 
 
 def get_chat_set(name: str) -> ChatSet:
-    try:
-        return CHAT_SETS[name]
-    except KeyError:
-        raise ValueError(f"unknown chat source {name!r}; valid: {', '.join(sorted(CHAT_SETS))}") from None
+    return lookup(CHAT_SETS, "chat source", name)
 
 
 def render(tokenizer: Any, prompt: str, reply: str | None) -> str:

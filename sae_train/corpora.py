@@ -24,6 +24,7 @@ from typing import Literal
 
 from sae_train.fetch import Archive, download, read_members
 from steerlib.hf.loading import cache_root
+from steerlib.registry import lookup
 
 logger = logging.getLogger(__name__)
 
@@ -140,10 +141,7 @@ def corpora_dir(cache_dir: str | Path | None = None) -> Path:
 
 
 def get_corpus(name: str) -> Corpus:
-    try:
-        return CORPORA[name]
-    except KeyError:
-        raise ValueError(f"unknown corpus {name!r}; valid: {', '.join(sorted(CORPORA))}") from None
+    return lookup(CORPORA, "corpus", name)
 
 
 class _HtmlText(HTMLParser):

@@ -7,6 +7,7 @@ from typing import TypeVar
 
 from sae_train.config import SaeConfig
 from sae_train.models.base import TrainSae
+from steerlib.registry import class_register, lookup
 
 T = TypeVar("T", bound=type[TrainSae])
 
@@ -14,22 +15,12 @@ TRAIN_ARCHITECTURES: dict[str, type[TrainSae]] = {}
 
 
 def register(name: str) -> Callable[[T], T]:
-    def add(cls: T) -> T:
-        if name in TRAIN_ARCHITECTURES:
-            raise ValueError(f"training architecture {name!r} is already registered")
-        cls.name = name
-        TRAIN_ARCHITECTURES[name] = cls
-        return cls
-
-    return add
+    """Class decorator: make ``cls`` the training architecture called ``name``."""
+    return class_register(TRAIN_ARCHITECTURES, "training architecture", "name", name)
 
 
 def get_train_architecture(name: str) -> type[TrainSae]:
-    try:
-        return TRAIN_ARCHITECTURES[name]
-    except KeyError:
-        valid = ", ".join(sorted(TRAIN_ARCHITECTURES))
-        raise ValueError(f"unknown training architecture {name!r}; valid: {valid}") from None
+    return lookup(TRAIN_ARCHITECTURES, "training architecture", name)
 
 
 def build_train_sae(cfg: SaeConfig, d_in: int, d_out: int, model: str | None = None) -> TrainSae:

@@ -21,6 +21,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+from steerlib.registry import class_register, lookup
 from steerlib.sae.base import Sae, SaeMeta, SparseLatents
 
 SaeClass = TypeVar("SaeClass", bound=type[Sae])
@@ -31,23 +32,12 @@ ARCHITECTURES: dict[str, type[Sae]] = {}
 
 def register(name: str) -> Callable[[SaeClass], SaeClass]:
     """Class decorator: make ``cls`` the architecture called ``name``."""
-
-    def add(cls: SaeClass) -> SaeClass:
-        if name in ARCHITECTURES:
-            raise ValueError(f"SAE architecture {name!r} is already registered by {ARCHITECTURES[name].__name__}")
-        cls.architecture = name
-        ARCHITECTURES[name] = cls
-        return cls
-
-    return add
+    return class_register(ARCHITECTURES, "SAE architecture", "architecture", name)
 
 
 def get_architecture(name: str) -> type[Sae]:
     """The class registered as ``name``; an unknown name raises a ValueError listing the valid ones."""
-    try:
-        return ARCHITECTURES[name]
-    except KeyError:
-        raise ValueError(f"unknown SAE architecture {name!r}; valid: {', '.join(sorted(ARCHITECTURES))}") from None
+    return lookup(ARCHITECTURES, "SAE architecture", name)
 
 
 def topk_latents(pre_BF: Tensor, k: int) -> SparseLatents:
