@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -19,6 +21,11 @@ from evals.metrics import rate
 from evals.runner import Row, Summary
 
 logger = logging.getLogger(__name__)
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The shell command that reruns ``python -m <module>`` with ``argv`` (``None``: this process's arguments)."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def family(arm: str) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from evals.report import append_jsonl, family, markdown, plots, summary_json
+from evals.report import append_jsonl, command_line, family, markdown, plots, summary_json
 from evals.runner import Row, summarise
 
 
@@ -72,3 +72,9 @@ def test_jsonl_and_plots(tmp_path: Path) -> None:
     assert [p.name for p in written] == ["refusal_vs_coefficient.png", "tradeoff.png", "capability_cost.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
     assert "| v@c=2 | 2.0000 | 2.5000 | 0.3000 | 30.0 |" in markdown(summarise(rows), cap)
+
+
+def test_command_line_quotes_the_arguments_given_else_the_process_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert command_line("evals.recipes.detector", ["--out", "a b"]) == "python -m evals.recipes.detector --out 'a b'"
+    monkeypatch.setattr("sys.argv", ["prog", "--threads", "2"])
+    assert command_line("evals.recipes.detector", None) == "python -m evals.recipes.detector --threads 2"

@@ -25,8 +25,6 @@ import argparse
 import hashlib
 import json
 import logging
-import shlex
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +48,7 @@ from evals.recipes.detector_select import (
     nested_cv,
 )
 from evals.recipes.probe import roc_auc
+from evals.report import command_line
 from steerlib.config import DEFAULT_REFUSAL, SteeringConfig
 from steerlib.devices import add_device_arguments
 from steerlib.extract.probes import LinearProbe, Probe
@@ -358,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         layers=tuple(args.layers),
         l2_grid=tuple(args.l2),
         mlp_hidden=tuple(args.mlp_hidden),
-        command=shlex.join(["python", "-m", "evals.recipes.detector", *(sys.argv[1:] if argv is None else argv)]),
+        command=command_line("evals.recipes.detector", argv),
     )
     print(json.dumps(report.get("heldout") or report["nested_cv"], indent=2))
 

@@ -16,22 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from evals.attack import ablation_attack, attack_prompts, refusal_direction
 from evals.datasets import Prompt
 from evals.jailbreak_templates import hash_key
 from evals.recipes.gate_attack import GcgSettings, allowed_tokens, gcg, success_curve
 from evals.recipes.token_acts import TokenActs, record_tokens
-from evals.recipes.wrapped_detector import LAYERS, gate_of_file, rates, side_acts
+from evals.recipes.wrapped_detector import LAYERS, embedded_model, gate_of_file, rates, side_acts
 from evals.recipes.wrapped_sets import conversation
+from evals.report import command_line
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-adv", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    torch.set_num_threads(args.threads)
-    from steerlib import load_model
-
-    model, tok = load_model(None)
-    command = shlex.join(["python", "-m", "evals.recipes.wrapped_attacks", *(sys.argv[1:] if argv is None else argv)])
+    model, tok = embedded_model(args.threads)
+    command = command_line("evals.recipes.wrapped_attacks", argv)
     report: dict[str, Any] = {"command": command}
     path = args.out / "attacks.json"
     prompts, acts = side_acts(model, tok, "eval", args.out)

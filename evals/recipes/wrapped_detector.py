@@ -20,11 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -45,11 +43,15 @@ from evals.recipes.wrapped_select import (
     windowed,
 )
 from evals.recipes.wrapped_sets import conversation, side_prompts
+from evals.report import command_line
 from evals.wrapped import GROUPS
 from steerlib.config import DEFAULT_REFUSAL, SteeringConfig
 from steerlib.extract.probes import LinearProbe, Probe
 from steerlib.mlp_probe import MlpProbe, load_mlp_probe
 from steerlib.vectors import SteeringVector
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +195,15 @@ def save_gate(probe: Probe, c: Candidate, out: Path) -> Path:
     return path
 
 
+def embedded_model(threads: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """How the wrapped recipes start: INFO logging, ``threads`` torch threads, and the embedded model."""
+    logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(threads)
+    from steerlib import load_model
+
+    return load_model(None)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("command", choices=["record", "baseline", "fit"])
@@ -207,12 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-fpr", type=float, default=0.02)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    torch.set_num_threads(args.threads)
-    from steerlib import load_model
-
-    model, tok = load_model(None)
-    command = shlex.join(["python", "-m", "evals.recipes.wrapped_detector", *(sys.argv[1:] if argv is None else argv)])
+    model, tok = embedded_model(args.threads)
+    command = command_line("evals.recipes.wrapped_detector", argv)
     if args.command == "record":
         for side in args.side:
             prompts, acts = side_acts(model, tok, side, args.out, tuple(args.layers))
