@@ -61,27 +61,30 @@ class Recording:
         name = _site_name(site)
         if name not in self.sites:
             raise KeyError(f"site {name} was not recorded; recorded: {list(self.sites)}")
-        chunks = self._acts.get(name, [])
-        return torch.cat(chunks) if chunks else torch.empty(0, device=self.device)
+        return self._joined(self._acts.get(name, []))
 
     @property
     def rows(self) -> Tensor:
         """Batch row of each recorded token ``(N,)``."""
-        return torch.cat(self._rows) if self._rows else torch.empty(0, dtype=torch.long, device=self.device)
+        return self._joined(self._rows, torch.long)
 
     @property
     def positions(self) -> Tensor:
         """Position of each recorded token in its row ``(N,)`` (0 = first non-padding token)."""
-        return torch.cat(self._positions) if self._positions else torch.empty(0, dtype=torch.long, device=self.device)
+        return self._joined(self._positions, torch.long)
 
     @property
     def is_prompt(self) -> Tensor:
-        return torch.cat(self._prompt) if self._prompt else torch.empty(0, dtype=torch.bool, device=self.device)
+        return self._joined(self._prompt, torch.bool)
 
     @property
     def steps(self) -> Tensor:
         """Index of the forward step each token was recorded in ``(N,)``."""
-        return torch.cat(self._steps) if self._steps else torch.empty(0, dtype=torch.long, device=self.device)
+        return self._joined(self._steps, torch.long)
+
+    def _joined(self, chunks: list[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+        """The chunks recorded so far as one tensor; an empty one (``dtype``, default float) before the first."""
+        return torch.cat(chunks) if chunks else torch.empty(0, dtype=dtype, device=self.device)
 
     def clear(self) -> None:
         for lst in (self._rows, self._positions, self._prompt, self._steps, *self._acts.values()):
