@@ -33,14 +33,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict[str, Any], Path | No
 
 
 def load_served_model(settings: ServerSettings) -> tuple[Any, Any, str]:
-    """``(model, tokenizer, name clients pass)`` for ``settings``: the model on its ``device`` in its ``dtype``."""
+    """``(model, tokenizer, name clients pass)`` for ``settings``: the model on its ``device`` in its ``dtype``;
+    with ``engine: vllm`` the model's skeleton (vLLM loads the weights when the engine starts)."""
     import steerlib
     from steerlib.hf.loading import EMBEDDED_NAME
 
-    model, tokenizer = steerlib.load_model(settings.model, device=settings.device, dtype=settings.dtype)
+    if settings.engine == "vllm":
+        from servers.vllm_engine import model_source, skeleton
+
+        model, tokenizer = skeleton(model_source(settings.model))
+    else:
+        model, tokenizer = steerlib.load_model(settings.model, device=settings.device, dtype=settings.dtype)
     name = settings.model_name or (EMBEDDED_NAME if settings.model is None else Path(settings.model).name)
     params = next(model.parameters())
-    log.info("model %s on %s in %s", name, params.device, params.dtype)
+    log.info("model %s on %s in %s (engine %s)", name, params.device, params.dtype, settings.engine)
     return model, tokenizer, name
 
 

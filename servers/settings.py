@@ -5,11 +5,12 @@ Unknown keys are errors at every level (a typo in ``server.yaml`` stops the serv
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -35,6 +36,18 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STEERLIB_SERVER_", extra="forbid", frozen=True)
 
     model: str | None = Field(None, description="Model folder, hub id or PEFT adapter; None = embedded SmolLM2.")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="What runs the model: `hf` (transformers, steerlib's batching engine) or `vllm` (vLLM's async "
+        "engine with continuous batching, steered by steerlib's vLLM plugin; needs vLLM installed). Both serve the "
+        "same API; feature inspection and the audit record need `hf`.",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="With `--engine vllm`: GPUs the model is split over.")
+    vllm_args: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict,
+        description="With `--engine vllm`: more of vLLM's engine arguments as a JSON object, for example "
+        '\'{"max_model_len": 4096, "gpu_memory_utilization": 0.8, "enforce_eager": true}\'.',
+    )
     device: Annotated[str, AfterValidator(check_device_name)] = Field(
         "auto", description=f"Where the model runs: {DEVICE_HELP}."
     )
@@ -127,6 +140,33 @@ class ServerSettings(BaseSettings):
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _engine_fits(self) -> ServerSettings:
+        """Settings that only one engine reads are errors with the other (never silently ignored)."""
+        if self.engine == "vllm":
+            if self.device != "auto":
+                raise ValueError(
+                    f"device: {self.device!r} with engine vllm; vLLM places the model itself (choose GPUs with "
+                    "CUDA_VISIBLE_DEVICES and tensor_parallel_size): leave device at 'auto'"
+                )
+            if self.audit_log is not None:
+                raise ValueError("audit_log needs engine hf (its records read the activations in this process)")
+        elif self.tensor_parallel_size != 1 or self.vllm_args:
+            field = "tensor_parallel_size" if self.tensor_parallel_size != 1 else "vllm_args"
+            raise ValueError(f"{field} is a setting of engine vllm; this server's engine is {self.engine!r}")
+        return self
+
+    @field_validator("vllm_args", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> Any:
+        """A flag or environment value is JSON text."""
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"vllm_args must be a JSON object: {e}") from None
         return value
 
     @field_validator("api_key")

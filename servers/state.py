@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import Request
 from torch import nn
 
@@ -18,6 +19,7 @@ from servers.registry import PresetRegistry
 from servers.resources import ServerResources
 from servers.settings import ServerSettings
 from servers.steering import SteeringResolver
+from servers.vllm_engine import VllmEngine, VllmLaunch
 from steerlib.extract.activations import pad_id_of
 from steerlib.hf.layout import get_layout
 from steerlib.plan import spec_of
@@ -32,7 +34,7 @@ class ServerState:
     model_name: str
     registry: PresetRegistry
     resolver: SteeringResolver
-    engine: Engine
+    engine: Engine | VllmEngine
     metrics: Metrics
     max_positions: int | None
     vocab_size: int
@@ -55,6 +57,8 @@ def build_state(
     layout = get_layout(model)
     registry = registry if registry is not None else PresetRegistry(settings.presets)
     spec = spec_of(model, layout.n_layers, layout.d_model)
+    if spec.device.type == "meta":  # vLLM runs the model; validation loads vectors and SAEs on the host
+        spec = replace(spec, device=torch.device("cpu"), dtype=torch.float32)
     resources = ServerResources(spec)
     resolver = SteeringResolver(
         registry, spec, tokenizer, settings.default_presets, RequestLimits.of(settings), resources
@@ -63,7 +67,11 @@ def build_state(
     limits = EngineLimits(
         settings.max_batch, settings.max_queue, settings.batch_wait_ms / 1000, settings.max_batch_cost
     )
-    engine = Engine(model, tokenizer, eos_ids(model, tokenizer), pad_id_of(tokenizer), limits, metrics, resources)
+    engine: Engine | VllmEngine
+    if settings.engine == "vllm":
+        engine = VllmEngine(launch_of(settings, model, registry.root), limits, metrics, resources)
+    else:
+        engine = Engine(model, tokenizer, eos_ids(model, tokenizer), pad_id_of(tokenizer), limits, metrics, resources)
     config = getattr(model, "config", None)
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     vocab = int(getattr(config, "vocab_size", 0) or len(tokenizer))
@@ -72,6 +80,18 @@ def build_state(
     vocab = min(vocab, len(tokenizer))
     return ServerState(
         settings, model, tokenizer, model_name, registry, resolver, engine, metrics, max_pos, vocab, keys, audit
+    )
+
+
+def launch_of(settings: ServerSettings, model: nn.Module, presets: Path | None) -> VllmLaunch:
+    """How vLLM starts for ``settings``: the model ``model`` was built from, steered from the presets folder."""
+    return VllmLaunch(
+        str(model.name_or_path),
+        settings.dtype,
+        settings.tensor_parallel_size,
+        presets,
+        settings.vllm_args,
+        settings.max_batch,
     )
 
 

@@ -36,6 +36,7 @@ collect_ignore = (
         "test_vllm_steering.py",
         "test_vllm_compiled.py",
         "test_vllm_server.py",
+        "test_vllm_serving.py",
         "test_vllm_tensor_parallel.py",
         "test_vllm_compilation.py",
         "test_vllm_families.py",

@@ -96,3 +96,33 @@ def test_the_server_loads_its_model_on_the_device_and_dtype_set(tmp_path: Path) 
     assert name == "tiny-llama"
     model, _, _ = load_served_model(load_settings({"model": str(folder)}))
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # auto keeps a float32 checkpoint's dtype
+
+
+def test_engine_settings_come_from_flags_and_belong_to_their_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    flags, _ = parse_args(["--engine", "vllm", "--tensor-parallel-size", "2", "--vllm-args", '{"max_model_len": 4096}'])
+    s = load_settings(flags)
+    assert (s.engine, s.tensor_parallel_size, s.vllm_args) == ("vllm", 2, {"max_model_len": 4096})
+    monkeypatch.setenv("STEERLIB_SERVER_VLLM_ARGS", '{"enforce_eager": true}')
+    assert load_settings({"engine": "vllm"}).vllm_args == {"enforce_eager": True}
+    monkeypatch.delenv("STEERLIB_SERVER_VLLM_ARGS")
+    bad = [
+        ({"engine": "sglang"}, "engine"),
+        ({"engine": "vllm", "vllm_args": "{max_model_len: 1}"}, "vllm_args must be a JSON object"),
+        ({"engine": "vllm", "device": "cuda:1"}, "device: 'cuda:1' with engine vllm"),
+        ({"engine": "vllm", "audit_log": "a.jsonl"}, "audit_log needs engine hf"),
+        ({"tensor_parallel_size": 2}, "tensor_parallel_size is a setting of engine vllm"),
+        ({"vllm_args": '{"max_model_len": 1}'}, "vllm_args is a setting of engine vllm"),
+    ]
+    for flags, message in bad:
+        with pytest.raises(ValidationError, match=message):
+            load_settings(flags)
+
+
+def test_vllm_arguments_the_server_owns_are_refused_by_name() -> None:
+    """Checked before vLLM is imported (unknown names are checked against vLLM's own list:
+    ``tests/test_vllm_serving.py``)."""
+    from servers.vllm_engine import VllmLaunch
+
+    for key in ("scheduler_cls", "logits_processors", "model", "dtype", "tensor_parallel_size"):
+        with pytest.raises(ValueError, match=f"vllm_args: '{key}' is set by the server"):
+            VllmLaunch("m", extra={key: "x"}).engine_args()

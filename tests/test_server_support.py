@@ -76,8 +76,9 @@ def make_app(presets: Path, model: torch.nn.Module | None = None, **settings: An
 
 
 @contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    """Run ``app`` with uvicorn on a free loopback port; yields the base URL, stops the server on exit."""
+def serving(app: FastAPI, start_s: float = 20) -> Iterator[str]:
+    """Run ``app`` with uvicorn on a free loopback port; yields the base URL, stops the server on exit. ``start_s``:
+    how long its start (the lifespan's, which starts the engine) may take."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -85,7 +86,7 @@ def serving(app: FastAPI) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + start_s
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("uvicorn did not start")

@@ -75,7 +75,7 @@ def load_model(
         model, tokenizer = _load_named(name, dtype, dev, cache_dir)
     model.to(dev)  # type: ignore[arg-type]  # transformers wraps `to` with functools.wraps, which mypy misreads
     model.eval()
-    _prepare_tokenizer(tokenizer, model)
+    prepare_tokenizer(tokenizer, model)
     return model, tokenizer
 
 
@@ -315,7 +315,7 @@ def checkpoint_dtype(config: Any) -> torch.dtype | None:
     return raw if isinstance(raw, torch.dtype) else None
 
 
-def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
     """Left padding (batched generation appends after the prompt) and a pad token (eos when none is set)."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

@@ -30,6 +30,7 @@ from steerlib.refusal import forced_token, refusal_ids, row_refusal
 from steerlib.run_state import RunState
 from steerlib.runner import run_site
 from steerlib.tokens import TokenBatch
+from steerlib.vllm import verdicts
 from steerlib.vllm.families import Family
 from steerlib.vllm.params import config_key, parse_steering
 
@@ -56,6 +57,8 @@ class _Row:
     """The detector that fired is in ``prefill`` mode: once its message is out, the request generates freely."""
     finished: bool = False
     """vLLM has let go of the request (see the module docstring): release its slot once it is out of the batch."""
+    tag: str | None = None
+    """Where a server that owns the engine wants to hear which detector answered (``steerlib.vllm.verdicts``)."""
 
     def finish(self) -> None:
         self.finished = True
@@ -141,7 +144,7 @@ class SteeringState:
             self._release(self.parked.pop(next(iter(self.parked))))
         if not self._free_slots:
             raise RuntimeError(f"steerlib: more than {self.capacity} steered requests in one batch (max_num_seqs)")
-        row = self.rows[index] = _Row(key, prompt_len, self._free_slots.pop(), owner)
+        row = self.rows[index] = _Row(key, prompt_len, self._free_slots.pop(), owner, tag=verdicts.tag_of(extra_args))
         if lifetime is not None:
             weakref.finalize(lifetime, row.finish)
 
@@ -311,6 +314,7 @@ class SteeringState:
         if tok is None:
             raise RuntimeError("steerlib: op refuse needs the model's tokenizer in the vLLM worker")
         row.prefill = refusal.mode == "prefill"
+        verdicts.record(row.tag, refusal.detector)
         return refusal_ids(tok, refusal.message, refusal.mode)
 
 
