@@ -27,8 +27,10 @@ from servers.logprobs import TokenLogprob, logprobs_of, prompt_logprobs
 from servers.sampling import RowSampler, TextTracker
 from steerlib.extract.activations import left_pad, model_device
 from steerlib.hf.hooks import SteeringHandle, steer
+from steerlib.hf.recording import Recording, record
 from steerlib.hf.refusal import ForcedRefusal, refusals
 from steerlib.plan import Resources, TokenizerLike
+from steerlib.sites import tl_name
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class _Row:
     eos_ids: frozenset[int]
     index: int = 0
     auditor: Auditor | None = None
+    recording: Recording | None = None
+    """The batch's recording, when some row asked for activations."""
     text: list[str] = field(default_factory=list)
     refused_by: str | None = None
     """The steering config's ``refuse`` detector that answered this row, if one fired on its prompt."""
@@ -133,7 +137,20 @@ class _Row:
             audit = self.auditor.record(self.index, self.req, self.chosen[:-1])  # the last choice was never fed
         text, n_prompt = "".join(self.text), len(self.req.prompt_ids)
         lps, prompt_lps = tuple(self.logprobs), tuple(self.prompt_logprobs)
-        self.req.emit(Finished(text, reason, n_prompt, self.n_new, self.refused_by, error, audit, lps, prompt_lps))
+        acts = None if self.recording is None or not self.req.capture else row_activations(self.recording, self)
+        self.req.emit(
+            Finished(text, reason, n_prompt, self.n_new, self.refused_by, error, audit, lps, prompt_lps, acts)
+        )
+
+
+def row_activations(rec: Recording, row: _Row) -> dict[str, tuple[Tensor, Tensor]]:
+    """The row's recorded tokens at each site it asked for: positions (0 = its first prompt token) and activations."""
+    mine = rec.rows == row.index
+    out = {}
+    for layer, site in row.req.capture:
+        name = tl_name(layer, site)
+        out[name] = (rec.positions[mine], rec[name][mine])
+    return out
 
 
 def finite_rows(logits_BV: Tensor) -> list[bool]:
@@ -173,8 +190,10 @@ def run_batch(
             if handle.plan.detectors:
                 forced = ForcedRefusal(handle, tokenizer)
         auditor = Auditor(handle, device)
+        capture = tuple(dict.fromkeys(site for r in reqs for site in r.capture))
+        recording = stack.enter_context(record(model, capture)) if capture else None  # after steering: reads its result
         for r in rows:
-            r.auditor = auditor
+            r.auditor, r.recording = auditor, recording
         pos_BT = (mask_BT.cumsum(-1) - 1).clamp_min(0)
         out = model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT, use_cache=True)
         if forced is not None:  # detectors decided on the prompts during that prefill

@@ -11,10 +11,12 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from torch import Tensor
 
 from servers.logprobs import TokenLogprob
 from servers.sampling import SamplingParams
@@ -40,6 +42,9 @@ class Finished:
     """With ``params.logprobs``: one entry per generated token (an end-of-sequence token included)."""
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
     """With ``params.echo_logprobs``: one entry per prompt token (the first one's log-probability is None)."""
+    activations: Mapping[str, tuple[Tensor, Tensor]] | None = None
+    """With ``GenRequest.capture``: per site, the positions and activations of every token the model read
+    (``servers.activations.Captured``)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ class GenRequest:
     """Per intervention of ``steering``: ``preset:NAME`` or ``inline``."""
     audit: bool = False
     """Build the audit record of this row when it finishes (``Finished.audit``)."""
+    capture: tuple[tuple[int, str], ...] = ()
+    """``(layer, site)`` pairs to record this row's activations at (``Finished.activations``)."""
     queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.monotonic)

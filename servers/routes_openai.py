@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from servers.activations import Readout, plan_readout, readout_body
 from servers.audit_trail import AuditTrail
 from servers.errors import bad_request
 from servers.features import known_sae, response_features
@@ -46,6 +47,15 @@ class _Started:
     trail: AuditTrail
     rid: str
     created: int
+    readout: Readout | None = None
+
+    def extras(self, st: ServerState, fin: Finished) -> dict[str, Any]:
+        """What the response carries beside the answer: the audit record and the activations read, if asked."""
+        out = {} if self.trail.response is None else {"steering_audit": self.trail.response}
+        if self.readout is not None and fin.activations is not None:
+            n_prompt = len(self.req.prompt_ids)
+            out["steering_activations"] = readout_body(self.readout, fin.activations, n_prompt, st.engine.resources)
+        return out
 
 
 async def _start(
@@ -63,8 +73,15 @@ async def _start(
     trail = AuditTrail(st, rule.name, endpoint, rid, resolved, bool(body.steering_audit), text)
     if isinstance(body, ChatCompletionRequest) and body.return_features is not None:
         known_sae(st, body.return_features.sae)  # an unknown SAE is a 400 before generating
-    req = await submit(st, prompt_ids, resolved, params, trail.needed)
-    return _Started(req, trail, rid, int(time.time()))
+    readout = None
+    if body.return_activations is not None:
+        res = st.engine.resources
+        readout = await asyncio.to_thread(
+            plan_readout, body.return_activations, st.registry, res, res.spec.n_layers,
+            len(prompt_ids) + params.max_tokens, st.settings.max_activation_floats,
+        )  # fmt: skip
+    req = await submit(st, prompt_ids, resolved, params, trail.needed, () if readout is None else readout.sites)
+    return _Started(req, trail, rid, int(time.time()), readout)
 
 
 @router.post("/chat/completions", response_model=None)
@@ -85,7 +102,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     if body.stream:
         return _streamed(st, go, body, chunk)
     fin = await collect(st, go.req, request, go.trail)
-    out = _chat_response(st, go, fin) | _audit(go.trail)
+    out = _chat_response(st, go, fin) | await asyncio.to_thread(go.extras, st, fin)
     if body.logprobs:
         content = await asyncio.to_thread(fmt.chat, fin.logprobs)
         out["choices"][0]["logprobs"] = {"content": content, "refusal": None}
@@ -123,7 +140,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     answer = text + fin.text if body.echo else fin.text
     choice = {"index": 0, "text": answer, "finish_reason": fin.finish_reason, "logprobs": logprobs}
     out = _head(st, go, "text_completion") | {"choices": [choice], "usage": usage(fin)}
-    return JSONResponse(out | _audit(go.trail))
+    return JSONResponse(out | await asyncio.to_thread(go.extras, st, fin))
 
 
 def _legacy_logprobs(fmt: LogprobFormatter, fin: Finished) -> dict[str, list[Any]]:
@@ -142,12 +159,8 @@ def _head(st: ServerState, go: _Started, obj: str) -> dict[str, Any]:
 def _streamed(st: ServerState, go: _Started, body: SamplingRequest, chunk: ChunkFn) -> StreamingResponse:
     """The request's server-sent events; a usage chunk at the end only when ``stream_options`` asks for it."""
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    events = stream(st, go.req, chunk, chunk if include_usage else None, go.trail)
+    events = stream(st, go.req, chunk, chunk if include_usage else None, go.trail, lambda fin: go.extras(st, fin))
     return StreamingResponse(events, media_type="text/event-stream")
-
-
-def _audit(trail: AuditTrail) -> dict[str, Any]:
-    return {} if trail.response is None else {"steering_audit": trail.response}
 
 
 def chat_prompt(st: ServerState, body: ChatCompletionRequest) -> tuple[str, list[int]]:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from servers.activations import ActivationRequest
 from servers.steering import SteeringField
 
 MIN_TEMPERATURE = 1e-3
@@ -76,6 +77,9 @@ class SamplingRequest(RequestModel):
     )
     logit_bias: dict[str, float] | None = None
     steering: SteeringField | None = Field(None, description=STEERING_DOC)
+    return_activations: ActivationRequest | None = Field(
+        None, description="Read the model while it answers (``servers.activations``): `steering_activations`."
+    )
     steering_audit: bool | None = Field(
         None,
         description="Return the audit record (`steering_audit`): presets and ops applied, each gate's score and "

@@ -110,10 +110,15 @@ def logprob_params(st: ServerState, body: SamplingRequest) -> tuple[int | None, 
 
 
 async def submit(
-    st: ServerState, prompt_ids: list[int], resolved: Resolved, params: SamplingParams, audit: bool = False
+    st: ServerState,
+    prompt_ids: list[int],
+    resolved: Resolved,
+    params: SamplingParams,
+    audit: bool = False,
+    capture: tuple[tuple[int, str], ...] = (),
 ) -> GenRequest:
     loop = asyncio.get_running_loop()
-    req = GenRequest(prompt_ids, resolved.config, params, loop, resolved.cost, resolved.sources, audit)
+    req = GenRequest(prompt_ids, resolved.config, params, loop, resolved.cost, resolved.sources, audit, capture)
     st.engine.submit(req)
     st.metrics.prompt_tokens.inc(len(prompt_ids))
     if resolved.config is not None:
@@ -197,10 +202,15 @@ def row_error(fin: Finished, steered: bool) -> ApiError:
 
 
 async def stream(
-    st: ServerState, req: GenRequest, chunk: ChunkFn, usage_chunk: ChunkFn | None, trail: AuditTrail | None = None
+    st: ServerState,
+    req: GenRequest,
+    chunk: ChunkFn,
+    usage_chunk: ChunkFn | None,
+    trail: AuditTrail | None = None,
+    extras: Callable[[Finished], dict[str, Any]] | None = None,
 ) -> AsyncIterator[str]:
-    """SSE lines: one chunk per text delta, a final chunk with the finish reason (and the audit record when asked
-    for), optional usage, ``[DONE]``."""
+    """SSE lines: one chunk per text delta, a final chunk with the finish reason (and ``extras``: the audit record
+    and the activations read, when asked for), optional usage, ``[DONE]``."""
     deadline = time.monotonic() + st.settings.request_timeout_s
     events = req.events()
     pending: list[TokenLogprob] = []  # tokens chosen whose text has not been sent yet
@@ -229,7 +239,8 @@ async def stream(
         final = chunk(None, event.finish_reason, pending)
         if trail is not None:
             await trail.finish(event)
-            final |= {"steering_audit": trail.response} if trail.response is not None else {}
+        if extras is not None:
+            final |= await asyncio.to_thread(extras, event)
         yield _sse(final)
         if event.finish_reason == "error":
             yield _sse(row_error(event, req.steering is not None).body())

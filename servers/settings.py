@@ -123,6 +123,9 @@ class ServerSettings(BaseSettings):
     max_top_logprobs: int = Field(
         20, ge=0, description="Most alternatives per token a request may ask for (`top_logprobs`, `logprobs: N`)."
     )
+    max_activation_floats: int = Field(
+        2**20, ge=0, description="Most floats of raw activations one request may ask for (`return_activations`)."
+    )
     max_body_bytes: int = Field(
         8 * 2**20, ge=1024, description="Largest request body, in bytes (refused with 413 before it is parsed)."
     )

@@ -132,6 +132,14 @@ class VllmEngine:
                 param="steering_audit",
                 code="needs_hf_engine",
             )
+        if item.capture:
+            raise ApiError(
+                501,
+                "return_activations: reading activations needs --engine hf on this server",
+                type="invalid_request_error",
+                param="return_activations",
+                code="needs_hf_engine",
+            )
         if self._closed or self.status != "ok":
             raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
         if len(self._tasks) >= self.limits.max_batch + self.limits.max_queue:
