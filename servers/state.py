@@ -20,8 +20,10 @@ from servers.resources import ServerResources
 from servers.settings import ServerSettings
 from servers.steering import SteeringResolver
 from servers.vllm_engine import VllmEngine, VllmLaunch
+from steerlib.devices import resolve_device, resolve_dtype
 from steerlib.extract.activations import pad_id_of
 from steerlib.hf.layout import get_layout
+from steerlib.hf.loading import checkpoint_dtype
 from steerlib.plan import spec_of
 from steerlib.sae import Sae
 
@@ -84,10 +86,16 @@ def build_state(
 
 
 def launch_of(settings: ServerSettings, model: nn.Module, presets: Path | None) -> VllmLaunch:
-    """How vLLM starts for ``settings``: the model ``model`` was built from, steered from the presets folder."""
+    """How vLLM starts for ``settings``: the model ``model`` was built from, steered from the presets folder, in the
+    dtype ``auto`` means on the hf engine too (``steerlib.devices.resolve_dtype``: the checkpoint's where the
+    hardware runs it fast, else float32; vLLM's own ``auto`` would halve a float32 checkpoint)."""
+    dtype: str = settings.dtype
+    if dtype == "auto":
+        own = checkpoint_dtype(model.config)
+        dtype = str(resolve_dtype("auto", resolve_device("auto"), own)).removeprefix("torch.")
     return VllmLaunch(
         str(model.name_or_path),
-        settings.dtype,
+        dtype,
         settings.tensor_parallel_size,
         presets,
         settings.vllm_args,

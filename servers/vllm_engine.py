@@ -25,13 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
+from servers.activations import Captured, merge_captures
 from servers.engine import EngineLimits, EngineStatus
 from servers.errors import ApiError
 from servers.jobs import Failed, Finished, GenRequest, Job
 from servers.logprobs import LOGPROB_FLOOR, TokenLogprob
 from servers.metrics import Metrics
 from servers.resources import ServerResources
-from steerlib.vllm import verdicts
+from steerlib.sites import tl_name
+from steerlib.vllm import capture, verdicts
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +104,14 @@ class VllmEngine:
         self._llm = AsyncLLM.from_engine_args(self.launch.engine_args())
 
     @property
+    def in_flight(self) -> int:
+        """Requests started and not yet finished (running in vLLM or waiting in its scheduler)."""
+        return len(self._tasks)
+
+    @property
     def queue_depth(self) -> int:
         """Requests vLLM holds that it is not running yet (continuous batching runs up to ``max_batch``)."""
-        return max(0, len(self._tasks) - self.limits.max_batch)
+        return max(0, self.in_flight - self.limits.max_batch)
 
     @property
     def status(self) -> EngineStatus:
@@ -132,17 +141,9 @@ class VllmEngine:
                 param="steering_audit",
                 code="needs_hf_engine",
             )
-        if item.capture:
-            raise ApiError(
-                501,
-                "return_activations: reading activations needs --engine hf on this server",
-                type="invalid_request_error",
-                param="return_activations",
-                code="needs_hf_engine",
-            )
         if self._closed or self.status != "ok":
             raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
-        if len(self._tasks) >= self.limits.max_batch + self.limits.max_queue:
+        if self.in_flight >= self.limits.max_batch + self.limits.max_queue:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise ApiError(
                 429,
@@ -152,7 +153,11 @@ class VllmEngine:
             )
         task = item.loop.create_task(self._run(item))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+        self.metrics.queue_depth.set(self.queue_depth)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
         self.metrics.queue_depth.set(self.queue_depth)
 
     async def shutdown(self, grace_s: float) -> None:
@@ -180,7 +185,8 @@ class VllmEngine:
             prompt = {"prompt_token_ids": list(req.prompt_ids)}
             async for out in self._llm.generate(prompt, self._params(req, tag), rid):
                 stream.take(out)
-            req.emit(stream.finished(verdicts.take(self._verdicts, tag)))
+            acts = self._activations(req, tag) if req.capture else None
+            req.emit(stream.finished(verdicts.take(self._verdicts, tag), activations=acts))
         except asyncio.CancelledError:  # shutdown after the grace period
             req.emit(stream.finished(None, reason="cancelled"))
         except Exception as e:  # vLLM refused it (front-end check) or the engine failed: this request only
@@ -190,6 +196,12 @@ class VllmEngine:
         finally:
             watcher.cancel()
             verdicts.take(self._verdicts, tag)
+            capture.take(self._verdicts, tag)  # a cancelled or failed request's file goes too
+
+    def _activations(self, req: GenRequest, tag: str) -> dict[str, tuple[Tensor, Tensor]]:
+        """What the workers wrote for the request, per site, merged in position order."""
+        chunks = capture.take(self._verdicts, tag)
+        return {name: merge_captures(chunks.get(name, [])) for name in (tl_name(*site) for site in req.capture)}
 
     def _params(self, req: GenRequest, tag: str) -> Any:
         from vllm import SamplingParams
@@ -198,9 +210,13 @@ class VllmEngine:
         import steerlib.vllm
 
         p = req.params
-        extra = None
+        extra: dict[str, Any] = {}
         if req.steering is not None:
-            extra = {**steerlib.vllm.steering_args(req.steering), verdicts.TAG_KEY: tag}
+            extra |= steerlib.vllm.steering_args(req.steering)
+        if req.capture:
+            extra[capture.CAPTURE_KEY] = [list(site) for site in req.capture]
+        if extra:
+            extra[verdicts.TAG_KEY] = tag
         return SamplingParams(
             temperature=p.temperature,
             top_p=p.top_p,
@@ -212,7 +228,7 @@ class VllmEngine:
             logprobs=p.logprobs,
             prompt_logprobs=p.logprobs if p.echo_logprobs else None,
             output_kind=RequestOutputKind.DELTA,
-            extra_args=extra,
+            extra_args=extra or None,
         )
 
 
@@ -256,11 +272,16 @@ class _Stream:
         if c.finish_reason is not None:
             self.reason, self.stop_reason = c.finish_reason, c.stop_reason
 
-    def finished(self, refused_by: str | None, reason: str | None = None) -> Finished:
+    def finished(
+        self, refused_by: str | None, reason: str | None = None, activations: Captured | None = None
+    ) -> Finished:
         why = reason or FINISH_REASONS.get(self.reason or "", "error")
         error = None
         if why == "error":
-            error = "the engine refused this request's steering for the served model (the server log names the field)"
+            error = (
+                "the engine refused this request: its steering, or the sites it reads, do not fit the served model "
+                "(the server log names the field)"
+            )
         return Finished(
             self.text,
             why,
@@ -270,6 +291,7 @@ class _Stream:
             error=error,
             logprobs=tuple(self.logprobs),
             prompt_logprobs=tuple(self.prompt_logprobs),
+            activations=activations,
         )
 
 

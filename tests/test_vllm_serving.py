@@ -13,12 +13,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import torch
+from fastapi import FastAPI
 
 pytest.importorskip("vllm", reason="vLLM is not installed here: see steerlib/vllm/install.sh")
 
@@ -45,14 +48,20 @@ def settings(**extra: Any) -> ServerSettings:
 
 
 @pytest.fixture(scope="module")
-def urls() -> Iterator[tuple[str, str]]:
-    """(hf server, vllm server), both serving the embedded model as ``EMBEDDED_NAME``."""
+def apps() -> tuple[FastAPI, FastAPI]:
+    """(hf app, vllm app), both serving the embedded model as ``EMBEDDED_NAME``."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     model, tok = steerlib.load_model(dtype="float32")
-    hf_app = create_app(settings(), model, tok, EMBEDDED_NAME)
     v_model, v_tok = skeleton(model_source(None))
-    v_app = create_app(settings(engine="vllm", vllm_args=VLLM_ARGS), v_model, v_tok, EMBEDDED_NAME)
-    with serving(hf_app) as hf, serving(v_app, start_s=600) as v:
+    return (
+        create_app(settings(), model, tok, EMBEDDED_NAME),
+        create_app(settings(engine="vllm", vllm_args=VLLM_ARGS), v_model, v_tok, EMBEDDED_NAME),
+    )
+
+
+@pytest.fixture(scope="module")
+def urls(apps: tuple[FastAPI, FastAPI]) -> Iterator[tuple[str, str]]:
+    with serving(apps[0]) as hf, serving(apps[1], start_s=600) as v:
         yield hf, v
 
 
@@ -183,3 +192,108 @@ def test_unknown_vllm_arguments_are_named() -> None:
 
     with pytest.raises(ValueError, match="'max_modle_len' is not one of vLLM's engine arguments"):
         VllmLaunch("m", extra={"max_modle_len": 1}).engine_args()
+
+
+READ = {
+    "layers": [3, 20],
+    "sites": ["resid_post", "mlp_out"],
+    "tokens": "all",
+    "raw": True,
+    "project": {"r": "refusal"},
+}
+
+
+@pytest.mark.parametrize("steering", [None, ["refusal_add"]], ids=["plain", "steered"])
+def test_activations_read_through_the_api_agree_between_engines(urls: tuple[str, str], steering: Any) -> None:
+    """The prompt and every generated token the model read, at two layers and two sites, steered or not: vLLM's
+    workers hand back what the hf engine records (and that equals ``record``: tests/test_server_activations.py)."""
+    extra = {"return_activations": READ} | ({} if steering is None else {"steering": steering})
+    hf, v = (answer(u, HARMLESS[0], max_tokens=6, **extra) for u in urls)
+    assert content(v) == content(hf)
+    a, b = hf["steering_activations"], v["steering_activations"]
+    assert a["positions"] == b["positions"] and len(a["positions"]) == hf["usage"]["prompt_tokens"] + 5
+    for x, y in zip(a["sites"], b["sites"], strict=True):
+        assert (x["layer"], x["site"]) == (y["layer"], y["site"])
+        raw_x, raw_y = torch.tensor(x["raw"]), torch.tensor(y["raw"])
+        scale = raw_x.abs().amax(dim=-1, keepdim=True)
+        assert ((raw_x - raw_y).abs() / scale).max() < 1e-3, (x["layer"], x["site"])
+        torch.testing.assert_close(
+            torch.tensor(y["projections"]["r"]), torch.tensor(x["projections"]["r"]), rtol=1e-3, atol=1e-2
+        )
+
+
+def test_reading_the_last_token_only_and_a_mixed_batch(urls: tuple[str, str]) -> None:
+    """Reading requests among others at once answer as alone; a site the request did not ask for is not read."""
+    v = urls[1]
+    read = {"layers": [15], "tokens": "last", "project": {"r": "refusal"}, "probes": ["harm_detector_both_l15_mlp32"]}
+    alone = answer(v, HARMFUL, return_activations=read)["steering_activations"]
+    assert alone["positions"] == [answer(v, HARMFUL)["usage"]["prompt_tokens"] - 1]
+    assert "raw" not in alone["sites"][0] and set(alone["sites"][0]) == {"layer", "site", "projections", "probes"}
+
+    async def together() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(timeout=300) as client:
+
+            async def one(p: str, reads: bool) -> dict[str, Any]:
+                body = {"model": EMBEDDED_NAME, "messages": [{"role": "user", "content": p}], "max_tokens": 8}
+                body |= {"temperature": 0} | ({"return_activations": read} if reads else {"steering": ["refusal_add"]})
+                r = await client.post(f"{v}/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+                return dict(r.json())
+
+            return list(
+                await asyncio.gather(one(HARMFUL, True), *(one(p, False) for p in HARMLESS), one(HARMFUL, True))
+            )
+
+    outs = asyncio.run(together())
+    for out in (outs[0], outs[-1]):
+        got = out["steering_activations"]["sites"][0]
+        want = alone["sites"][0]
+        assert (
+            abs(got["probes"]["harm_detector_both_l15_mlp32"][0] - want["probes"]["harm_detector_both_l15_mlp32"][0])
+            < 1e-3
+        )
+        assert abs(got["projections"]["r"][0] - want["projections"]["r"][0]) < 1e-2
+    assert all("steering_activations" not in o for o in outs[1:-1])
+
+
+def complete(url: str, **extra: Any) -> dict[str, Any]:
+    body = {"model": EMBEDDED_NAME, "prompt": "The three primary colours are", "max_tokens": 12, "temperature": 0}
+    r = httpx.post(f"{url}/v1/completions", json=body | extra, timeout=300)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def test_text_completions_with_stop_echo_and_penalties_agree(urls: tuple[str, str]) -> None:
+    cases = [
+        {"stop": [","]},
+        {"echo": True, "logprobs": 2, "max_tokens": 4},
+        {"frequency_penalty": 1.5, "presence_penalty": 0.5, "steering": ["refusal_add"]},
+    ]
+    for extra in cases:
+        hf, v = (complete(u, **extra) for u in urls)
+        assert v["choices"][0]["text"] == hf["choices"][0]["text"], extra
+        assert v["choices"][0]["finish_reason"] == hf["choices"][0]["finish_reason"], extra
+        if "echo" in extra:
+            a, b = hf["choices"][0]["logprobs"], v["choices"][0]["logprobs"]
+            assert a["tokens"] == b["tokens"] and a["token_logprobs"][0] is None is b["token_logprobs"][0]
+            for x, y in zip(a["token_logprobs"][1:], b["token_logprobs"][1:], strict=True):
+                assert abs(x - y) < 1e-3
+
+
+def test_a_seed_fixes_a_sampled_answer_on_vllm(urls: tuple[str, str]) -> None:
+    """Sampling draws differ between engines (their generators differ); on one engine a seed repeats the answer."""
+    v = urls[1]
+    one, two, other = (complete(v, temperature=1.0, seed=s, max_tokens=16)["choices"][0]["text"] for s in (7, 7, 8))
+    assert one == two and one != other
+
+
+def test_a_client_that_hangs_up_stops_its_request_in_vllm(urls: tuple[str, str], apps: tuple[FastAPI, FastAPI]) -> None:
+    v, engine = urls[1], apps[1].state.steerlib.engine
+    body = {"model": EMBEDDED_NAME, "messages": [{"role": "user", "content": HARMLESS[0]}], "max_tokens": 400}
+    with httpx.stream("POST", f"{v}/v1/chat/completions", json=body | {"stream": True}, timeout=300) as r:
+        next(r.iter_lines())  # it is running; hang up
+    for _ in range(200):  # aborted within a poll or two, long before its 400 tokens (over 10 s here)
+        if engine.in_flight == 0:
+            break
+        time.sleep(0.05)
+    assert engine.in_flight == 0

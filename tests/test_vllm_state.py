@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from steerlib.plan import ModelSpec
+from steerlib.vllm import capture, verdicts
 from steerlib.vllm import state as steering_state
 from steerlib.vllm.families import RESIDUAL_SITES, Family
 from steerlib.vllm.layers import make_steerable
@@ -343,3 +344,67 @@ def test_make_steerable_is_all_or_none() -> None:
     assert type(model.layers[0]) is _TwoStreamLayer and type(model.layers[0].self_attn) is _Attn
     with pytest.raises(ValueError, match=r"no decoder layers found in _Model \(Toy\): no nn.ModuleList of 3 layers"):
         make_steerable(model, Family("Toy"), n_layers=3)
+
+
+def _reads(sites: list[list[Any]], tag: str) -> dict[str, Any]:
+    return {capture.CAPTURE_KEY: sites, verdicts.TAG_KEY: tag}
+
+
+def test_rows_that_read_hand_back_their_tokens_after_steering(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two reading rows (one steered at the site it reads, one not) beside a steered row that does not read: each
+    reader's file holds exactly its own tokens at its sites, with positions, after the site's steering; a row moved
+    in the batch keeps reading its own tokens."""
+    monkeypatch.setenv(verdicts.VERDICTS_ENV, str(tmp_path))
+    a, b = "a" * 32, "b" * 32
+    st = SteeringState(SPEC, capacity=4)
+    st.add(0, _add(_onehot(0)) | _reads([[1, "resid_post"]], a), prompt_len=3)
+    st.add(1, _add(_onehot(1)), prompt_len=1)
+    st.add(2, _reads([[1, "resid_post"], [0, "mlp_out"]], b), prompt_len=2)
+    assert st.active
+    _step(st, [0, 1, 2, 0, 0, 1], [0, 3, 4, 6])
+    h, r = torch.randn(6, D), torch.randn(6, D)
+    out = st.run(1, "resid_post", h, r)
+    m = torch.randn(6, D)
+    assert torch.equal(st.run(0, "mlp_out", m, torch.randn(6, D)), m)  # read, not steered: untouched
+    st.move(2, 1, swap=True)  # the reader b now sits in row 1, the steered row in row 2
+    _step(st, [3, 2, 1], [0, 1, 2, 3])
+    h2, r2 = torch.randn(3, D), torch.randn(3, D)
+    out2 = st.run(1, "resid_post", h2, r2)
+    got_a, got_b = capture.take(tmp_path, a), capture.take(tmp_path, b)
+    assert set(got_a) == {"blocks.1.hook_resid_post"} and set(got_b) == {
+        "blocks.1.hook_resid_post",
+        "blocks.0.hook_mlp_out",
+    }
+    (pa1, xa1), (pa2, xa2) = got_a["blocks.1.hook_resid_post"]
+    assert pa1.tolist() == [0, 1, 2] and pa2.tolist() == [3]
+    torch.testing.assert_close(xa1, (out + r)[:3])  # the stream after the add
+    torch.testing.assert_close(xa2, (out2 + r2)[:1])
+    assert xa1[:, 0].sub((h + r)[:3, 0]).allclose(torch.ones(3))
+    (pb1, xb1), (pb2, xb2) = got_b["blocks.1.hook_resid_post"]
+    assert pb1.tolist() == [0, 1] and pb2.tolist() == [2]
+    torch.testing.assert_close(xb1, (h + r)[4:])
+    torch.testing.assert_close(xb2, (h2 + r2)[1:2])
+    ((pm, xm),) = got_b["blocks.0.hook_mlp_out"]
+    assert pm.tolist() == [0, 1] and torch.equal(xm, m[4:])
+    assert capture.take(tmp_path, a) == {}  # taken once: the file is gone
+    st.remove(0)
+    st.remove(1)
+    st.remove(2)
+    assert not st.active
+
+
+def test_a_read_without_the_servers_folder_or_with_a_bad_list_is_refused(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(verdicts.VERDICTS_ENV, raising=False)
+    st = SteeringState(SPEC, capacity=2)
+    with pytest.raises(RuntimeError, match="no server folder"):
+        st.add(0, _reads([[0, "resid_post"]], "c" * 32), prompt_len=1)
+    monkeypatch.setenv(verdicts.VERDICTS_ENV, str(tmp_path))
+    with pytest.raises(RuntimeError, match="no server folder"):
+        st.add(0, _reads([[0, "resid_post"]], "../../etc/passwd"), prompt_len=1)  # not a tag: nothing written
+    for bad in ([[0, "resid_middle"]], [[-1, "resid_post"]], "resid_post", [[0]]):
+        with pytest.raises(ValueError, match="steerlib_capture"):
+            capture.sites_of({capture.CAPTURE_KEY: bad})
+    assert capture.sites_of({capture.CAPTURE_KEY: [[1, "mlp_out"], [1, "mlp_out"]]}) == ((1, "mlp_out"),)
+    assert list(tmp_path.iterdir()) == []

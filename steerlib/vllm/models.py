@@ -24,7 +24,8 @@ from vllm.forward_context import get_forward_context
 from steerlib.vllm import state as steering_state
 from steerlib.vllm.families import STEERABLE_PREFIX, Family, steerable_architectures
 from steerlib.vllm.layers import make_steerable
-from steerlib.vllm.state import SteeringState, model_spec, tokenizer_loader
+from steerlib.vllm.served import model_spec, tokenizer_loader
+from steerlib.vllm.state import SteeringState
 
 
 class _SteerableModel(nn.Module):
@@ -50,7 +51,7 @@ class _SteerableModel(nn.Module):
         **kwargs: Any,
     ) -> Any:
         st = steering_state.current()
-        if st is not None and st.rows:
+        if st is not None and st.active:
             st.begin_step(input_ids, positions, _query_start_loc())
         elif st is not None:
             st.begin_step(None, positions, positions.new_zeros(1))

@@ -37,11 +37,12 @@ from vllm.v1.request import RequestStatus
 
 from steerlib.config import SteeringConfig
 from steerlib.plan import ModelSpec, Resources, build_plan
+from steerlib.vllm import capture
 from steerlib.vllm.compilation import unsafe_reason
 from steerlib.vllm.families import STEERABLE_PREFIX, Family, steerable_architectures
 from steerlib.vllm.params import cache_salt, config_key, parse_steering
 from steerlib.vllm.plugin import DISABLE_ENV, disabled
-from steerlib.vllm.state import model_spec, tokenizer_loader
+from steerlib.vllm.served import model_spec, tokenizer_loader
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,21 @@ MAX_VERDICTS = 1024
 """Distinct configs whose check result is remembered (a config is resolved once, not once per request)."""
 
 
-def salt_request(request: Any) -> SteeringConfig | None:
-    """Key a steered request's prefix-cache blocks by its steering; returns its config (None: unsteered)."""
-    params = request.sampling_params
-    cfg = parse_steering(None if params is None else params.extra_args)
-    if cfg is not None:
-        request.cache_salt = cache_salt(cfg, request.request_id, request.cache_salt)
-        request.block_hashes = []
-        request.update_block_hashes()
-    return cfg
+def salt_request(request: Any) -> tuple[SteeringConfig | None, tuple[tuple[int, str], ...]]:
+    """Key a steered request's prefix-cache blocks by its steering, and give a request that reads activations blocks
+    of its own (every prompt token must run through the model to be read); returns its config (None: unsteered)
+    and the sites it reads."""
+    extra = None if request.sampling_params is None else request.sampling_params.extra_args
+    cfg, reads = parse_steering(extra), capture.sites_of(extra)
+    if cfg is None and not reads:
+        return None, ()
+    salt = request.cache_salt if cfg is None else cache_salt(cfg, request.request_id, request.cache_salt)
+    if reads:
+        salt = f"{salt or ''}|steerlib-read:{request.request_id}"
+    request.cache_salt = salt
+    request.block_hashes = []
+    request.update_block_hashes()
+    return cfg, reads
 
 
 def served_family(vllm_config: Any) -> tuple[Family | None, str | None]:
@@ -107,6 +114,20 @@ class ModelCheck:
         self.verdicts.move_to_end(key)
         return self.verdicts[key]
 
+    def read_error(self, reads: tuple[tuple[int, str], ...], extra_args: Any) -> str | None:
+        """Why this model cannot hand back the activations a request reads at ``reads``, or None."""
+        if not capture.writable(extra_args):
+            return "activations are handed back only to a server that owns the engine (python -m servers)"
+        bad = [layer for layer, _ in reads if layer >= self.spec.n_layers]
+        if bad:
+            return f"layer {bad[0]} out of range: model has {self.spec.n_layers} layers (0..{self.spec.n_layers - 1})"
+        if self.family is not None:
+            try:
+                self.family.check(site for _, site in reads)
+            except ValueError as e:
+                return str(e)
+        return None
+
 
 class _SteeringMixin:
     """``add_request`` salts and checks; a request that fails the check is finished with an error, unscheduled."""
@@ -123,8 +144,10 @@ class _SteeringMixin:
 
     def add_request(self, request: Any) -> None:
         try:
-            cfg = salt_request(request)
+            cfg, reads = salt_request(request)
             err = None if cfg is None else self._unsafe or self._check.error(cfg)
+            if err is None and reads:
+                err = self._unsafe or self._check.read_error(reads, request.sampling_params.extra_args)
         except ValueError as e:  # only reached when the front end's validation was bypassed
             err = str(e)
         super().add_request(request)  # type: ignore[misc]

@@ -30,7 +30,7 @@ from steerlib.refusal import forced_token, refusal_ids, row_refusal
 from steerlib.run_state import RunState
 from steerlib.runner import run_site
 from steerlib.tokens import TokenBatch
-from steerlib.vllm import verdicts
+from steerlib.vllm import capture, verdicts
 from steerlib.vllm.families import Family
 from steerlib.vllm.params import config_key, parse_steering
 
@@ -86,6 +86,22 @@ class _Job:
     state: RunState
 
 
+@dataclass(frozen=True)
+class _Capture:
+    tag: str
+    sites: tuple[tuple[int, str], ...]
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One request's tokens of this step to hand back at a site."""
+
+    tag: str
+    start: int
+    end: int
+    positions_N: Tensor
+
+
 @dataclass
 class SteeringState:
     """Rows, plans and the current step's per-site jobs of one worker process."""
@@ -101,8 +117,11 @@ class SteeringState:
     parked: dict[int, _Row] = field(default_factory=dict)
     """Requests out of the batch for now (vLLM drops unscheduled requests from it), by ``id(owner)``, oldest first."""
     plans: dict[str, _Shared] = field(default_factory=dict)
+    captures: dict[int, _Capture] = field(default_factory=dict)
+    """Batch rows whose activations a server reads (``steerlib.vllm.capture``), steered or not."""
     _free_slots: list[int] = field(default_factory=list)
     _sites: dict[tuple[int, str], list[_Job]] = field(default_factory=dict)
+    _reads: dict[tuple[int, str], list[_Read]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._free_slots = list(range(self.capacity - 1, -1, -1))
@@ -124,6 +143,12 @@ class SteeringState:
         ``lifetime`` is an object vLLM holds exactly as long as the request lives (its ``SamplingParams``).
         """
         self.remove(index)
+        reads = capture.sites_of(extra_args)
+        if reads:
+            tag = verdicts.tag_of(extra_args)
+            if tag is None or not capture.writable(extra_args):
+                raise RuntimeError("steerlib: a request reads activations but no server folder takes them")
+            self.captures[index] = _Capture(tag, reads)
         back = self.parked.pop(id(owner), None) if owner is not None else None
         if back is not None and back.owner is owner:
             back.returned = True
@@ -155,6 +180,7 @@ class SteeringState:
 
     def remove(self, index: int) -> None:
         """Row ``index`` left the batch: finished, or only unscheduled this step (then it is parked)."""
+        self.captures.pop(index, None)
         row = self.rows.pop(index, None)
         if row is None:
             return
@@ -179,22 +205,31 @@ class SteeringState:
         """A swap exchanges two rows; a one-way move replaces whatever was at ``dst`` (vLLM's condensing)."""
         if not swap:
             self.remove(dst)  # (vLLM reports it removed and moves onto it; nothing is left there by then)
-        a, b = self.rows.pop(src, None), self.rows.pop(dst, None)
-        if a is not None:
-            self.rows[dst] = a
-        if b is not None:
-            self.rows[src] = b
+        for table in (self.rows, self.captures):
+            a, b = table.pop(src, None), table.pop(dst, None)
+            if a is not None:
+                table[dst] = a  # type: ignore[assignment]  # each table keeps its own kind
+            if b is not None:
+                table[src] = b  # type: ignore[assignment]
+
+    @property
+    def active(self) -> bool:
+        """Some request in the batch is steered or read."""
+        return bool(self.rows or self.captures)
 
     # -- one forward step (from the model) -----------------------------------------------------------------------
 
     def begin_step(self, token_ids_N: Tensor | None, positions_N: Tensor, query_start_loc: Tensor) -> None:
         """Describe the step to every site; request ``i`` owns tokens ``query_start_loc[i]:query_start_loc[i+1]``."""
-        self._sites = {}
+        self._sites, self._reads = {}, {}
         if self.parked:
             self._sweep()
-        if not self.rows:
+        if not self.active:
             return
         qsl = [int(v) for v in query_start_loc.tolist()]
+        self._plan_reads(qsl, positions_N)
+        if not self.rows:
+            return
         if max(self.rows) >= len(qsl) - 1:
             raise RuntimeError(f"steerlib: steered batch row {max(self.rows)} but the step has {len(qsl) - 1} requests")
         groups: dict[str, list[int]] = {}
@@ -216,6 +251,15 @@ class SteeringState:
                 self._sites.setdefault(site_key, []).append(_Job(None if whole else idx_N, ops, tb, shared.state))
         for row in self.rows.values():
             row.new = False
+
+    def _plan_reads(self, qsl: list[int], positions_N: Tensor) -> None:
+        for index, cap in self.captures.items():
+            if index >= len(qsl) - 1 or qsl[index + 1] == qsl[index]:
+                continue  # not in this step
+            start, end = qsl[index], qsl[index + 1]
+            read = _Read(cap.tag, start, end, positions_N[start:end])
+            for site_key in cap.sites:
+                self._reads.setdefault(site_key, []).append(read)
 
     def _group_batch(
         self,
@@ -259,19 +303,23 @@ class SteeringState:
         vLLM carries the residual stream as ``hidden + residual``; ops see the sum and their change is added to
         ``hidden``, so untouched tokens stay bit-identical.
         """
-        jobs = self._sites.get((layer, site))
-        if not jobs:
+        jobs, reads = self._sites.get((layer, site)), self._reads.get((layer, site))
+        if not jobs and not reads:
             return x_ND
         summed = site in RESIDUAL_SITES and other_ND is not None
         base = x_ND + other_ND if summed and other_ND is not None else x_ND
         x_in = other_ND if site == "mlp_out" else None
         out = base
-        for job in jobs:
+        for job in jobs or ():
             if job.idx_N is None:
                 out = run_site(job.ops, out, job.tb, job.state, x_in)
             else:
                 sub_in = None if x_in is None else x_in[job.idx_N]
                 out = out.index_copy(0, job.idx_N, run_site(job.ops, out[job.idx_N], job.tb, job.state, sub_in))
+        for read in reads or ():  # what the model reads on from here: after this site's steering
+            capture.write(read.tag, layer, site, read.positions_N, out[read.start : read.end])
+        if not jobs:
+            return x_ND
         if summed:
             return x_ND + (out - base)
         return out
@@ -316,32 +364,6 @@ class SteeringState:
         row.prefill = refusal.mode == "prefill"
         verdicts.record(row.tag, refusal.detector)
         return refusal_ids(tok, refusal.message, refusal.mode)
-
-
-def model_spec(vllm_config: Any, device: torch.device) -> ModelSpec:
-    """What a plan is checked against, from vLLM's config of the served model."""
-    hf = vllm_config.model_config.hf_config
-    return ModelSpec(
-        n_layers=hf.num_hidden_layers,
-        d_model=hf.hidden_size,
-        device=device,
-        dtype=vllm_config.model_config.dtype,
-        name=vllm_config.model_config.model,
-    )
-
-
-def tokenizer_loader(vllm_config: Any) -> Callable[[], Any]:
-    """Loads the served model's tokenizer (transformers), the first time steering needs it."""
-    mc = vllm_config.model_config
-
-    def load() -> Any:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(
-            mc.tokenizer, revision=mc.tokenizer_revision, trust_remote_code=mc.trust_remote_code
-        )
-
-    return load
 
 
 _STATE: list[SteeringState] = []

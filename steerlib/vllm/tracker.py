@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from steerlib.vllm import capture
 from steerlib.vllm import state as steering_state
 from steerlib.vllm.params import parse_steering
 
@@ -29,6 +30,7 @@ class StepTracker(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
         parse_steering(sampling_params.extra_args)  # raises ValueError naming the bad field
+        capture.sites_of(sampling_params.extra_args)
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
         self.device = device
