@@ -27,7 +27,7 @@ from typing import Any, Literal
 from torch import nn
 
 from servers.decode import run_batch
-from servers.errors import ApiError
+from servers.errors import ApiError, queue_full, shutting_down
 from servers.jobs import Failed, GenRequest, Job, JobCancelled
 from servers.metrics import Metrics
 from servers.recovery import isolate
@@ -96,15 +96,10 @@ class Engine:
         """Queue a request or a job; ApiError 429 when the queue is full, 503 when shutting down."""
         with self._cv:
             if self._closed or self.status == "dead":
-                raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
+                raise shutting_down()
             if len(self._waiting) >= self.limits.max_queue:
                 self.metrics.rejected.labels(reason="queue_full").inc()
-                raise ApiError(
-                    429,
-                    f"queue full ({self.limits.max_queue} requests waiting); retry later",
-                    type="rate_limit_error",
-                    code="queue_full",
-                )
+                raise queue_full(self.limits.max_queue)
             self._waiting.append(item)
             self.metrics.queue_depth.set(len(self._waiting))
             self._cv.notify()

@@ -62,6 +62,16 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)
 
 
+def queue_full(max_queue: int) -> ApiError:
+    return ApiError(
+        429, f"queue full ({max_queue} requests waiting); retry later", type="rate_limit_error", code="queue_full"
+    )
+
+
+def shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
+
+
 def _loc(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc if p != "body"]
     return ".".join(parts)

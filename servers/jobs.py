@@ -80,6 +80,8 @@ class GenRequest:
     """Build the audit record of this row when it finishes (``Finished.audit``)."""
     capture: tuple[tuple[int, str], ...] = ()
     """``(layer, site)`` pairs to record this row's activations at (``Finished.activations``)."""
+    stream: bool = True
+    """Its client reads the text as it comes; False: only the final event matters (an engine may skip the deltas)."""
     queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.monotonic)

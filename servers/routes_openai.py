@@ -80,7 +80,8 @@ async def _start(
             plan_readout, body.return_activations, st.registry, res, res.spec.n_layers,
             len(prompt_ids) + params.max_tokens, st.settings.max_activation_floats,
         )  # fmt: skip
-    req = await submit(st, prompt_ids, resolved, params, trail.needed, () if readout is None else readout.sites)
+    sites = () if readout is None else readout.sites
+    req = await submit(st, prompt_ids, resolved, params, trail.needed, sites, bool(body.stream))
     return _Started(req, trail, rid, int(time.time()), readout)
 
 

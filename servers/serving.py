@@ -116,9 +116,10 @@ async def submit(
     params: SamplingParams,
     audit: bool = False,
     capture: tuple[tuple[int, str], ...] = (),
+    stream: bool = True,
 ) -> GenRequest:
     loop = asyncio.get_running_loop()
-    req = GenRequest(prompt_ids, resolved.config, params, loop, resolved.cost, resolved.sources, audit, capture)
+    req = GenRequest(prompt_ids, resolved.config, params, loop, resolved.cost, resolved.sources, audit, capture, stream)
     st.engine.submit(req)
     st.metrics.prompt_tokens.inc(len(prompt_ids))
     if resolved.config is not None:

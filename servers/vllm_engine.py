@@ -29,7 +29,7 @@ from torch import Tensor
 
 from servers.activations import Captured, merge_captures
 from servers.engine import EngineLimits, EngineStatus
-from servers.errors import ApiError
+from servers.errors import ApiError, queue_full, shutting_down
 from servers.jobs import Failed, Finished, GenRequest, Job
 from servers.logprobs import LOGPROB_FLOOR, TokenLogprob
 from servers.metrics import Metrics
@@ -78,7 +78,7 @@ class VllmLaunch:
         owned = steerlib.vllm.engine_kwargs(
             compilation_config=self.extra.get("compilation_config"), steering_root=self.steering_root
         )
-        kwargs = {"max_num_seqs": self.max_num_seqs, **self.extra, **owned}
+        kwargs = {"max_num_seqs": self.max_num_seqs, "disable_log_stats": True, **self.extra, **owned}
         return AsyncEngineArgs(
             model=self.model, dtype=self.dtype, tensor_parallel_size=self.tensor_parallel_size, **kwargs
         )
@@ -142,15 +142,10 @@ class VllmEngine:
                 code="needs_hf_engine",
             )
         if self._closed or self.status != "ok":
-            raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            raise shutting_down()
         if self.in_flight >= self.limits.max_batch + self.limits.max_queue:
             self.metrics.rejected.labels(reason="queue_full").inc()
-            raise ApiError(
-                429,
-                f"queue full ({self.limits.max_queue} requests waiting); retry later",
-                type="rate_limit_error",
-                code="queue_full",
-            )
+            raise queue_full(self.limits.max_queue)
         task = item.loop.create_task(self._run(item))
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -227,12 +222,12 @@ class VllmEngine:
             presence_penalty=p.presence_penalty,
             logprobs=p.logprobs,
             prompt_logprobs=p.logprobs if p.echo_logprobs else None,
-            output_kind=RequestOutputKind.DELTA,
+            output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY,
             extra_args=extra or None,
         )
 
 
-CANCEL_POLL_S = 0.05
+CANCEL_POLL_S = 0.25
 """How often a running request checks whether its client left or its time ran out."""
 
 
