@@ -195,6 +195,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "machine": platform.machine(),
+        "ld_preload": os.environ.get("LD_PRELOAD"),
         "torch": torch.__version__,
         "dtype": str(params.dtype).removeprefix("torch."),
         "hardware": hardware_info(device),
