@@ -66,20 +66,15 @@ def main(argv: list[str] | None = None) -> int:
 def _index(cfg: IndexConfig) -> int:
     import torch
 
-    from evals.autointerp.index import IndexPlan, build_index, chunk_texts
+    from evals.autointerp.config import IndexPlan
+    from evals.autointerp.index import build_index, chunk_texts
     from steerlib import load_model
     from steerlib.sae import load_sae
 
     torch.set_num_threads(cfg.threads)
     model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     sae = load_sae(cfg.sae, device=next(model.parameters()).device)
-    plan = IndexPlan(
-        tokens=cfg.tokens,
-        top_k=cfg.top_k,
-        window=cfg.window,
-        n_random=cfg.n_random,
-        heldout_fraction=cfg.heldout_fraction,
-    )
+    plan = IndexPlan.model_validate(cfg.model_dump(include=set(IndexPlan.model_fields)))
     texts = chunk_texts(cfg.corpus, tokenizer, plan)
     name = cfg.model or "SmolLM2-135M-Instruct"
     build_index(

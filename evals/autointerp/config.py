@@ -13,9 +13,23 @@ from sae_train.config import DEFAULT_SOURCES
 from steerlib.devices import DEVICE_HELP, DTYPE_HELP, DtypeName, check_device_name, dtype_name
 
 
-class IndexConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class IndexPlan(BaseModel):
+    """How much an index reads and keeps (the one definition of these fields: ``IndexConfig`` extends it)."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tokens: int = Field(200_000, gt=0, description="Tokens to read (whole chunks: approximately).")
+    chunk_tokens: int = Field(128, gt=0, description="Tokens per text chunk (documents are cut into such chunks).")
+    top_k: int = Field(20, gt=0, description="Max-activating contexts kept per latent.")
+    window: int = Field(8, ge=0, description="Tokens kept each side of a context's peak.")
+    n_random: int = Field(400, ge=0, description="Random contexts kept for detection's non-activating examples.")
+    vocab_k: int = Field(10, gt=0, description="Vocabulary tokens kept per latent (VocabProj, promoted and demoted).")
+    heldout_fraction: float = Field(0.05, gt=0, le=1, description="Held-out fraction used when the SAE was trained.")
+    batch_size: int = Field(8, gt=0, description="Chunks per forward pass.")
+    seed: int = Field(0, description="Seed of the random-context pool.")
+
+
+class IndexConfig(IndexPlan):
     sae: Path = Field(description="SAE folder (steerlib, SAELens or sparsify layout).")
     out: Path = Field(description="Output folder for features.jsonl, random_contexts.jsonl and meta.json.")
     model: str | None = Field(None, description="Model folder or hub id; None = the embedded SmolLM2-135M-Instruct.")
@@ -29,11 +43,6 @@ class IndexConfig(BaseModel):
         default_factory=lambda: list(DEFAULT_SOURCES),
         description="Text sources; registry corpora are read on their held-out split.",
     )
-    tokens: int = Field(200_000, gt=0, description="Tokens to read.")
-    top_k: int = Field(20, gt=0, description="Max-activating contexts kept per latent.")
-    window: int = Field(8, ge=0, description="Tokens kept each side of a context's peak.")
-    n_random: int = Field(400, ge=0, description="Random contexts kept for detection's non-activating examples.")
-    heldout_fraction: float = Field(0.05, gt=0, le=1, description="Held-out fraction used when the SAE was trained.")
     threads: int = Field(1, gt=0, description="torch threads.")
 
 

@@ -18,7 +18,6 @@ import logging
 import random
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from evals.autointerp.config import IndexPlan
 from evals.autointerp.records import (
     FEATURES_FILE,
     META_FILE,
@@ -45,27 +45,6 @@ from steerlib.sae.base import Sae
 from steerlib.sites import parse_site
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class IndexPlan:
-    """How much to read and keep."""
-
-    tokens: int = 200_000
-    """Stop adding text once this many tokens are read (approximately: whole chunks)."""
-    chunk_tokens: int = 128
-    """Tokens per text chunk (documents are cut into chunks of about this length)."""
-    top_k: int = 20
-    """Max-activating contexts kept per latent."""
-    window: int = 8
-    """Tokens kept each side of a context's peak."""
-    n_random: int = 400
-    """Contexts in the random pool."""
-    vocab_k: int = 10
-    heldout_fraction: float = 0.05
-    """The held-out fraction the SAE's training used (``sae_train`` default 0.05)."""
-    batch_size: int = 8
-    seed: int = 0
 
 
 def source_documents(source: str, heldout_fraction: float) -> Iterator[str]:
