@@ -1,12 +1,13 @@
 """Reading the model through the API: ``return_activations`` on chat and text completions, on both engines.
 
 A request names sites (layers x site names) and tokens (``last`` prompt token, ``prompt``, ``generated``, ``all``);
-the engine records the steered residual stream there for every token it runs through the model (the prompt, then
-each generated token but the last, which is never fed back), as ``steerlib.hf.recording.record`` does, and the
-answer carries, per site, the chosen tokens' raw activations (``raw: true``, within the server's
-``max_activation_floats``) and, cheaply, their projections onto given vectors (``x . v / |v|``; preset vectors by
-name or inline floats) and MLP-probe scores (preset probes by name). Validated before queueing like steering: layer
-and site names, vector widths, preset names, the raw size for the longest answer the request allows.
+the engine records the activations there, after any steering at that site, for every token it runs through the
+model (the prompt, then each generated token but the last, which is never fed back), as
+``steerlib.hf.recording.record`` does. The answer carries, per site, the chosen tokens' raw activations
+(``raw: true``, within the server's ``max_activation_floats``) and, cheaply, their projections onto given vectors
+(``x . v / |v|``; preset vectors by name or inline floats) and MLP-probe scores (preset probes by name). Validated
+before queueing like steering: layer and site names, vector widths, preset names, the raw size for the longest
+answer the request allows.
 """
 
 from __future__ import annotations
