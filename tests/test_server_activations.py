@@ -16,6 +16,7 @@ from test_server_support import MODEL_NAME, D, make_app, make_presets, word_toke
 from tiny_models import tiny_model
 
 import steerlib
+from servers.activations import merge_captures
 from servers.engine import Engine, EngineLimits
 from servers.jobs import Finished, GenRequest
 from servers.metrics import Metrics
@@ -179,3 +180,14 @@ def test_bad_readouts_are_400s_naming_the_field(
         if param is not None:
             assert r.json()["error"]["param"] == param
         assert ask(client)["choices"][0]["finish_reason"] == "length"  # and it goes on serving
+
+
+def test_chunks_from_an_engine_merge_in_position_order_keeping_the_last_of_a_repeat() -> None:
+    """vLLM may compute a preempted request's prompt again: its chunks then repeat positions."""
+    x = torch.arange(12.0).reshape(6, 2)
+    chunks = [(torch.tensor([0, 1, 2]), x[:3]), (torch.tensor([3]), x[3:4]), (torch.tensor([1, 2]), x[4:6])]
+    pos, acts = merge_captures(chunks)
+    assert pos.tolist() == [0, 1, 2, 3]
+    assert acts.tolist() == [x[0].tolist(), x[4].tolist(), x[5].tolist(), x[3].tolist()]
+    empty_pos, empty_acts = merge_captures([])
+    assert empty_pos.shape == (0,) and empty_acts.shape[0] == 0
