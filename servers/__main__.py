@@ -39,7 +39,15 @@ def load_served_model(settings: ServerSettings) -> tuple[Any, Any, str]:
     from steerlib.hf.loading import EMBEDDED_NAME
 
     if settings.engine == "vllm":
+        import importlib.util
+
         from servers.vllm_engine import model_source, skeleton
+
+        if importlib.util.find_spec("vllm") is None:
+            raise SystemExit(
+                "--engine vllm needs vLLM in this environment: pip install 'steerlib[vllm]' "
+                "(on a CPU: bash steerlib/vllm/install.sh, then run the server with that venv's python)"
+            )
 
         model, tokenizer = skeleton(model_source(settings.model))
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,11 @@ def test_vllm_arguments_the_server_owns_are_refused_by_name() -> None:
     for key in ("scheduler_cls", "logits_processors", "model", "dtype", "tensor_parallel_size"):
         with pytest.raises(ValueError, match=f"vllm_args: '{key}' is set by the server"):
             VllmLaunch("m", extra={key: "x"}).engine_args()
+
+
+def test_engine_vllm_without_vllm_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what an environment without vLLM looks like to find_spec
+    with pytest.raises(
+        SystemExit, match=r"--engine vllm needs vLLM in this environment: pip install 'steerlib\[vllm\]'"
+    ):
+        load_served_model(load_settings({"engine": "vllm"}))
