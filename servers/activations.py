@@ -116,7 +116,7 @@ def _vector(
 ) -> Tensor | Path:
     where = f"project.{name}"
     if isinstance(ref, list):
-        v = torch.tensor(ref, dtype=torch.float32)
+        v = torch.tensor(ref, dtype=torch.float32, device="cpu")  # validated and projected on the host
         if v.shape != (d,) or not bool(torch.isfinite(v).all()) or float(v.norm()) == 0.0:
             raise _bad(f"{where}: an inline vector needs {d} finite floats, not all zero", "return_activations")
         return v
@@ -179,9 +179,9 @@ def merge_captures(chunks: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Ten
     """Chunks of ``(positions, activations)`` as one, in position order, the last of any repeated position kept (an
     engine may run a position twice: a preempted request's prompt is computed again)."""
     if not chunks:
-        return torch.empty(0, dtype=torch.long), torch.empty(0, 0)
+        return torch.empty(0, dtype=torch.long, device="cpu"), torch.empty(0, 0, device="cpu")
     pos_N = torch.cat([p for p, _ in chunks])
     x_ND = torch.cat([x for _, x in chunks])
     last: dict[int, int] = {int(p): i for i, p in enumerate(pos_N.tolist())}
-    order = torch.tensor([last[p] for p in sorted(last)], dtype=torch.long)
+    order = torch.tensor([last[p] for p in sorted(last)], dtype=torch.long, device=pos_N.device)
     return pos_N[order], x_ND[order]
