@@ -297,3 +297,29 @@ def test_a_client_that_hangs_up_stops_its_request_in_vllm(urls: tuple[str, str],
             break
         time.sleep(0.05)
     assert engine.in_flight == 0
+
+
+def test_queue_limit_and_timeout_on_vllm() -> None:
+    """At most ``max_batch + max_queue`` requests in vLLM at once: the third of three long requests is a 429; the two
+    it holds time out with 408 and are aborted there (nothing left in flight)."""
+    v_model, v_tok = skeleton(model_source(None))
+    limits = {"max_batch": 1, "max_queue": 1, "request_timeout_s": 2.0, "shutdown_grace_s": 1.0}
+    app = create_app(settings(engine="vllm", vllm_args=VLLM_ARGS, **limits), v_model, v_tok, EMBEDDED_NAME)
+    count = "Count from 1 to 1000, one number per line."  # hundreds of tokens: far more than 2 s of decoding
+    body = {"model": EMBEDDED_NAME, "messages": [{"role": "user", "content": count}], "max_tokens": 500}
+    body["temperature"] = 0
+
+    async def three(url: str) -> list[int]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            rs = await asyncio.gather(*(client.post(f"{url}/v1/chat/completions", json=body) for _ in range(3)))
+            return sorted(r.status_code for r in rs)
+
+    with serving(app, start_s=600) as url:
+        assert asyncio.run(three(url)) == [408, 408, 429]
+        engine = app.state.steerlib.engine
+        for _ in range(200):
+            if engine.in_flight == 0:
+                break
+            time.sleep(0.05)
+        assert engine.in_flight == 0
+        assert answer(url, HARMLESS[1], max_tokens=4)["choices"][0]["finish_reason"] == "length"
